@@ -1,0 +1,121 @@
+"""The two interpolants (paths) between noise and data that the secant losses run on.
+
+Both are affine in data and noise, x(t) = α(t)·x_data + σ(t)·ε, so one mechanism gives the
+point at a time, the conditional tangent dx/dt = α'(t)·x_data + σ'(t)·ε, the step grid and
+the prior. Times passed to a path are in the path's own time ("path time"); unit time
+u ∈ [0, 1] runs from noise (u = 0) to data (u = 1) on both, and `time(u)` maps it.
+
+| path   | path time        | α(t) | σ(t)  | time(u)                                             |
+|--------|------------------|------|-------|-----------------------------------------------------|
+| Linear | t ∈ [0, 1]       | t    | 1 − t | u                                                   |
+| EDM    | σ ∈ [σmin, σmax] | 1    | σ     | (σmax^{1/ρ} + u(σmin^{1/ρ} − σmax^{1/ρ}))^ρ          |
+"""
+
+import abc
+import dataclasses
+
+import jax.numpy as jnp
+
+
+def expand_like(t, x):
+  """Reshapes per-example times [B] (or a scalar) to broadcast against x [B, ...]."""
+  t = jnp.asarray(t)
+  if t.ndim == 0:
+    return t
+  return t.reshape(t.shape + (1,) * (x.ndim - t.ndim))
+
+
+class AffinePath(abc.ABC):
+  """x(t) = α(t)·x_data + σ(t)·ε; subclasses define time, alpha, sigma and their slopes."""
+
+  @abc.abstractmethod
+  def time(self, u):
+    """Unit time u ∈ [0, 1] (0 noise, 1 data) → path time."""
+
+  @abc.abstractmethod
+  def alpha(self, t):
+    """Coefficient of the data, α(t)."""
+
+  @abc.abstractmethod
+  def sigma(self, t):
+    """Coefficient of the noise, σ(t)."""
+
+  @abc.abstractmethod
+  def d_alpha(self, t):
+    """α'(t)."""
+
+  @abc.abstractmethod
+  def d_sigma(self, t):
+    """σ'(t)."""
+
+  def at(self, x_data, noise, t):
+    """The point on the path at time t: α(t)·x_data + σ(t)·ε."""
+    return (expand_like(self.alpha(t), x_data) * x_data
+            + expand_like(self.sigma(t), noise) * noise)
+
+  def tangent(self, x_data, noise, t):
+    """The conditional velocity dx/dt = α'(t)·x_data + σ'(t)·ε (the diffusion target)."""
+    return (expand_like(self.d_alpha(t), x_data) * x_data
+            + expand_like(self.d_sigma(t), noise) * noise)
+
+  def grid(self, num_steps):
+    """num_steps + 1 path times from noise to data, uniform in unit time."""
+    if int(num_steps) != num_steps or num_steps < 1:
+      raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}.')
+    return self.time(jnp.linspace(0.0, 1.0, int(num_steps) + 1))
+
+  def prior(self, noise):
+    """The sampler's starting point at unit time 0: σ(time(0))·ε (data term dropped)."""
+    return self.sigma(self.time(jnp.float32(0.0))) * noise
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear(AffinePath):
+  """SiT's linear interpolant x_t = t·x_data + (1 − t)·ε; t = 0 is noise, t = 1 is data."""
+
+  def time(self, u):
+    return jnp.asarray(u, jnp.float32)
+
+  def alpha(self, t):
+    return t
+
+  def sigma(self, t):
+    return 1.0 - t
+
+  def d_alpha(self, t):
+    return jnp.ones_like(t)
+
+  def d_sigma(self, t):
+    return -jnp.ones_like(t)
+
+
+@dataclasses.dataclass(frozen=True)
+class EDM(AffinePath):
+  """EDM's variance-exploding path x = x_data + σ·ε, with time σ and Karras' ρ-schedule."""
+
+  sigma_min: float = 0.002
+  sigma_max: float = 80.0
+  rho: float = 7.0
+
+  def __post_init__(self):
+    if not 0 < self.sigma_min < self.sigma_max:
+      raise ValueError('EDM path needs 0 < sigma_min < sigma_max, got '
+                       f'sigma_min={self.sigma_min}, sigma_max={self.sigma_max}.')
+
+  def time(self, u):
+    u = jnp.asarray(u, jnp.float32)
+    lo = self.sigma_min ** (1.0 / self.rho)
+    hi = self.sigma_max ** (1.0 / self.rho)
+    return (hi + u * (lo - hi)) ** self.rho
+
+  def alpha(self, t):
+    return jnp.ones_like(t)
+
+  def sigma(self, t):
+    return t
+
+  def d_alpha(self, t):
+    return jnp.zeros_like(t)
+
+  def d_sigma(self, t):
+    return jnp.ones_like(t)

@@ -1,0 +1,168 @@
+"""Each loss computed by hand in numpy on tiny arrays, with a secant model linear in its
+parameters θ = (a, b, c): f_θ(x, t, s, y, w) = a·x + b·t + c·s + 0.1·y + 0.2·w."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from secant_jax import paths
+from secant_jax import secant
+
+THETA = np.array([0.7, -0.3, 0.4], np.float32)
+B = 3
+
+
+def f_np(theta, x, t, s, y, w):
+  a, b, c = theta
+  return a * x + (b * t + c * s + 0.1 * y + 0.2 * w)[:, None, None]
+
+
+def teacher_np(x, t, y, w):
+  return 2.0 * x + (t + 0.5 * w - 0.05 * y)[:, None, None]
+
+
+def make_secant_fn(theta):
+  return lambda x, t, s, y, w: f_np(theta, x, t, s, y, w)
+
+
+def teacher_fn(x, t, y, w):
+  return teacher_np(x, t, y, w)
+
+
+def mse_np(a, b):
+  return ((a - b) ** 2).mean(axis=(1, 2))
+
+
+def inputs(path):
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(B, 2, 3)).astype(np.float32)
+  eps = rng.normal(size=(B, 2, 3)).astype(np.float32)
+  unit = np.array([[0.1, 0.35, 0.2, 0.6], [0.5, 0.7, 0.55, 0.3], [0.8, 0.6, 0.7, 0.9]],
+                  np.float32)
+  t, s, r, tau = (np.asarray(path.time(unit[:, i])) for i in range(4))
+  # r strictly between t and s, in path time.
+  r = t + np.array([0.3, 0.6, 0.9], np.float32) * (s - t)
+  times = secant.TimePairs(t=t, s=s, r=r, tau=tau)
+  y = np.array([1.0, 4.0, 7.0], np.float32)
+  w = np.array([1.5, 2.0, 1.0], np.float32)
+  return x, eps, times, y, w
+
+
+def at_np(path, x, eps, t):
+  return np.asarray(path.at(x, eps, t))
+
+
+def by_hand(variant, path, x, eps, times, y, w, stei_lambda=1.0, stei_target='teacher'):
+  """(x_start, target, diffusion pieces) of the loss, written out from the paper's table."""
+  t, s, r, tau = times
+  bc = lambda z: z[:, None, None]
+  f = lambda *a: f_np(THETA, *a)
+  if variant in ('sdei', 'stei'):
+    x_start = at_np(path, x, eps, t)
+    x_r = x_start + bc(r - t) * f(x_start, t, r, y, w)
+    if stei_target == 'self' and variant == 'stei':
+      target = f(x_r, r, r, y, w)
+    else:
+      target = teacher_np(x_r, r, y, w)
+  else:
+    x_r = at_np(path, x, eps, r)
+    x_start = x_r + bc(t - r) * f(x_r, r, t, y, w)
+    target = teacher_np(x_r, r, y, w) if variant == 'sdee' else np.asarray(
+        path.tangent(x, eps, r))
+  return x_start, target
+
+
+PATHS = [paths.Linear(), paths.EDM()]
+
+
+@pytest.mark.parametrize('path', PATHS, ids=['linear', 'edm'])
+@pytest.mark.parametrize('variant', ['sdei', 'sdee', 'stee'])
+def test_loss_value_and_gradient_by_hand(variant, path):
+  x, eps, times, y, w = inputs(path)
+  x_start, target = by_hand(variant, path, x, eps, times, y, w)
+  expected = mse_np(f_np(THETA, x_start, times.t, times.s, y, w), target)
+
+  def total(theta):
+    per_example, aux = secant.loss(variant, make_secant_fn(theta), teacher_fn, path, x, eps,
+                                   times, y, w)
+    return per_example.mean(), (per_example, aux)
+
+  grads, (per_example, aux) = jax.grad(total, has_aux=True)(jnp.asarray(THETA))
+  np.testing.assert_allclose(per_example, expected, rtol=2e-5)
+  np.testing.assert_allclose(aux['secant'], expected, rtol=2e-5)
+  np.testing.assert_array_equal(aux['diffusion'], 0.0)
+  # Gradients only through f_θ(x_start, t, s): Picard estimate and target are constants.
+  frozen = jax.grad(lambda th: mse_np(f_np(th, x_start, times.t, times.s, y, w),
+                                      target).mean())(jnp.asarray(THETA))
+  np.testing.assert_allclose(grads, frozen, rtol=2e-5)
+
+
+@pytest.mark.parametrize('path', PATHS, ids=['linear', 'edm'])
+@pytest.mark.parametrize('stei_target', ['teacher', 'self'])
+def test_stei_adds_weighted_diffusion_loss(path, stei_target):
+  x, eps, times, y, w = inputs(path)
+  lam = 0.5
+  x_start, target = by_hand('stei', path, x, eps, times, y, w, stei_target=stei_target)
+  x_tau = at_np(path, x, eps, times.tau)
+  v_tau = np.asarray(path.tangent(x, eps, times.tau))
+  secant_term = mse_np(f_np(THETA, x_start, times.t, times.s, y, w), target)
+  diffusion_term = mse_np(f_np(THETA, x_tau, times.tau, times.tau, y, w), v_tau)
+  teacher = teacher_fn if stei_target == 'teacher' else None
+
+  def total(theta):
+    per_example, aux = secant.loss('stei', make_secant_fn(theta), teacher, path, x, eps,
+                                   times, y, w, stei_lambda=lam, stei_target=stei_target)
+    return per_example.mean(), (per_example, aux)
+
+  grads, (per_example, aux) = jax.grad(total, has_aux=True)(jnp.asarray(THETA))
+  np.testing.assert_allclose(per_example, secant_term + lam * diffusion_term, rtol=2e-5)
+  np.testing.assert_allclose(aux['secant'], secant_term, rtol=2e-5)
+  np.testing.assert_allclose(aux['diffusion'], diffusion_term, rtol=2e-5)
+  frozen = jax.grad(lambda th: (
+      mse_np(f_np(th, x_start, times.t, times.s, y, w), target)
+      + lam * mse_np(f_np(th, x_tau, times.tau, times.tau, y, w), v_tau)).mean())(
+          jnp.asarray(THETA))
+  np.testing.assert_allclose(grads, frozen, rtol=2e-5)
+
+
+def test_diffusion_variant_is_flow_matching_at_tau():
+  path = paths.Linear()
+  x, eps, times, y, w = inputs(path)
+  x_tau = at_np(path, x, eps, times.tau)
+  expected = mse_np(f_np(THETA, x_tau, times.tau, times.tau, y, w), x - eps)
+  per_example, aux = secant.loss('diffusion', make_secant_fn(THETA), None, path, x, eps,
+                                 times, y, w)
+  np.testing.assert_allclose(per_example, expected, rtol=2e-5)
+  np.testing.assert_allclose(aux['diffusion'], expected, rtol=2e-5)
+
+
+def test_loss_is_float32_for_bf16_models():
+  path = paths.Linear()
+  x, eps, times, y, w = inputs(path)
+  bf16_fn = lambda *a: f_np(THETA, *a).astype(jnp.bfloat16)
+  per_example, _ = secant.loss('stee', bf16_fn, None, path, x, eps, times, y, w)
+  assert per_example.dtype == jnp.float32
+
+
+def test_exact_secant_of_a_linear_ode_has_zero_distillation_loss():
+  """For v(x, t) = c (constant field) every secant is c: the loss vanishes exactly."""
+  path = paths.Linear()
+  x, eps, times, y, w = inputs(path)
+  const = lambda x, *rest: jnp.full_like(x, 0.3)
+  for variant in ('sdei', 'sdee'):
+    per_example, _ = secant.loss(variant, const, lambda x, t, y, w: jnp.full_like(x, 0.3),
+                                 path, x, eps, times, y, w)
+    np.testing.assert_allclose(per_example, 0.0, atol=1e-12)
+
+
+def test_errors_name_the_problem():
+  path = paths.Linear()
+  x, eps, times, y, w = inputs(path)
+  fn = make_secant_fn(THETA)
+  with pytest.raises(ValueError, match=r"variant 'sdei' needs teacher_fn .* got None"):
+    secant.loss('sdei', fn, None, path, x, eps, times, y, w)
+  with pytest.raises(ValueError, match=r"Unknown secant variant 'SDEI'"):
+    secant.loss('SDEI', fn, teacher_fn, path, x, eps, times, y, w)
+  with pytest.raises(ValueError, match=r"stei_target must be one of \('teacher', 'self'\)"):
+    secant.loss('stei', fn, teacher_fn, path, x, eps, times, y, w, stei_target='ema')

@@ -1,0 +1,68 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from secant_jax import paths
+from secant_jax import sampling
+from secant_jax.evaluation import oracle
+
+
+def _mixture():
+  return oracle.GaussianMixture([[1.0, 0.0], [-1.0, 0.5]], [0.2, 0.3], [0.3, 0.7])
+
+
+def _exact_secant(mixture, path):
+  """f(x, t, s) = (Φ_{t→s}(x) − x) / (s − t) for times shared by the batch."""
+  def secant_fn(x, t, s, y, w):
+    return (mixture.flow(x, t[0], s[0], path) - x) / (s[0] - t[0])
+  return secant_fn
+
+
+@pytest.mark.parametrize('path', [paths.Linear(), paths.EDM()], ids=['linear', 'edm'])
+def test_exact_secant_sampler_reaches_the_reference_in_any_number_of_steps(path):
+  mixture = _mixture()
+  noise = jax.random.normal(jax.random.key(0), (64, 2))
+  reference = sampling.reference_sample(lambda x, t: mixture.velocity(x, t, path), noise, path)
+  for n in (1, 3):
+    x = sampling.secant_sample(_exact_secant(mixture, path), noise, path, n, None, None)
+    np.testing.assert_allclose(x, reference, atol=2e-4)
+
+
+def _median_error(method, n, mixture, path, noise, reference):
+  """Median per-sample distance: a sample on a mode boundary would dominate a mean."""
+  x = sampling.ode_sample(lambda x, t: mixture.velocity(x, t, path), noise, path, n, method)
+  return float(jnp.median(jnp.linalg.norm(x - reference, axis=-1)))
+
+
+def test_euler_is_first_order_and_heun_second_order():
+  mixture, path = _mixture(), paths.Linear()
+  noise = jax.random.normal(jax.random.key(1), (256, 2))
+  reference = sampling.reference_sample(lambda x, t: mixture.velocity(x, t, path), noise, path,
+                                        rtol=1e-7, atol=1e-7)
+  euler = [_median_error('euler', n, mixture, path, noise, reference) for n in (32, 64)]
+  heun = [_median_error('heun', n, mixture, path, noise, reference) for n in (16, 32)]
+  assert 1.7 < euler[0] / euler[1] < 2.3, euler
+  assert 3.2 < heun[0] / heun[1] < 4.8, heun
+  assert sampling.nfe('heun', 16) == 32 and sampling.nfe('euler', 32) == 32
+
+
+def test_reference_solve_of_exponential_decay():
+  x0 = jnp.array([[1.0, -2.0]])
+  x1 = sampling.reference_solve(lambda x, t: -x, x0, 0.0, 1.0)
+  np.testing.assert_allclose(x1, x0 * np.exp(-1.0), rtol=1e-5)
+
+
+def test_guidance_interval_sets_scale_one_outside():
+  # f = w everywhere: on the linear grid x_N = x_0 + Σ_k (1/N)·w_k.
+  secant_fn = lambda x, t, s, y, w: jnp.broadcast_to(w[:, None], x.shape)
+  noise = jnp.zeros((2, 1))
+  w = jnp.array([3.0, 5.0])
+  x = sampling.secant_sample(secant_fn, noise, paths.Linear(), 4, None, w,
+                             guidance_interval=(0.25, 0.75))
+  np.testing.assert_allclose(x[:, 0], 0.25 * (1 + 2 * w + 1), rtol=1e-6)
+
+
+def test_unknown_ode_method_is_named():
+  with pytest.raises(ValueError, match=r"Unknown ODE method 'rk4'.*'euler', 'heun'"):
+    sampling.ode_sample(lambda x, t: x, jnp.zeros((1, 2)), paths.Linear(), 2, 'rk4')
