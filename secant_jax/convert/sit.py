@@ -1,0 +1,82 @@
+"""SiT/DiT checkpoints (and the secant checkpoints' model/ema dicts) → Flax DiT variables.
+
+    python -m secant_jax.convert.sit --in SiT-XL-2-256.pt --out DIR [--model SiT-XL/2]
+        [--guidance-embed] [--key ema|model] [--one-time]
+
+A teacher checkpoint has no s_embedder: it is copied from the t_embedder, so the secant
+model starts as the teacher (f(x, t, t) = v(x, t)). Without a cfg_embedder in the file,
+the guidance embedder starts from its initialisation, whose last layer is zero.
+The fixed pos_embed is checked against the sin-cos table the Flax model computes.
+"""
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from secant_jax.convert import common
+from secant_jax.models import dit
+
+
+def convert(state_dict, template):
+  """State dict → variables shaped as `template` (values needed for a new cfg_embedder)."""
+  state_dict = dict(state_dict)
+  pos = state_dict.pop('pos_embed', None)
+  if pos is not None:
+    hidden, tokens = pos.shape[-1], pos.shape[-2]
+    grid = int(round(tokens ** 0.5))
+    expected = dit.sincos_position_embedding(hidden, grid)
+    if pos.reshape(-1, hidden).shape != expected.shape or not np.allclose(
+        pos.reshape(-1, hidden), expected, atol=1e-4):
+      raise common.ConversionError(
+          f"Key 'pos_embed' {tuple(pos.shape)} is not DiT's fixed {grid}x{grid} sin-cos "
+          'table; this converter expects a DiT/SiT checkpoint.')
+  params = template['params']
+  if 's_embedder' in params and not any(k.startswith('s_embedder.') for k in state_dict):
+    state_dict.update({'s_embedder.' + k[len('t_embedder.'):]: v
+                       for k, v in state_dict.items() if k.startswith('t_embedder.')})
+  return common.convert(state_dict, template, keep_from_template=('cfg_embedder',))
+
+
+def build(model_name, *, input_size, in_channels, num_classes, learn_sigma, guidance_embed,
+          one_time):
+  return dit.from_name(model_name, input_size=input_size, in_channels=in_channels,
+                       num_classes=num_classes, learn_sigma=learn_sigma,
+                       guidance_embed=guidance_embed, two_times=not one_time)
+
+
+def init_variables(model, seed=0):
+  """Real initial variables (the values a new cfg_embedder starts from)."""
+  b, size, ch = 1, model.input_size, model.in_channels
+  z = jnp.zeros((b,))
+  return jax.jit(model.init)(jax.random.key(seed), jnp.zeros((b, size, size, ch)), z,
+                             z if model.two_times else None, jnp.zeros((b,), jnp.int32),
+                             z if model.guidance_embed else None)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+  parser.add_argument('--in', dest='input', required=True, help='.pt/.pth/.safetensors/.npz')
+  parser.add_argument('--out', required=True, help='Orbax checkpoint directory to write')
+  parser.add_argument('--model', default='SiT-XL/2')
+  parser.add_argument('--input-size', type=int, default=32, help='latent size (256 px / 8)')
+  parser.add_argument('--in-channels', type=int, default=4)
+  parser.add_argument('--num-classes', type=int, default=1000)
+  parser.add_argument('--no-learn-sigma', action='store_true')
+  parser.add_argument('--guidance-embed', action='store_true',
+                      help='add the embedded-CFG input (distillation variants)')
+  parser.add_argument('--one-time', action='store_true',
+                      help='the plain one-time teacher (no s_embedder)')
+  parser.add_argument('--key', default=None, help="state dict inside the file ('ema'/'model')")
+  args = parser.parse_args(argv)
+  model = build(args.model, input_size=args.input_size, in_channels=args.in_channels,
+                num_classes=args.num_classes, learn_sigma=not args.no_learn_sigma,
+                guidance_embed=args.guidance_embed, one_time=args.one_time)
+  variables = convert(common.load_state_dict(args.input, args.key), init_variables(model))
+  common.save(variables, args.out)
+  print(f'{args.model}: {common.parameter_count(variables):,} parameters → {args.out}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,244 @@
+"""DiT / SiT with two times: the secant network f(x, t, s, y, w) on VAE latents (NHWC).
+
+The architecture is DiT's (Peebles & Xie): patch embedding + fixed 2-D sin-cos positions,
+adaLN-Zero transformer blocks, a final adaLN layer, learn-sigma output. Conditioning
+
+    c = (emb_t(t) + emb_s(s)) / 2 + emb_y(y) [+ emb_w(ŵ)],
+
+where emb_s is a second timestep embedder (a copy of emb_t when initialised from a
+teacher, so that f(x, t, t) = v_teacher(x, t)), y = num_classes is the null class for CFG
+and ŵ ∈ [0, 1] the normalised guidance scale (its embedder's last layer starts at zero).
+Called with s = t this is the teacher; `two_times=False` builds the one-time teacher whose
+parameters are exactly a SiT checkpoint's. Submodule names follow the PyTorch state-dict
+keys ('blocks.3.attn.qkv.weight' ↔ blocks_3/attn/qkv/kernel) so conversion is mechanical.
+"""
+
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# name → (depth, hidden size, heads), as in DiT/SiT.
+SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
+PATCH_SIZES = (2, 4, 8)
+
+_xavier = nn.initializers.xavier_uniform()
+
+
+def timestep_frequencies(t, dim=256, max_period=10000.0):
+  """GLIDE's sinusoidal features [cos(t·φ_i), sin(t·φ_i)], φ_i = max_period^(−i/half)."""
+  half = dim // 2
+  freqs = jnp.exp(-np.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = jnp.asarray(t, jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+def sincos_position_embedding(dim, grid_size):
+  """DiT's fixed 2-D embedding [T, dim]: first half encodes the column, second the row."""
+  omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4))
+  cols, rows = np.meshgrid(np.arange(grid_size, dtype=np.float32),
+                           np.arange(grid_size, dtype=np.float32))
+
+  def embed(pos):
+    out = np.einsum('m,d->md', pos.reshape(-1), omega)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+  return np.concatenate([embed(cols), embed(rows)], axis=1).astype(np.float32)
+
+
+def modulate(x, shift, scale):
+  return x * (1 + scale[:, None]) + shift[:, None]
+
+
+class TimestepEmbedder(nn.Module):
+  """Sinusoidal features → Linear → SiLU → Linear (keys mlp.0, mlp.2)."""
+  hidden_size: int
+  dtype: jnp.dtype = jnp.float32
+  zero_output: bool = False
+
+  @nn.compact
+  def __call__(self, t):
+    h = timestep_frequencies(t)
+    h = nn.Dense(self.hidden_size, dtype=self.dtype, name='mlp_0',
+                 kernel_init=nn.initializers.normal(0.02))(h)
+    out_init = nn.initializers.zeros if self.zero_output else nn.initializers.normal(0.02)
+    return nn.Dense(self.hidden_size, dtype=self.dtype, name='mlp_2',
+                    kernel_init=out_init)(nn.silu(h))
+
+
+class Attention(nn.Module):
+  """timm's Attention: fused qkv projection, scaled dot-product attention, output proj."""
+  hidden_size: int
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+  implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, _ = x.shape
+    head_dim = self.hidden_size // self.num_heads
+    qkv = nn.Dense(3 * self.hidden_size, dtype=self.dtype, kernel_init=_xavier, name='qkv')(x)
+    q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, head_dim), 2, 0)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    return nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=_xavier,
+                    name='proj')(out.reshape(b, n, self.hidden_size))
+
+
+class Mlp(nn.Module):
+  """timm's Mlp: fc1 → GELU (tanh approximation) → fc2."""
+  hidden_features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    h = nn.Dense(self.hidden_features, dtype=self.dtype, kernel_init=_xavier, name='fc1')(x)
+    return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=_xavier,
+                    name='fc2')(nn.gelu(h, approximate=True))
+
+
+class DiTBlock(nn.Module):
+  """adaLN-Zero block: x += g₁·Attn(mod(LN(x))); x += g₂·MLP(mod(LN(x)))."""
+  hidden_size: int
+  num_heads: int
+  mlp_ratio: float = 4.0
+  dtype: jnp.dtype = jnp.float32
+  attention_implementation: str | None = None
+
+  @nn.compact
+  def __call__(self, x, c):
+    mod = nn.Dense(6 * self.hidden_size, dtype=self.dtype, name='adaLN_modulation_1',
+                   kernel_init=nn.initializers.zeros)(nn.silu(c))
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
+    norm = lambda name: nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False,
+                                     dtype=self.dtype, name=name)
+    h = Attention(self.hidden_size, self.num_heads, self.dtype,
+                  self.attention_implementation, name='attn')(
+                      modulate(norm('norm1')(x), shift_msa, scale_msa))
+    x = x + gate_msa[:, None] * h
+    h = modulate(norm('norm2')(x), shift_mlp, scale_mlp)
+    h = Mlp(int(self.hidden_size * self.mlp_ratio), self.dtype, name='mlp')(h)
+    return x + gate_mlp[:, None] * h
+
+
+class PatchEmbed(nn.Module):
+  """Non-overlapping p×p patches → tokens [B, T, hidden] (key x_embedder.proj)."""
+  hidden_size: int
+  patch_size: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    p = self.patch_size
+    # Initialised like a Linear over the flattened patch, as DiT does.
+    init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform', in_axis=(0, 1, 2),
+                                            out_axis=-1)
+    h = nn.Conv(self.hidden_size, (p, p), strides=(p, p), padding='VALID', dtype=self.dtype,
+                kernel_init=init, name='proj')(x.astype(self.dtype))
+    return h.reshape(x.shape[0], -1, self.hidden_size)
+
+
+class LabelEmbedder(nn.Module):
+  """Class labels → vectors; row num_classes is the null class (key y_embedder)."""
+  num_classes: int
+  hidden_size: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, y):
+    return nn.Embed(self.num_classes + 1, self.hidden_size, dtype=self.dtype,
+                    embedding_init=nn.initializers.normal(0.02), name='embedding_table')(y)
+
+
+class FinalLayer(nn.Module):
+  """adaLN → Linear to p·p·C_out per token (zero-initialised)."""
+  hidden_size: int
+  out_features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, c):
+    mod = nn.Dense(2 * self.hidden_size, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                   name='adaLN_modulation_1')(nn.silu(c))
+    shift, scale = jnp.split(mod, 2, -1)
+    x = modulate(nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=self.dtype,
+                              name='norm_final')(x), shift, scale)
+    return nn.Dense(self.out_features, dtype=self.dtype, kernel_init=nn.initializers.zeros,
+                    name='linear')(x)
+
+
+class DiT(nn.Module):
+  """The secant DiT/SiT. Inputs: x [B, H, W, C], t, s [B] in [0, 1], y [B] int labels,
+  w [B] normalised guidance scale (only with guidance_embed). Output [B, H, W, C] float32."""
+  input_size: int = 32
+  patch_size: int = 2
+  in_channels: int = 4
+  hidden_size: int = 1152
+  depth: int = 28
+  num_heads: int = 16
+  mlp_ratio: float = 4.0
+  num_classes: int = 1000
+  learn_sigma: bool = True
+  two_times: bool = True
+  guidance_embed: bool = False
+  dtype: jnp.dtype = jnp.float32
+  attention_implementation: str | None = None
+
+  @property
+  def null_class(self):
+    return self.num_classes
+
+  @nn.compact
+  def __call__(self, x, t, s=None, y=None, w=None):
+    b, height, width, channels = x.shape
+    p = self.patch_size
+    if (height, width, channels) != (self.input_size, self.input_size, self.in_channels):
+      raise ValueError(f'DiT input must be [B, {self.input_size}, {self.input_size}, '
+                       f'{self.in_channels}] (NHWC), got {x.shape}.')
+    grid = self.input_size // p
+    h = PatchEmbed(self.hidden_size, p, self.dtype, name='x_embedder')(x)
+    h = h + sincos_position_embedding(self.hidden_size, grid).astype(self.dtype)
+
+    c = TimestepEmbedder(self.hidden_size, self.dtype, name='t_embedder')(t)
+    if self.two_times:
+      if s is None:
+        raise ValueError('This DiT takes two times (two_times=True): pass s (s = t for the '
+                         'teacher tangent).')
+      c = 0.5 * (c + TimestepEmbedder(self.hidden_size, self.dtype, name='s_embedder')(s))
+    if y is None:
+      y = jnp.full((b,), self.null_class, jnp.int32)
+    c = c + LabelEmbedder(self.num_classes, self.hidden_size, self.dtype,
+                          name='y_embedder')(y)
+    if self.guidance_embed:
+      if w is None:
+        raise ValueError('This DiT embeds the guidance scale (guidance_embed=True): pass the '
+                         'normalised scale w in [0, 1].')
+      c = c + TimestepEmbedder(self.hidden_size, self.dtype, zero_output=True,
+                               name='cfg_embedder')(w)
+
+    for i in range(self.depth):
+      h = DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
+                   self.attention_implementation, name=f'blocks_{i}')(h, c)
+
+    out_channels = self.in_channels * (2 if self.learn_sigma else 1)
+    h = FinalLayer(self.hidden_size, p * p * out_channels, self.dtype, name='final_layer')(h, c)
+    h = h.reshape(b, grid, grid, p, p, out_channels).transpose(0, 1, 3, 2, 4, 5)
+    h = h.reshape(b, height, width, out_channels).astype(jnp.float32)
+    return h[..., :self.in_channels]
+
+
+def parse_name(name):
+  """'SiT-XL/2' or 'DiT-S/4' → (depth, hidden, heads, patch)."""
+  match = re.fullmatch(r'(?:SiT|DiT)-(S|B|L|XL)/(\d+)', name)
+  if not match or int(match.group(2)) not in PATCH_SIZES:
+    raise ValueError(f'Unknown model name {name!r}: expected (SiT|DiT)-(S|B|L|XL)/(2|4|8), '
+                     "e.g. 'SiT-XL/2'.")
+  depth, hidden, heads = SIZES[match.group(1)]
+  return depth, hidden, heads, int(match.group(2))
+
+
+def from_name(name, **kwargs):
+  """The named size, e.g. from_name('SiT-XL/2', guidance_embed=True, dtype=jnp.bfloat16)."""
+  depth, hidden, heads, patch = parse_name(name)
+  return DiT(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, **kwargs)

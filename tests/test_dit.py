@@ -1,0 +1,186 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from secant_jax import paths
+from secant_jax.convert import common
+from secant_jax.convert import sit as convert_sit
+from secant_jax.models import dit
+from secant_jax.models import precond
+
+NAMES = [f'DiT-{size}/{p}' for size in dit.SIZES for p in dit.PATCH_SIZES]
+
+
+def _inputs(batch, size, channels, seed=0):
+  rng = np.random.default_rng(seed)
+  return dict(x=rng.normal(size=(batch, size, size, channels)).astype(np.float32),
+              t=rng.uniform(size=batch).astype(np.float32),
+              s=rng.uniform(size=batch).astype(np.float32),
+              y=rng.integers(0, 10, size=batch).astype(np.int32),
+              w=rng.uniform(size=batch).astype(np.float32))
+
+
+@pytest.mark.parametrize('name', NAMES)
+def test_every_named_size_gives_nhwc_output(name):
+  model = dit.from_name(name, input_size=32, guidance_embed=True)
+  x = jax.ShapeDtypeStruct((2, 32, 32, 4), jnp.float32)
+  z = jax.ShapeDtypeStruct((2,), jnp.float32)
+  y = jax.ShapeDtypeStruct((2,), jnp.int32)
+  variables = jax.eval_shape(model.init, jax.random.key(0), x, z, z, y, z)
+  out = jax.eval_shape(model.apply, variables, x, z, z, y, z)
+  assert out.shape == (2, 32, 32, 4) and out.dtype == jnp.float32
+
+
+def test_unknown_name_and_wrong_input_are_named():
+  with pytest.raises(ValueError, match=r"Unknown model name 'SiT-XXL/2'.*'SiT-XL/2'"):
+    dit.from_name('SiT-XXL/2')
+  model = dit.from_name('DiT-S/8', input_size=16, num_classes=10)
+  with pytest.raises(ValueError, match=r'DiT input must be \[B, 16, 16, 4\] \(NHWC\)'):
+    model.init(jax.random.key(0), jnp.zeros((1, 4, 16, 16)), jnp.zeros(1), jnp.zeros(1))
+
+
+SIT_XL2_TORCH_COUNT = 675_129_632  # PyTorch's count: includes the fixed pos_embed
+SIT_XL2_POS_EMBED = 256 * 1152
+
+
+def test_sit_xl2_parameter_count():
+  """Flax holds the pos_embed as a constant, not a parameter; the secant model adds an
+  s-embedder and a guidance embedder, each the size of the t-embedder."""
+  count = lambda m: common.parameter_count(jax.eval_shape(lambda: convert_sit.init_variables(m)))
+  n_teacher = count(dit.from_name('SiT-XL/2', two_times=False))
+  n_secant = count(dit.from_name('SiT-XL/2', guidance_embed=True))
+  print(f'SiT-XL/2 teacher {n_teacher:,} + pos_embed {SIT_XL2_POS_EMBED:,}; '
+        f'secant with guidance embedding {n_secant:,}')
+  assert n_teacher + SIT_XL2_POS_EMBED == SIT_XL2_TORCH_COUNT
+  t_embedder = 256 * 1152 + 1152 + 1152 * 1152 + 1152
+  assert n_secant == n_teacher + 2 * t_embedder
+
+
+def test_bf16_forward_stays_close_to_fp32():
+  kwargs = dict(input_size=16, num_classes=10, guidance_embed=True)
+  fp32, bf16 = (dit.from_name('DiT-S/2', dtype=d, **kwargs) for d in (jnp.float32, jnp.bfloat16))
+  inp = _inputs(2, 16, 4)
+  variables = fp32.init(jax.random.key(0), **inp)
+  # Give the zero-initialised output layers weight so the comparison means something.
+  variables = jax.tree_util.tree_map(
+      lambda a: a + 0.02 * jax.random.normal(jax.random.key(1), a.shape), variables)
+  ref = fp32.apply(variables, **inp)
+  out = bf16.apply(variables, **inp)
+  rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
+  print(f'bf16 vs fp32 relative error {rel:.4f}')
+  assert out.dtype == jnp.float32 and rel < 0.03
+
+
+def _torch_model(**kwargs):
+  import torch
+  import torch_dit
+  torch.manual_seed(0)
+  model = torch_dit.SecantDiT(**kwargs)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name != 'pos_embed':
+        p.normal_(0.0, 0.05 if p.ndim > 1 else 0.1)
+  return model.eval()
+
+
+def _torch_out(model, inp, with_s=True, with_w=False):
+  import torch
+  x = torch.from_numpy(inp['x']).permute(0, 3, 1, 2)
+  with torch.no_grad():
+    out = model(x, torch.from_numpy(inp['t']), torch.from_numpy(inp['s']) if with_s else None,
+                torch.from_numpy(inp['y']).long(), torch.from_numpy(inp['w']) if with_w else None)
+  return out.permute(0, 2, 3, 1).numpy()
+
+
+def _state_dict(model):
+  return {k: v.numpy() for k, v in model.state_dict().items()}
+
+
+CASES = {
+    'DiT-S/2': dict(input_size=16, patch_size=2, hidden_size=384, depth=2, num_heads=6),
+    'reduced SiT/4': dict(input_size=16, patch_size=4, hidden_size=96, depth=3, num_heads=4),
+}
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize('case', sorted(CASES))
+@pytest.mark.parametrize('guidance_embed', [False, True])
+def test_parity_with_pytorch_secant_dit(case, guidance_embed):
+  arch = dict(CASES[case], in_channels=4, num_classes=10)
+  torch_model = _torch_model(guidance_embed=guidance_embed, **arch)
+  model = dit.DiT(guidance_embed=guidance_embed, **arch)
+  inp = _inputs(3, arch['input_size'], 4)
+  template = jax.eval_shape(model.init, jax.random.key(0), **inp)
+  variables = convert_sit.convert(_state_dict(torch_model), template)
+  out = np.asarray(model.apply(variables, **inp))
+  ref = _torch_out(torch_model, inp, with_w=guidance_embed)
+  err = np.abs(out - ref).max()
+  print(f'{case} guidance={guidance_embed}: max abs error {err:.2e} (output std {ref.std():.2f})')
+  assert err <= 1e-4
+
+
+@pytest.mark.torch
+def test_converted_teacher_reproduces_the_teacher_at_s_equals_t():
+  arch = dict(CASES['DiT-S/2'], in_channels=4, num_classes=10)
+  teacher = _torch_model(two_times=False, **arch)
+  model = dit.DiT(guidance_embed=True, **arch)
+  inp = _inputs(3, arch['input_size'], 4)
+  variables = convert_sit.convert(_state_dict(teacher), convert_sit.init_variables(model))
+  np.testing.assert_array_equal(variables['params']['s_embedder']['mlp_0']['kernel'],
+                                variables['params']['t_embedder']['mlp_0']['kernel'])
+  secant_fn = precond.secant_from_network(
+      paths.Linear(), lambda x, t, s, y, w: model.apply(variables, x, t, s, y, w))
+  tangent = precond.tangent_from_secant(secant_fn)(inp['x'], inp['t'], inp['y'], inp['w'])
+  ref = _torch_out(teacher, inp, with_s=False)
+  assert np.abs(np.asarray(tangent) - ref).max() <= 1e-4
+  # ...and the one-time Flax teacher is the same function.
+  one_time = dit.DiT(two_times=False, **arch)
+  tv = convert_sit.convert(_state_dict(teacher), jax.eval_shape(
+      one_time.init, jax.random.key(0), inp['x'], inp['t'], None, inp['y']))
+  assert np.abs(np.asarray(one_time.apply(tv, inp['x'], inp['t'], None, inp['y'])) - ref).max() <= 1e-4
+
+
+@pytest.mark.torch
+def test_full_sit_xl2_checkpoint_shapes_are_accepted_without_running_it():
+  import torch
+  import torch_dit
+  with torch.device('meta'):
+    teacher = torch_dit.SecantDiT(two_times=False)
+  print(f'PyTorch SiT-XL/2 parameters: {sum(p.numel() for p in teacher.parameters()):,}')
+  assert sum(p.numel() for p in teacher.parameters()) == SIT_XL2_TORCH_COUNT
+  state = {k: np.broadcast_to(np.float32(0), v.shape) for k, v in teacher.state_dict().items()}
+  state['pos_embed'] = dit.sincos_position_embedding(1152, 16)[None]
+  model = dit.from_name('SiT-XL/2', two_times=False)
+  template = jax.eval_shape(lambda: convert_sit.init_variables(model))
+  variables = common.convert({k: v for k, v in state.items() if k != 'pos_embed'}, template)
+  assert common.parameter_count(variables) == SIT_XL2_TORCH_COUNT - SIT_XL2_POS_EMBED
+
+
+def test_conversion_errors_name_the_key_and_shapes():
+  arch = dict(CASES['reduced SiT/4'], in_channels=4, num_classes=10)
+  model = dit.DiT(two_times=False, **arch)
+  inp = _inputs(1, 16, 4)
+  template = jax.eval_shape(model.init, jax.random.key(0), inp['x'], inp['t'], None, inp['y'])
+  flat = {}
+  for path, leaf in traverse_util.flatten_dict(template['params']).items():
+    key = common.torch_key(path[:-1]) + '.' + ('bias' if path[-1] == 'bias' else 'weight')
+    shape = leaf.shape
+    if path[-1] == 'kernel':  # PyTorch layouts: Linear [out, in], Conv [out, in, kh, kw]
+      shape = shape[::-1] if len(shape) == 2 else (shape[3], shape[2], shape[0], shape[1])
+    flat[key] = np.zeros(shape, np.float32)
+  assert common.parameter_count(convert_sit.convert(flat, template)) == common.parameter_count(
+      template)
+  bad = dict(flat, **{'blocks.1.attn.qkv.weight': np.zeros((288, 95), np.float32)})
+  with pytest.raises(common.ConversionError,
+                     match=r"Shape mismatch for 'blocks.1.attn.qkv.weight': checkpoint has "
+                           r"\(288, 95\).*expects \(96, 288\)"):
+    convert_sit.convert(bad, template)
+  with pytest.raises(common.ConversionError, match=r"Unexpected key 'blocks.7.attn.qkv.weight'"):
+    convert_sit.convert(dict(flat, **{'blocks.7.attn.qkv.weight': np.zeros(1)}), template)
+  missing = {k: v for k, v in flat.items() if k != 'final_layer.linear.bias'}
+  with pytest.raises(common.ConversionError, match=r'Missing 1 key.*final_layer.linear.bias'):
+    convert_sit.convert(missing, template)
+  with pytest.raises(common.ConversionError, match="Key 'pos_embed'"):
+    convert_sit.convert(dict(flat, pos_embed=np.ones((1, 16, 96), np.float32)), template)
