@@ -154,12 +154,15 @@ def save(variables, directory):
   ocp.save(os.path.abspath(os.fspath(directory)), variables)
 
 
-def restore(directory, template):
-  """Reads variables saved by `save`, shaped as `template`."""
+def restore(directory, template, sharding=None):
+  """Reads variables saved by `save`, shaped as `template`, placed by `sharding` (one
+  Sharding for every leaf, default the first local device)."""
   from orbax.checkpoint import v1 as ocp  # pylint: disable=import-outside-toplevel
   directory = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'Converted checkpoint {directory} does not exist; make it with '
                             'python -m secant_jax.convert.sit (or .edm) --in WEIGHTS --out DIR.')
-  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template)
   return ocp.load(directory, abstract)

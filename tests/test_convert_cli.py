@@ -1,0 +1,74 @@
+"""The converters end to end: weights files written by the tests → Orbax checkpoints."""
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from secant_jax.convert import common
+from secant_jax.convert import edm as convert_edm
+from secant_jax.convert import sit as convert_sit
+from secant_jax.models import dit
+from secant_jax.models import edm_unet
+
+
+def test_npz_and_safetensors_load_with_ema_selection(tmp_path):
+  arrays = {'a.weight': np.ones((2, 3), np.float32), 'a.bias': np.zeros(2, np.float32)}
+  np.savez(tmp_path / 'w.npz', **arrays)
+  loaded = common.load_state_dict(tmp_path / 'w.npz')
+  assert sorted(loaded) == sorted(arrays)
+  from safetensors.numpy import save_file
+  save_file(arrays, str(tmp_path / 'w.safetensors'))
+  np.testing.assert_array_equal(common.load_state_dict(tmp_path / 'w.safetensors')['a.weight'],
+                                arrays['a.weight'])
+
+
+def test_missing_or_unknown_files_are_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r'Checkpoint .*nothere.pt does not exist'):
+    common.load_state_dict(tmp_path / 'nothere.pt')
+  (tmp_path / 'w.ckpt').write_text('x')
+  with pytest.raises(common.ConversionError, match=r"Unknown checkpoint format '.ckpt'"):
+    common.load_state_dict(tmp_path / 'w.ckpt')
+  with pytest.raises(FileNotFoundError, match=r'Converted checkpoint .*nope does not exist'):
+    common.restore(tmp_path / 'nope', {})
+
+
+def test_edm_pickle_gets_the_export_instructions(tmp_path):
+  with pytest.raises(SystemExit, match='is an EDM pickle; export its state dict first'):
+    convert_edm.main(['--in', str(tmp_path / 'edm.pkl'), '--out', str(tmp_path / 'o')])
+
+
+@pytest.mark.torch
+def test_sit_cli_converts_a_secant_checkpoint_with_model_and_ema(tmp_path, capsys):
+  import torch
+  import torch_dit
+  torch.manual_seed(0)
+  net = torch_dit.SecantDiT(input_size=16, patch_size=8, hidden_size=384, depth=12, num_heads=6,
+                            num_classes=1000, guidance_embed=True)
+  ema = {k: v + 1.0 if k != 'pos_embed' else v for k, v in net.state_dict().items()}
+  torch.save({'model': net.state_dict(), 'ema': ema}, tmp_path / 'secant.pt')
+  out = tmp_path / 'converted'
+  convert_sit.main(['--in', str(tmp_path / 'secant.pt'), '--out', str(out), '--model',
+                    'DiT-S/8', '--input-size', '16', '--guidance-embed'])
+  assert 'DiT-S/8:' in capsys.readouterr().out
+  model = dit.from_name('DiT-S/8', input_size=16, guidance_embed=True)
+  restored = common.restore(out, jax.eval_shape(lambda: convert_sit.init_variables(model)))
+  # The default is the EMA weights.
+  np.testing.assert_allclose(restored['params']['blocks_3']['attn']['qkv']['kernel'],
+                             ema['blocks.3.attn.qkv.weight'].numpy().T)
+
+
+@pytest.mark.torch
+def test_edm_cli_converts_an_exported_state_dict(tmp_path):
+  import torch
+  import torch_song_unet
+  torch.manual_seed(0)
+  net = torch_song_unet.Precond(img_resolution=32, in_channels=3, out_channels=3,
+                                model_channels=128, channel_mult=(2, 2, 2), augment_dim=9)
+  torch.save(net.state_dict(), tmp_path / 'edm.pt')
+  convert_edm.main(['--in', str(tmp_path / 'edm.pt'), '--out', str(tmp_path / 'converted')])
+  model = edm_unet.cifar10('ddpmpp')
+  restored = common.restore(tmp_path / 'converted', convert_edm.init_variables(model))
+  flat = traverse_util.flatten_dict(restored['params'])
+  np.testing.assert_allclose(flat[('enc_32x32_conv', 'kernel')],
+                             net.model.enc['32x32_conv'].weight.detach().numpy().transpose(2, 3, 1, 0))
