@@ -1,6 +1,11 @@
-"""Test setup: torch-marked tests are skipped when PyTorch is not installed."""
+"""Test setup: 8 emulated CPU devices for the parallelism tests (set before JAX starts);
+torch-marked tests are skipped when PyTorch is not installed."""
 
 import importlib.util
+import os
+
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=8')
 
 import pytest
 

@@ -1,0 +1,65 @@
+"""Devices, meshes and shardings: one global-view jit over a ('data', 'fsdp') mesh.
+
+The batch is split over every device (both mesh axes). Parameters, EMA, optimizer state
+and the frozen teacher are replicated, or with FSDP sharded along 'fsdp' on their largest
+axis that divides evenly (small arrays stay replicated). The same code runs on one CPU,
+8 emulated devices, a GPU node and a TPU pod.
+"""
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+FSDP_MIN_SIZE = 2 ** 14  # arrays smaller than this stay replicated under FSDP
+
+
+def make_mesh(fsdp=1, devices=None):
+  """A (data, fsdp) mesh over all devices; fsdp = 1 is pure data parallelism."""
+  devices = np.asarray(jax.devices() if devices is None else devices)
+  if devices.size % fsdp:
+    raise ValueError(f'fsdp={fsdp} does not divide the {devices.size} devices; set the '
+                     "config's fsdp to a divisor of the device count.")
+  return Mesh(devices.reshape(devices.size // fsdp, fsdp), ('data', 'fsdp'))
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh):
+  return NamedSharding(mesh, P(('data', 'fsdp')))
+
+
+def check_batch_size(batch_size, mesh):
+  if batch_size % mesh.size:
+    raise ValueError(f'Global batch size {batch_size} is not divisible by the {mesh.size} '
+                     "devices; set the config's batch_size to a multiple of "
+                     f'{mesh.size}.')
+
+
+def _leaf_sharding(leaf, mesh, fsdp, min_size):
+  shape = getattr(leaf, 'shape', ())
+  n = mesh.shape['fsdp']
+  if not fsdp or n == 1 or int(np.prod(shape)) < min_size:
+    return replicated(mesh)
+  for axis in np.argsort(shape)[::-1]:
+    if shape[axis] % n == 0:
+      spec = [None] * len(shape)
+      spec[axis] = 'fsdp'
+      return NamedSharding(mesh, P(*spec))
+  return replicated(mesh)
+
+
+def tree_sharding(tree, mesh, fsdp=False, min_size=FSDP_MIN_SIZE):
+  """Shardings for a pytree of arrays or ShapeDtypeStructs (params, EMA, opt state)."""
+  return jax.tree_util.tree_map(lambda leaf: _leaf_sharding(leaf, mesh, fsdp, min_size), tree)
+
+
+def jit_train_step(train_step, state_sharding, teacher_sharding, mesh):
+  """The train step jitted over the mesh, with the state donated."""
+  return jax.jit(train_step,
+                 in_shardings=(state_sharding, teacher_sharding, batch_sharding(mesh)),
+                 out_shardings=(state_sharding, replicated(mesh)),
+                 donate_argnums=0)

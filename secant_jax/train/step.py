@@ -1,0 +1,121 @@
+"""One train step, pure: (state, teacher variables, batch) → (state, metrics).
+
+The step draws everything from the state's key folded with the step: time pairs (t, s, r,
+τ), noise, label dropout (classifier-free training) and guidance scales (embedded-CFG
+distillation); builds the secant from the network and the guided teacher tangent; takes
+the loss of the configured variant; applies the optimizer and the EMA. It knows the
+variant only as data: the loss dispatches on it.
+"""
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from secant_jax import guidance
+from secant_jax import paths as paths_lib
+from secant_jax import secant
+from secant_jax.models import precond
+
+
+@dataclasses.dataclass(frozen=True)
+class SecantTask:
+  """What is trained: variant, path and step count, and how labels and guidance enter.
+
+  label_dropout: probability of the null label (CFG training, STEE's 0.1).
+  guidance_range: (w_min, w_max) for embedded-CFG distillation: w ~ U(w_min, w_max) is
+    the teacher's CFG scale and, normalised to [0, 1], the student's input; None: no
+    guidance (the teacher is called with the labels only).
+  """
+  variant: str
+  path: paths_lib.AffinePath
+  num_steps: int
+  null_class: int
+  label_dropout: float = 0.0
+  guidance_range: tuple[float, float] | None = None
+  stei_lambda: float = 1.0
+  stei_target: str = 'teacher'
+  sigma_data: float = 0.5
+
+  def __post_init__(self):
+    secant.check_variant(self.variant)
+
+  @property
+  def needs_teacher(self):
+    return self.variant in ('sdei', 'sdee') or (self.variant == 'stei'
+                                                 and self.stei_target == 'teacher')
+
+
+# apply_fn(variables, x, t, s, y, w, dropout_key) → network output; t, s are what the
+# network is conditioned on (the preconditioning maps path times to them).
+ApplyFn = Callable
+
+
+def _secant_fn(task, apply_fn, variables, dropout_key):
+  net = lambda x, t, s, y, w: apply_fn(variables, x, t, s, y, w, dropout_key)
+  return precond.secant_from_network(task.path, net, task.sigma_data)
+
+
+def _with_normalized_scale(secant_fn, guidance_range):
+  return lambda x, t, s, y, w: secant_fn(x, t, s, y,
+                                         guidance.normalize_scale(w, *guidance_range))
+
+
+def teacher_tangent(task, teacher_apply, teacher_variables):
+  """teacher_fn(x, t, y, w): the teacher's tangent, with two-pass CFG at scale w when the
+  task is guided (conditional and null labels in one batched call)."""
+  net = lambda x, t, s, y, w: teacher_apply(teacher_variables, x, t, s, y, None, None)
+  tangent = precond.tangent_from_secant(
+      precond.secant_from_network(task.path, net, task.sigma_data))
+  if task.guidance_range is None:
+    return tangent
+  conditional = lambda x, t, y: tangent(x, t, y, None)
+  return guidance.classifier_free(conditional, task.null_class)
+
+
+def make_train_step(task: SecantTask, apply_fn: ApplyFn, teacher_apply: ApplyFn | None,
+                    optimizer: optax.GradientTransformation, ema_decay: float):
+  """The pure train step for `task`; jit it with `parallel.jit_train_step`."""
+  if task.needs_teacher and teacher_apply is None:
+    raise ValueError(f'Variant {task.variant!r} needs a teacher: set the config\'s teacher '
+                     'checkpoint.')
+
+  def train_step(state, teacher_variables, batch):
+    x_data, labels = batch['x'], batch['y']
+    size = x_data.shape[0]
+    k_time, k_noise, k_drop, k_scale, k_dropout = jax.random.split(
+        jax.random.fold_in(state.key, state.step), 5)
+    times = secant.sample_time_pairs(k_time, size, task.variant, task.num_steps, task.path)
+    noise = jax.random.normal(k_noise, x_data.shape, jnp.float32)
+    if task.label_dropout:
+      labels = guidance.drop_labels(k_drop, labels, task.label_dropout, task.null_class)
+    scale = None
+    if task.guidance_range is not None:
+      scale = guidance.sample_scale(k_scale, size, *task.guidance_range)
+    teacher_fn = (teacher_tangent(task, teacher_apply, teacher_variables)
+                  if task.needs_teacher else None)
+
+    def objective(trainable):
+      variables = {**state.params, 'params': trainable}
+      secant_fn = _secant_fn(task, apply_fn, variables, k_dropout)
+      if task.guidance_range is not None:  # the student sees w normalised to [0, 1]
+        secant_fn = _with_normalized_scale(secant_fn, task.guidance_range)
+      per_example, aux = secant.loss(task.variant, secant_fn, teacher_fn, task.path, x_data,
+                                     noise, times, labels, scale, stei_lambda=task.stei_lambda,
+                                     stei_target=task.stei_target)
+      return jnp.mean(per_example), {k: jnp.mean(v) for k, v in aux.items()}
+
+    (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state.params['params'])
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params['params'])
+    params = {**state.params, 'params': optax.apply_updates(state.params['params'], updates)}
+    ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                                 state.ema_params, params)
+    metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
+               **{f'loss_{k}': v for k, v in terms.items()}}
+    new_state = state.replace(step=state.step + 1, params=params, ema_params=ema,
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step

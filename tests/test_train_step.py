@@ -1,0 +1,114 @@
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from secant_jax import paths
+from secant_jax.models import dit
+from secant_jax.train import parallel
+from secant_jax.train import state as state_lib
+from secant_jax.train import step as step_lib
+
+ARCH = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2,
+            num_classes=10)
+BATCH = 16
+
+
+def _apply(model):
+  return lambda v, x, t, s, y, w, key: model.apply(v, x, t, s, y, w)
+
+
+def _setup(variant, guidance_range=(1.0, 2.5)):
+  guided = variant in ('sdei', 'sdee')
+  student = dit.DiT(guidance_embed=guided, **ARCH)
+  teacher = dit.DiT(**ARCH)
+  x = jax.random.normal(jax.random.key(0), (BATCH, 8, 8, 4))
+  y = jnp.arange(BATCH) % 10
+  z = jnp.full((BATCH,), 0.5)
+  perturb = lambda v, k: jax.tree_util.tree_map(
+      lambda a: a + 0.05 * jax.random.normal(jax.random.fold_in(k, a.size), a.shape), v)
+  variables = perturb(student.init(jax.random.key(1), x, z, z, y, z if guided else None),
+                      jax.random.key(2))
+  teacher_variables = perturb(teacher.init(jax.random.key(3), x, z, z, y), jax.random.key(4))
+  task = step_lib.SecantTask(variant=variant, path=paths.Linear(), num_steps=4,
+                             null_class=10, label_dropout=0.1 if variant == 'stee' else 0.0,
+                             guidance_range=guidance_range if guided else None)
+  optimizer = optax.adamw(1e-3, weight_decay=0.0)
+  train_step = step_lib.make_train_step(task, _apply(student), _apply(teacher), optimizer,
+                                        ema_decay=0.9)
+  state = state_lib.create(variables, optimizer, jax.random.key(5))
+  return train_step, state, teacher_variables, {'x': x, 'y': y}
+
+
+@pytest.mark.parametrize('variant', ['sdei', 'stei', 'sdee', 'stee', 'diffusion'])
+def test_one_step_per_variant_moves_params_and_ema(variant):
+  train_step, state, teacher_variables, batch = _setup(variant)
+  new, metrics = jax.jit(train_step)(state, teacher_variables, batch)
+  assert int(new.step) == 1
+  assert np.isfinite(float(metrics['loss'])) and float(metrics['grad_norm']) > 0
+  delta = lambda a, b: max(float(jnp.abs(u - v).max()) for u, v in zip(
+      jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+  assert delta(new.params, state.params) > 0
+  # EMA with decay 0.9: ema' = 0.9·ema + 0.1·params'.
+  for e_new, e_old, p_new in zip(*(jax.tree_util.tree_leaves(t) for t in (
+      new.ema_params, state.ema_params, new.params))):
+    np.testing.assert_allclose(e_new, 0.9 * e_old + 0.1 * p_new, rtol=1e-6, atol=1e-7)
+  if variant == 'stei':
+    assert float(metrics['loss_diffusion']) > 0
+
+
+def _params_after(train_step, state, teacher_variables, batch, mesh=None, fsdp=False):
+  if mesh is None:
+    new, _ = jax.jit(train_step)(state, teacher_variables, batch)
+    return new.params
+  state_sharding = parallel.tree_sharding(state, mesh, fsdp, min_size=256)
+  teacher_sharding = parallel.tree_sharding(teacher_variables, mesh, fsdp, min_size=256)
+  step = parallel.jit_train_step(train_step, state_sharding, teacher_sharding, mesh)
+  state = jax.device_put(state, state_sharding)
+  if fsdp:
+    specs = [s.spec for s in jax.tree_util.tree_leaves(state_sharding)]
+    assert any('fsdp' in spec for spec in specs)
+  new, _ = step(state, jax.device_put(teacher_variables, teacher_sharding),
+                jax.device_put(batch, parallel.batch_sharding(mesh)))
+  return new.params
+
+
+@pytest.mark.parametrize('fsdp', [1, 4], ids=['data-parallel', 'fsdp4'])
+def test_sharded_step_equals_single_device_step(fsdp):
+  assert jax.device_count() == 8
+  train_step, state, teacher_variables, batch = _setup('sdei')
+  single = _params_after(train_step, state, teacher_variables, batch)
+  mesh = parallel.make_mesh(fsdp)
+  sharded = _params_after(train_step, state, teacher_variables, batch, mesh, fsdp > 1)
+  err = max(float(jnp.abs(a - b).max()) for a, b in zip(
+      jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(sharded)))
+  print(f'fsdp={fsdp}: max abs difference of new params {err:.2e}')
+  assert err <= 1e-5
+
+
+def test_no_recompilation_after_the_first_step():
+  train_step, state, teacher_variables, batch = _setup('stee')
+  mesh = parallel.make_mesh(1)
+  state_sharding = parallel.tree_sharding(state, mesh)
+  step = parallel.jit_train_step(chex.assert_max_traces(train_step, n=1), state_sharding,
+                                 parallel.tree_sharding(teacher_variables, mesh), mesh)
+  state = jax.device_put(state, state_sharding)
+  losses = []
+  for _ in range(3):
+    state, metrics = step(state, teacher_variables, batch)
+    losses.append(float(metrics['loss']))
+  assert int(state.step) == 3 and len(set(losses)) == 3  # fresh draws every step
+
+
+def test_bad_setups_are_named():
+  with pytest.raises(ValueError, match=r'Global batch size 30 is not divisible by the 8 devices'):
+    parallel.check_batch_size(30, parallel.make_mesh(1))
+  with pytest.raises(ValueError, match='fsdp=3 does not divide the 8 devices'):
+    parallel.make_mesh(3)
+  with pytest.raises(ValueError, match="Unknown secant variant 'sdie'"):
+    step_lib.SecantTask(variant='sdie', path=paths.Linear(), num_steps=4, null_class=10)
+  task = step_lib.SecantTask(variant='sdei', path=paths.Linear(), num_steps=4, null_class=10)
+  with pytest.raises(ValueError, match="Variant 'sdei' needs a teacher"):
+    step_lib.make_train_step(task, None, None, optax.sgd(0.1), 0.9)
