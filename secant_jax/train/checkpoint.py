@@ -1,0 +1,80 @@
+"""Checkpoints of a run: async Orbax saves every N steps, the latest K kept, a forced save
+when the process is told to stop (SIGTERM: preemption of a TPU VM or a Slurm job), and
+restore of the latest on start.
+
+A checkpoint holds two checkpointables: 'state' (the TrainState pytree, restored with the
+shardings of the abstract state given) and 'data' (the data iterator's JSON state). Orbax
+writes into a temporary directory and renames on commit, and only deletes old steps after
+a newer one is committed, so a run never loses a checkpoint it had written. Call every
+method on all processes.
+"""
+
+import os
+import signal
+
+import jax
+from orbax.checkpoint import v1 as ocp
+
+
+class Checkpoints:
+  """Saves and restores a run's checkpoints under `directory`."""
+
+  def __init__(self, directory, every, keep):
+    policies = ocp.training.save_decision_policies
+    self._checkpointer = ocp.training.Checkpointer(
+        os.fspath(directory), save_decision_policy=policies.FixedIntervalPolicy(every),
+        preservation_policy=ocp.training.preservation_policies.LatestN(keep))
+    self.stop_requested = False
+    self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    self.stop_requested = True
+
+  @property
+  def latest_step(self):
+    latest = self._checkpointer.latest
+    return None if latest is None else latest.step
+
+  def save_if_due(self, step, state, data_state):
+    """Saves asynchronously at the interval, or now (and waits) if a stop was requested.
+    Returns whether the run should stop."""
+    if self.stop_requested:
+      self.save(step, state, data_state, force=True)
+      self.wait()
+      return True
+    self.save(step, state, data_state)
+    return False
+
+  def save(self, step, state, data_state, force=False):
+    """Starts an async save at `step` if the interval says so, or always with `force`."""
+    if self.latest_step == step:
+      return
+    self._checkpointer.save_checkpointables_async(step, {'state': state, 'data': data_state},
+                                                  force=force)
+
+  def restore_latest(self, abstract_state):
+    """(state, data_state) of the latest checkpoint, placed as `abstract_state`'s leaves
+    (ShapeDtypeStructs with shardings) say; None when there is none."""
+    step = self.latest_step
+    if step is None:
+      return None
+    restored = self._checkpointer.load_checkpointables(
+        step, {'state': abstract_state, 'data': None})
+    return restored['state'], restored['data']
+
+  def wait(self):
+    self._checkpointer.wait()
+
+  def close(self):
+    self._checkpointer.wait()
+    self._checkpointer.close()
+    signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+def abstract_like(state, shardings):
+  """ShapeDtypeStructs of `state` with the given shardings (a pytree or one Sharding)."""
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree_util.tree_map(lambda _: shardings, state)
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)

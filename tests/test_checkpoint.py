@@ -1,0 +1,61 @@
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from secant_jax.train import checkpoint
+from secant_jax.train import parallel
+from secant_jax.train import state as state_lib
+
+
+def _state(step):
+  variables = {'params': {'w': jnp.arange(4096.0).reshape(64, 64) + step, 'b': jnp.ones(3)}}
+  st = state_lib.create(variables, optax.adam(1e-3), jax.random.key(0))
+  return st.replace(step=jnp.asarray(step, jnp.int32))
+
+
+def _sharded(step, mesh):
+  st = _state(step)
+  shardings = parallel.tree_sharding(st, mesh, fsdp=True, min_size=1024)
+  return jax.device_put(st, shardings), shardings
+
+
+def test_interval_keep_n_and_sharded_restore(tmp_path):
+  mesh = parallel.make_mesh(4)
+  ckpts = checkpoint.Checkpoints(tmp_path, every=2, keep=2)
+  for step in range(7):
+    st, shardings = _sharded(step, mesh)
+    assert not ckpts.save_if_due(step, st, {'position': step * 16})
+  ckpts.wait()
+  assert sorted(int(d) for d in os.listdir(tmp_path) if d.isdigit()) == [4, 6]
+  restored, data = ckpts.restore_latest(checkpoint.abstract_like(_state(0), shardings))
+  ckpts.close()
+  assert int(restored.step) == 6 and data == {'position': 96}
+  np.testing.assert_array_equal(restored.params['params']['w'], _state(6).params['params']['w'])
+  assert restored.params['params']['w'].sharding.spec == shardings.params['params']['w'].spec
+  assert 'fsdp' in restored.params['params']['w'].sharding.spec
+
+
+def test_sigterm_forces_a_save_and_asks_to_stop(tmp_path):
+  ckpts = checkpoint.Checkpoints(tmp_path, every=100, keep=3)
+  assert not ckpts.save_if_due(1, _state(1), {'position': 1})
+  os.kill(os.getpid(), signal.SIGTERM)
+  assert ckpts.stop_requested
+  assert ckpts.save_if_due(3, _state(3), {'position': 3})
+  assert ckpts.latest_step == 3
+  ckpts.close()
+  reopened = checkpoint.Checkpoints(tmp_path, every=100, keep=3)
+  state, data = reopened.restore_latest(
+      checkpoint.abstract_like(_state(0), jax.sharding.SingleDeviceSharding(jax.devices()[0])))
+  reopened.close()
+  assert int(state.step) == 3 and data == {'position': 3}
+  assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def test_restore_without_checkpoints_is_none(tmp_path):
+  ckpts = checkpoint.Checkpoints(tmp_path / 'fresh', every=10, keep=1)
+  assert ckpts.restore_latest(None) is None
+  ckpts.close()
