@@ -17,6 +17,17 @@ def _state(step):
   return st.replace(step=jnp.asarray(step, jnp.int32))
 
 
+class _Iterator:
+  """Stands in for the data iterator: its state, and how often it was asked for it."""
+
+  def __init__(self, position):
+    self.position, self.reads = position, 0
+
+  def get_state(self):
+    self.reads += 1
+    return {'position': self.position}
+
+
 def _sharded(step, mesh):
   st = _state(step)
   shardings = parallel.tree_sharding(st, mesh, fsdp=True, min_size=1024)
@@ -26,10 +37,14 @@ def _sharded(step, mesh):
 def test_interval_keep_n_and_sharded_restore(tmp_path):
   mesh = parallel.make_mesh(4)
   ckpts = checkpoint.Checkpoints(tmp_path, every=2, keep=2)
+  reads = 0
   for step in range(7):
     st, shardings = _sharded(step, mesh)
-    assert not ckpts.save_if_due(step, st, {'position': step * 16})
+    data_iter = _Iterator(step * 16)
+    assert not ckpts.save_if_due(step, st, data_iter)
+    reads += data_iter.reads
   ckpts.wait()
+  assert reads == 4  # steps 0, 2, 4, 6: nothing is read between saves
   assert sorted(int(d) for d in os.listdir(tmp_path) if d.isdigit()) == [4, 6]
   restored, data = ckpts.restore_latest(checkpoint.abstract_like(_state(0), shardings))
   ckpts.close()
@@ -41,10 +56,10 @@ def test_interval_keep_n_and_sharded_restore(tmp_path):
 
 def test_sigterm_forces_a_save_and_asks_to_stop(tmp_path):
   ckpts = checkpoint.Checkpoints(tmp_path, every=100, keep=3)
-  assert not ckpts.save_if_due(1, _state(1), {'position': 1})
+  assert not ckpts.save_if_due(1, _state(1), _Iterator(1))
   os.kill(os.getpid(), signal.SIGTERM)
   assert ckpts.stop_requested
-  assert ckpts.save_if_due(3, _state(3), {'position': 3})
+  assert ckpts.save_if_due(3, _state(3), _Iterator(3))
   assert ckpts.latest_step == 3
   ckpts.close()
   reopened = checkpoint.Checkpoints(tmp_path, every=100, keep=3)

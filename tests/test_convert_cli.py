@@ -30,7 +30,7 @@ def test_missing_or_unknown_files_are_named(tmp_path):
   with pytest.raises(common.ConversionError, match=r"Unknown checkpoint format '.ckpt'"):
     common.load_state_dict(tmp_path / 'w.ckpt')
   with pytest.raises(FileNotFoundError, match=r'Converted checkpoint .*nope does not exist'):
-    common.restore(tmp_path / 'nope', {})
+    common.load_variables(tmp_path / 'nope')
 
 
 def test_edm_pickle_gets_the_export_instructions(tmp_path):
@@ -52,7 +52,8 @@ def test_sit_cli_converts_a_secant_checkpoint_with_model_and_ema(tmp_path, capsy
                     'DiT-S/8', '--input-size', '16', '--guidance-embed'])
   assert 'DiT-S/8:' in capsys.readouterr().out
   model = dit.from_name('DiT-S/8', input_size=16, guidance_embed=True)
-  restored = common.restore(out, jax.eval_shape(lambda: convert_sit.init_variables(model)))
+  restored = common.fit(traverse_util.flatten_dict(common.load_variables(out)),
+                      jax.eval_shape(lambda: convert_sit.init_variables(model)))
   # The default is the EMA weights.
   np.testing.assert_allclose(restored['params']['blocks_3']['attn']['qkv']['kernel'],
                              ema['blocks.3.attn.qkv.weight'].numpy().T)
@@ -68,7 +69,8 @@ def test_edm_cli_converts_an_exported_state_dict(tmp_path):
   torch.save(net.state_dict(), tmp_path / 'edm.pt')
   convert_edm.main(['--in', str(tmp_path / 'edm.pt'), '--out', str(tmp_path / 'converted')])
   model = edm_unet.cifar10('ddpmpp')
-  restored = common.restore(tmp_path / 'converted', convert_edm.init_variables(model))
+  saved = common.load_variables(tmp_path / 'converted')
+  restored = common.fit(traverse_util.flatten_dict(saved), convert_edm.init_variables(model))
   flat = traverse_util.flatten_dict(restored['params'])
   np.testing.assert_allclose(flat[('enc_32x32_conv', 'kernel')],
                              net.model.enc['32x32_conv'].weight.detach().numpy().transpose(2, 3, 1, 0))

@@ -8,6 +8,7 @@ rename the leaf: 'weight' → the template's 'kernel' (Linear: transposed; Conv:
 unexpected or mis-shaped key is an error that names it.
 """
 
+import argparse
 import os
 import re
 
@@ -34,7 +35,7 @@ def load_state_dict(path, key=None):
     raise FileNotFoundError(f'Checkpoint {path} does not exist; pass the path of the '
                             'downloaded weights file (.pt, .pth, .safetensors or .npz).')
   ext = os.path.splitext(path)[1].lower()
-  if ext in ('.pt', '.pth'):
+  if ext in ('.pt', '.pth', '.bin'):
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
@@ -49,7 +50,7 @@ def load_state_dict(path, key=None):
       data = dict(f)
   else:
     raise ConversionError(f'Unknown checkpoint format {ext!r} for {path}: expected .pt, '
-                          '.pth, .safetensors or .npz.')
+                          '.pth, .bin, .safetensors or .npz.')
   if key is None:
     key = next((k for k in ('ema', 'model') if k in data and isinstance(data[k], dict)), None)
   if key is not None:
@@ -90,19 +91,8 @@ def _to_flax_layout(leaf, value):
   return value
 
 
-def convert(state_dict, template, *, ignore=(), keep_from_template=()):
-  """Maps a {key: array} state dict onto the template's variables.
-
-  Args:
-    state_dict: PyTorch keys → numpy arrays (any model-specific prefix already removed).
-    template: Flax variables (arrays or ShapeDtypeStructs), e.g. {'params': ..., 'buffers': ...}.
-    ignore: PyTorch keys the caller has handled (fixed buffers it checked itself).
-    keep_from_template: top-level Flax module names to take from the template when the
-      checkpoint lacks them (new modules of the secant model).
-
-  Returns:
-    Variables shaped as the template, float32 numpy arrays.
-  """
+def to_flax_paths(state_dict, template, ignore=()):
+  """{PyTorch key: array} → {Flax path: array in Flax layout}, paths found in `template`."""
   flat = traverse_util.flatten_dict(template)
   out = {}
   for key, value in state_dict.items():
@@ -118,17 +108,50 @@ def convert(state_dict, template, *, ignore=(), keep_from_template=()):
                             'checkpoint: the model has no such parameter; check the model '
                             'name/settings match the checkpoint.')
     converted = _to_flax_layout(target[-1], value)
-    expected = tuple(flat[target].shape)
-    if converted.shape != expected:
+    if converted.shape != tuple(flat[target].shape):
       raise ConversionError(f'Shape mismatch for {key!r}: checkpoint has {tuple(value.shape)}'
-                            f' (Flax layout {converted.shape}), the model expects {expected} '
-                            f'at {"/".join(target)}; check the model size and settings.')
+                            f' (Flax layout {converted.shape}), the model expects '
+                            f'{tuple(flat[target].shape)} at {"/".join(target)}; check the '
+                            'model size and settings.')
     out[target] = converted
-  missing = []
-  for path, leaf in flat.items():
-    if path in out:
-      continue
-    if path[1] in keep_from_template:
+  return out
+
+
+def fit(flat, template, *, keep_from_template=(), copy_missing=None):
+  """Fills the template's variables from {Flax path: array}.
+
+  Args:
+    flat: the checkpoint's variables by Flax path (collection first).
+    template: the model's variables (arrays, or ShapeDtypeStructs where nothing is kept).
+    keep_from_template: top-level module names taken from the template when `flat` lacks
+      them (modules new in the secant model, e.g. the guidance embedder).
+    copy_missing: {missing module: source module} copied within `flat` (the s-embedder
+      starts as the t-embedder).
+
+  Returns:
+    Variables shaped as the template. Missing, unexpected and mis-shaped entries raise
+    ConversionError naming them.
+  """
+  flat = dict(flat)
+  expected = traverse_util.flatten_dict(template)
+  for target, origin in (copy_missing or {}).items():
+    wanted = any(p[1] == target for p in expected)
+    if wanted and not any(p[1] == target for p in flat):
+      flat.update({(p[0], target, *p[2:]): v for p, v in flat.items() if p[1] == origin})
+  unexpected = [p for p in flat if p not in expected]
+  if unexpected:
+    raise ConversionError(f'Unexpected {len(unexpected)} variable(s) in the checkpoint, e.g. '
+                          f'{", ".join("/".join(p) for p in unexpected[:3])}; check the model '
+                          'name/settings match the checkpoint.')
+  out, missing = {}, []
+  for path, leaf in expected.items():
+    if path in flat:
+      if tuple(flat[path].shape) != tuple(leaf.shape):
+        raise ConversionError(f'Shape mismatch at {"/".join(path)}: checkpoint has '
+                              f'{tuple(flat[path].shape)}, the model expects '
+                              f'{tuple(leaf.shape)}; check the model size and settings.')
+      out[path] = flat[path]
+    elif path[1] in keep_from_template:
       out[path] = np.asarray(leaf)
     else:
       missing.append(f'{torch_key(path[1:-1])}.{path[-1]} {tuple(leaf.shape)}')
@@ -137,6 +160,12 @@ def convert(state_dict, template, *, ignore=(), keep_from_template=()):
                           f'{", ".join(missing[:3])} (Flax name and shape); check the model '
                           'name/settings match the checkpoint.')
   return traverse_util.unflatten_dict(out)
+
+
+def convert(state_dict, template, *, ignore=(), keep_from_template=(), copy_missing=None):
+  """A PyTorch state dict → variables shaped as the template (see `fit`)."""
+  return fit(to_flax_paths(state_dict, template, ignore), template,
+             keep_from_template=keep_from_template, copy_missing=copy_missing)
 
 
 def abstract_variables(model, *args, **kwargs):
@@ -148,21 +177,51 @@ def parameter_count(variables):
   return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(variables['params'])))
 
 
-def save(variables, directory):
-  """Writes variables as an Orbax checkpoint that the trainer can start from."""
+def save(variables, directory, overwrite=False):
+  """Writes variables as an Orbax checkpoint that the trainer can start from; an existing
+  one at `directory` is an error unless `overwrite` (a run re-exporting its EMA)."""
   from orbax.checkpoint import v1 as ocp  # pylint: disable=import-outside-toplevel
-  ocp.save(os.path.abspath(os.fspath(directory)), variables)
+  ocp.save(os.path.abspath(os.fspath(directory)), variables, overwrite=overwrite)
 
 
-def restore(directory, template, sharding=None):
-  """Reads variables saved by `save`, shaped as `template`, placed by `sharding` (one
-  Sharding for every leaf, default the first local device)."""
+def load_variables(directory):
+  """A converted checkpoint's variables as saved (numpy), whatever model they fit."""
   from orbax.checkpoint import v1 as ocp  # pylint: disable=import-outside-toplevel
+  directory = _existing(directory)
+  metadata = ocp.metadata(directory).metadata
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  abstract = jax.tree_util.tree_map(
+      lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), metadata,
+      is_leaf=lambda m: hasattr(m, 'shape'))
+  return jax.tree_util.tree_map(np.asarray, ocp.load(directory, abstract))
+
+
+def load_or_convert(path, convert_fn, what, url, config_key):
+  """Variables of a fixed network (Inception, VAE): from a converted directory, or converted
+  in memory from the published weights file. A missing path names the download."""
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{what} weights {path} do not exist; download {url}, then set '
+                            f'{config_key} to the file or to its conversion.')
+  if os.path.isdir(path):
+    return load_variables(path)
+  return convert_fn(load_state_dict(path))
+
+
+def weights_cli(description, convert_fn, what, url, argv=None):
+  """`--in FILE --out DIR`: converts a published weights file and saves it with Orbax."""
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument('--in', dest='input', required=True, help=f'the file from {url}')
+  parser.add_argument('--out', required=True, help='Orbax checkpoint directory to write')
+  args = parser.parse_args(argv)
+  variables = convert_fn(load_state_dict(args.input))
+  save(jax.tree_util.tree_map(np.asarray, variables), args.out)
+  print(f'{what}: {parameter_count(variables):,} parameters → {args.out}')
+
+
+def _existing(directory):
   directory = os.path.abspath(os.fspath(directory))
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'Converted checkpoint {directory} does not exist; make it with '
                             'python -m secant_jax.convert.sit (or .edm) --in WEIGHTS --out DIR.')
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  abstract = jax.tree_util.tree_map(
-      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), template)
-  return ocp.load(directory, abstract)
+  return directory

@@ -19,6 +19,12 @@ from secant_jax.convert import common
 from secant_jax.models import dit
 
 
+# How a teacher's variables fill a secant DiT: the s-embedder starts as the t-embedder,
+# the guidance embedder from its initialisation (last layer zero).
+TEACHER_TO_SECANT = dict(keep_from_template=('cfg_embedder',),
+                         copy_missing={'s_embedder': 't_embedder'})
+
+
 def convert(state_dict, template):
   """State dict → variables shaped as `template` (values needed for a new cfg_embedder)."""
   state_dict = dict(state_dict)
@@ -32,11 +38,7 @@ def convert(state_dict, template):
       raise common.ConversionError(
           f"Key 'pos_embed' {tuple(pos.shape)} is not DiT's fixed {grid}x{grid} sin-cos "
           'table; this converter expects a DiT/SiT checkpoint.')
-  params = template['params']
-  if 's_embedder' in params and not any(k.startswith('s_embedder.') for k in state_dict):
-    state_dict.update({'s_embedder.' + k[len('t_embedder.'):]: v
-                       for k, v in state_dict.items() if k.startswith('t_embedder.')})
-  return common.convert(state_dict, template, keep_from_template=('cfg_embedder',))
+  return common.convert(state_dict, template, **TEACHER_TO_SECANT)
 
 
 def build(model_name, *, input_size, in_channels, num_classes, learn_sigma, guidance_embed,

@@ -184,6 +184,7 @@ class DiT(nn.Module):
   guidance_embed: bool = False
   dtype: jnp.dtype = jnp.float32
   attention_implementation: str | None = None
+  remat: bool = False  # recompute each block's activations in the backward pass
 
   @property
   def null_class(self):
@@ -217,8 +218,9 @@ class DiT(nn.Module):
       c = c + TimestepEmbedder(self.hidden_size, self.dtype, zero_output=True,
                                name='cfg_embedder')(w)
 
+    block = nn.remat(DiTBlock) if self.remat else DiTBlock
     for i in range(self.depth):
-      h = DiTBlock(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
+      h = block(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
                    self.attention_implementation, name=f'blocks_{i}')(h, c)
 
     out_channels = self.in_channels * (2 if self.learn_sigma else 1)
@@ -239,6 +241,8 @@ def parse_name(name):
 
 
 def from_name(name, **kwargs):
-  """The named size, e.g. from_name('SiT-XL/2', guidance_embed=True, dtype=jnp.bfloat16)."""
+  """The named size, e.g. from_name('SiT-XL/2', guidance_embed=True, dtype=jnp.bfloat16);
+  keyword arguments override the name's depth, hidden_size and num_heads too."""
   depth, hidden, heads, patch = parse_name(name)
-  return DiT(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch, **kwargs)
+  return DiT(**{**dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=patch),
+                **kwargs})

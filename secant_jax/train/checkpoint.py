@@ -7,12 +7,18 @@ shardings of the abstract state given) and 'data' (the data iterator's JSON stat
 writes into a temporary directory and renames on commit, and only deletes old steps after
 a newer one is committed, so a run never loses a checkpoint it had written. Call every
 method on all processes.
+
+With several processes, hosts get SIGTERM at different steps; stopping on the local flag
+would leave the others waiting in a collective. There JAX's preemption sync service
+(started by jax.distributed.initialize, which owns SIGTERM) picks one step at which every
+host saves and stops.
 """
 
 import os
 import signal
 
 import jax
+from jax.experimental import multihost_utils
 from orbax.checkpoint import v1 as ocp
 
 
@@ -20,12 +26,14 @@ class Checkpoints:
   """Saves and restores a run's checkpoints under `directory`."""
 
   def __init__(self, directory, every, keep):
-    policies = ocp.training.save_decision_policies
+    self._every = every
     self._checkpointer = ocp.training.Checkpointer(
-        os.fspath(directory), save_decision_policy=policies.FixedIntervalPolicy(every),
+        os.fspath(directory),
         preservation_policy=ocp.training.preservation_policies.LatestN(keep))
     self.stop_requested = False
-    self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+    self._multihost = jax.process_count() > 1
+    if not self._multihost:
+      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
 
   def _on_sigterm(self, signum, frame):
     del signum, frame
@@ -36,22 +44,26 @@ class Checkpoints:
     latest = self._checkpointer.latest
     return None if latest is None else latest.step
 
-  def save_if_due(self, step, state, data_state):
-    """Saves asynchronously at the interval, or now (and waits) if a stop was requested.
-    Returns whether the run should stop."""
+  def save_if_due(self, step, state, data_iter):
+    """Saves asynchronously every `every` steps, or now (and waits) if a stop was requested.
+    Returns whether the run should stop. Between saves this costs nothing: Orbax is only
+    called (and the data iterator's state only read) when a save is due."""
+    if self._multihost:
+      self.stop_requested = multihost_utils.reached_preemption_sync_point(step)
     if self.stop_requested:
-      self.save(step, state, data_state, force=True)
+      self.save(step, state, data_iter)
       self.wait()
       return True
-    self.save(step, state, data_state)
+    if step % self._every == 0:
+      self.save(step, state, data_iter)
     return False
 
-  def save(self, step, state, data_state, force=False):
-    """Starts an async save at `step` if the interval says so, or always with `force`."""
+  def save(self, step, state, data_iter):
+    """Starts an async save at `step` unless that step is already saved."""
     if self.latest_step == step:
       return
-    self._checkpointer.save_checkpointables_async(step, {'state': state, 'data': data_state},
-                                                  force=force)
+    self._checkpointer.save_checkpointables_async(
+        step, {'state': state, 'data': data_iter.get_state()}, force=True)
 
   def restore_latest(self, abstract_state):
     """(state, data_state) of the latest checkpoint, placed as `abstract_state`'s leaves
@@ -69,7 +81,8 @@ class Checkpoints:
   def close(self):
     self._checkpointer.wait()
     self._checkpointer.close()
-    signal.signal(signal.SIGTERM, self._previous_handler)
+    if not self._multihost:
+      signal.signal(signal.SIGTERM, self._previous_handler)
 
 
 def abstract_like(state, shardings):

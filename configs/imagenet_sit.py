@@ -1,0 +1,35 @@
+"""SiT-XL/2 on ImageNet-256 VAE latents: --config=configs/imagenet_sit.py:variant=sdei,steps=4
+
+Start from the converted teacher (python -m secant_jax.convert.sit --in SiT-XL-2-256.pt
+--out ckpt/sit-xl2); set data.dir to the imported latents (python -m secant_jax.data.latents).
+"""
+
+from secant_jax import config as config_lib
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, dict(variant='sdei', steps=4))
+  c = config_lib.base_config()
+  c.model.family = 'dit'
+  c.model.name = 'SiT-XL/2'
+  c.model.input_size = 32
+  c.model.in_channels = 4
+  c.model.num_classes = 1000
+  c.model.learn_sigma = True
+  c.model.dtype = 'bfloat16'
+  c.model.attention = ''  # '' = JAX's choice; 'cudnn' for the fused kernel on GPUs
+  c.model.remat = False  # True: recompute block activations (large per-device batches)
+  c.path.name = 'linear'
+  c.secant = config_lib.secant_config(args['variant'], args['steps'], guidance=(1.0, 2.5))
+  c.init_checkpoint = 'ckpt/sit-xl2'
+  c.optimizer.learning_rate = 1e-5
+  c.optimizer.weight_decay = 0.0
+  c.ema_decay = 0.9999
+  c.batch_size = 256
+  c.num_train_steps = 100_000
+  c.log_every = 100
+  c.checkpoint_every = 2000
+  c.data.name = 'imagenet_latents'
+  c.data.dir = 'data/imagenet256-latents'
+  c.data.latent_scale = 0.18215
+  return c

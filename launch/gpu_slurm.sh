@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Multi-node GPUs under Slurm: one process per node, each driving its node's GPUs.
+#
+#   sbatch --nodes=4 launch/gpu_slurm.sh --config=configs/imagenet_sit.py:variant=sdei,steps=8 \
+#       --workdir=/shared/runs/sdei8
+#
+# jax.distributed.initialize() (--config.distributed=True) reads the coordinator, process
+# count and rank from Slurm's environment. The workdir must be on a file system all nodes
+# see. Slurm sends SIGTERM before the time limit (--signal below) or on preemption; the
+# trainer saves a checkpoint and exits, and `--requeue` starts the job again, which resumes
+# from it.
+#SBATCH --job-name=secant-jax
+#SBATCH --ntasks-per-node=1
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=32
+#SBATCH --time=24:00:00
+#SBATCH --signal=TERM@300
+#SBATCH --requeue
+#SBATCH --output=secant-%j.log
+set -euo pipefail
+cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
+export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
+export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
+srun --kill-on-bad-exit=1 python -m secant_jax.main "$@" --config.distributed=True

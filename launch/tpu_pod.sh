@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# A Cloud TPU VM (single host or pod slice): create it, install this checkout on every host,
+# run the same command on every host, delete it.
+#
+#   TPU_NAME=secant ZONE=us-central2-b ACCELERATOR=v4-32 launch/tpu_pod.sh create
+#   TPU_NAME=secant ZONE=us-central2-b launch/tpu_pod.sh setup
+#   TPU_NAME=secant ZONE=us-central2-b launch/tpu_pod.sh run \
+#       --config=configs/imagenet_sit.py:variant=sdei,steps=4 --workdir=gs://BUCKET/sdei4
+#   TPU_NAME=secant ZONE=us-central2-b launch/tpu_pod.sh delete
+#
+# `run` adds --config.distributed=True, so every host calls jax.distributed.initialize()
+# (TPU topology is detected), reads its own data shard and joins the global arrays. The
+# workdir must be visible to all hosts (gs://...). The command runs under nohup and logs
+# to ~/secant-run.log on every host; preemption sends SIGTERM, on which the trainer saves
+# a checkpoint, and rerunning the same `run` resumes from it.
+set -euo pipefail
+: "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
+ACCELERATOR=${ACCELERATOR:-v4-8}
+RUNTIME=${RUNTIME:-tpu-ubuntu2204-base}
+REMOTE_DIR=${REMOTE_DIR:-secant-jax}
+HERE="$(cd "$(dirname "$0")/.." && pwd)"
+
+on_all_hosts() {
+  gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="$1"
+}
+
+case "${1:-}" in
+  create)
+    gcloud compute tpus tpu-vm create "$TPU_NAME" --zone="$ZONE" \
+        --accelerator-type="$ACCELERATOR" --version="$RUNTIME" ${SPOT:+--spot}
+    ;;
+  setup)
+    tar -C "$HERE" --exclude=.git --exclude=.venv -czf /tmp/secant-jax.tgz .
+    gcloud compute tpus tpu-vm scp /tmp/secant-jax.tgz "$TPU_NAME":~/ --zone="$ZONE" --worker=all
+    on_all_hosts "mkdir -p $REMOTE_DIR && tar -C $REMOTE_DIR -xzf secant-jax.tgz && \
+        cd $REMOTE_DIR && python3 -m venv .venv && . .venv/bin/activate && \
+        pip install -q -U pip && pip install -q -e '.[tpu]'"
+    ;;
+  run)
+    shift
+    args=$(printf '%q ' "$@")
+    on_all_hosts "cd $REMOTE_DIR && . .venv/bin/activate && nohup python -m secant_jax.main \
+        $args --config.distributed=True > ~/secant-run.log 2>&1 &"
+    ;;
+  logs)
+    gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=0 \
+        --command="tail -n 50 -f ~/secant-run.log"
+    ;;
+  delete)
+    gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone="$ZONE" --quiet
+    ;;
+  *)
+    echo "usage: TPU_NAME=... ZONE=... $0 create|setup|run ARGS...|logs|delete" >&2
+    exit 2
+    ;;
+esac

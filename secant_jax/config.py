@@ -1,0 +1,76 @@
+"""The shape of a run's config, shared by the files in configs/ (which fill it in).
+
+Every key here is read by the trainer. `parse_arg` turns the config-file argument
+'variant=stee,steps=8' into values, rejecting unknown keys.
+"""
+
+import ml_collections
+
+from secant_jax import secant
+
+MODES = ('train', 'sample', 'evaluate', 'demo')
+DISTILLATION = ('sdei', 'sdee')
+
+
+def parse_arg(arg, defaults):
+  """'k=v,k=v' → {k: v} over `defaults` (values typed like the defaults)."""
+  values = dict(defaults)
+  for item in filter(None, (arg or '').split(',')):
+    key, sep, value = item.partition('=')
+    if not sep or key not in defaults:
+      raise ValueError(f'Bad config argument {item!r}: expected key=value with key in '
+                       f'{sorted(defaults)}, e.g. variant=stee,steps=8.')
+    values[key] = type(defaults[key])(value)
+  return values
+
+
+def secant_config(variant, steps, guidance=(1.0, 2.5), label_dropout=0.1):
+  """Variant settings as the paper uses them: distillation variants embed w ~ U(guidance);
+  STEE (and a diffusion teacher) drops labels with p = 0.1 and samples with ordinary CFG."""
+  secant.check_variant(variant)
+  c = ml_collections.ConfigDict()
+  c.variant = variant
+  c.steps = steps
+  c.guidance = guidance if variant in DISTILLATION else None
+  c.label_dropout = label_dropout if variant in ('stee', 'diffusion') else 0.0
+  c.stei_lambda = 1.0
+  c.stei_target = 'teacher'
+  c.sample_cfg_scale = 1.5  # classic CFG for non-embedded models when sampling
+  c.sample_guidance_scale = 1.5  # the embedded scale for distilled models when sampling
+  c.guidance_interval = (0.0, 1.0)
+  return c
+
+
+def base_config():
+  c = ml_collections.ConfigDict()
+  c.mode = 'train'
+  c.seed = 0
+  c.model = ml_collections.ConfigDict()
+  c.path = ml_collections.ConfigDict(dict(name='linear', sigma_min=0.002, sigma_max=80.0,
+                                          rho=7.0, sigma_data=0.5))
+  c.secant = secant_config('sdei', 4)
+  c.init_checkpoint = ''  # converted weights to start from ('' = random init)
+  c.teacher_checkpoint = ''  # converted teacher ('' = init_checkpoint)
+  c.optimizer = ml_collections.ConfigDict(dict(learning_rate=1e-4, weight_decay=0.0, b1=0.9,
+                                               b2=0.999, eps=1e-8, grad_clip=0.0,
+                                               warmup_steps=0))
+  c.ema_decay = 0.9999
+  c.batch_size = 256
+  c.num_train_steps = 1000
+  c.log_every = 100
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.sample_every = 0  # sample grid every K steps (0: never); pixel data only
+  c.num_sample_images = 64
+  c.num_eval_samples = 256  # evaluate mode: samples scored against the teacher's reference
+  c.eval_every = 0  # FID every K training steps (0: never), with fid.train_num_samples
+  c.fid = ml_collections.ConfigDict(dict(
+      inception='',  # torch-fidelity's Inception .pth or its conversion ('' = no FID)
+      vae='',  # sd-vae-ft-ema weights or their conversion (latent data)
+      reference='',  # mu/sigma .npz ('' = computed from the training images, cached)
+      num_reference_images=0,  # images the computed reference uses (0: the whole split)
+      num_samples=50_000, train_num_samples=5_000, batch_size=256))
+  c.fsdp = 1
+  c.distributed = False  # jax.distributed.initialize() (multi-host TPU/GPU)
+  c.data = ml_collections.ConfigDict(dict(name='digits', dir='', random_flip=False))
+  return c

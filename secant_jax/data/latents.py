@@ -1,0 +1,114 @@
+"""ImageNet-256 VAE latents in ArrayRecord files, and the importer from per-sample .npy.
+
+Each record is msgpack({'latent': [32, 32, 4] float16/32 raw VAE latent (NHWC),
+'label': int}). Raw means not yet multiplied by the SD-VAE scale factor: the pipeline
+multiplies by config.data.latent_scale (0.18215), the one place it is applied.
+
+Import the official layout (one <name>.npy per sample in features/ and labels/, NCHW
+latents [1, 4, 32, 32] or [4, 32, 32]):
+
+    python -m secant_jax.data.latents --features DIR/features --labels DIR/labels \\
+        --out DIR/latents [--already-scaled] [--shard-size 10000]
+
+--already-scaled for features saved after ×0.18215 (as fast-DiT's extract_features does):
+they are divided back so that every ArrayRecord holds raw latents.
+"""
+
+import argparse
+import glob
+import os
+import re
+
+import numpy as np
+from flax import serialization
+
+SD_VAE_SCALE = 0.18215
+
+
+def encode(latent_nhwc, label):
+  return serialization.msgpack_serialize(
+      {'latent': np.asarray(latent_nhwc, np.float16), 'label': int(label)})
+
+
+def decode(record):
+  return serialization.msgpack_restore(record)
+
+
+class LatentSource:
+  """Random access over ArrayRecord files of latents: {'x': scaled float32, 'y': int32}."""
+
+  def __init__(self, paths, latent_scale):
+    import grain  # pylint: disable=import-outside-toplevel
+    self._records = grain.sources.ArrayRecordDataSource(paths)
+    self._scale = np.float32(latent_scale)
+
+  def __len__(self):
+    return len(self._records)
+
+  def __getitem__(self, index):
+    record = decode(self._records[index])
+    return {'x': record['latent'].astype(np.float32) * self._scale,
+            'y': np.int32(record['label'])}
+
+
+def record_paths(directory):
+  paths = sorted(glob.glob(os.path.join(directory, '*.array_record')))
+  if not os.path.isdir(directory) or not paths:
+    raise FileNotFoundError(f'No *.array_record files in {directory}; import the latents '
+                            'with python -m secant_jax.data.latents --features ... --labels '
+                            '... --out DIR, or set config.data.dir.')
+  return paths
+
+
+def source(data_config):
+  return LatentSource(record_paths(data_config.dir), data_config.get('latent_scale',
+                                                                     SD_VAE_SCALE))
+
+
+def _natural_key(path):
+  return [int(p) if p.isdigit() else p for p in re.split(r'(\d+)', os.path.basename(path))]
+
+
+def import_npy(features_dir, labels_dir, out_dir, already_scaled=False, shard_size=10000):
+  """Writes ArrayRecord shards of raw NHWC latents; returns the number of records."""
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+  features = sorted(glob.glob(os.path.join(features_dir, '*.npy')), key=_natural_key)
+  if not features:
+    raise FileNotFoundError(f'No .npy files in {features_dir}; expected one latent per '
+                            'sample, e.g. features/0.npy with shape [1, 4, 32, 32].')
+  os.makedirs(out_dir, exist_ok=True)
+  writer = None
+  for i, path in enumerate(features):
+    label_path = os.path.join(labels_dir, os.path.basename(path))
+    if not os.path.exists(label_path):
+      raise FileNotFoundError(f'{label_path} is missing: every features/<name>.npy needs '
+                              'labels/<name>.npy.')
+    latent = np.load(path).astype(np.float32)
+    latent = latent.reshape(latent.shape[-3:])  # [1, C, H, W] or [C, H, W] → [C, H, W]
+    if already_scaled:
+      latent = latent / SD_VAE_SCALE
+    if i % shard_size == 0:
+      if writer is not None:
+        writer.close()
+      writer = array_record_module.ArrayRecordWriter(
+          os.path.join(out_dir, f'latents-{i // shard_size:05d}.array_record'), 'group_size:1')
+    writer.write(encode(latent.transpose(1, 2, 0), np.load(label_path).reshape(-1)[0]))
+  writer.close()
+  return len(features)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description='Import per-sample .npy latents.')
+  parser.add_argument('--features', required=True)
+  parser.add_argument('--labels', required=True)
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--already-scaled', action='store_true')
+  parser.add_argument('--shard-size', type=int, default=10000)
+  args = parser.parse_args(argv)
+  count = import_npy(args.features, args.labels, args.out, args.already_scaled,
+                     args.shard_size)
+  print(f'{count} latents → {args.out}')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,76 @@
+"""--config.mode=evaluate: the run's EMA export (workdir/ema) sampled with the config's steps
+and guidance, scored by
+
+- its integration error to the teacher's reference ODE solution from the same noise, next
+  to the teacher's own Euler and Heun at the same number of guided evaluations (when the
+  config names a teacher), and
+- FID and Inception Score over config.fid.num_samples samples (when config.fid.inception
+  is set; see evaluation.sample_quality).
+
+Written to workdir/eval.json and as CLU scalars under workdir/eval.
+"""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+from clu import metric_writers
+
+from secant_jax import generate
+from secant_jax import sampling
+from secant_jax.evaluation import reference_error
+from secant_jax.evaluation import sample_quality
+from secant_jax.models import registry
+from secant_jax.train import loop
+from secant_jax.train import parallel
+from secant_jax.train import recipe
+
+
+def integration_error(config, network, task, variables):
+  """{'secant', 'teacher_euler', 'teacher_heun'}: RMS errors to the teacher's reference."""
+  teacher, teacher_variables = loop.teacher_of(config, network, jax.random.key(config.seed))
+  noise, labels = generate.fixed_noise_and_labels(
+      config.seed + 1, config.num_eval_samples, network.image_shape,
+      config.model.get('num_classes', 0))
+  _, scale = generate.sampler_secant(network, task, variables, config.secant)
+  w = None if scale is None else jnp.full((noise.shape[0],), scale, jnp.float32)
+  tangent = reference_error.teacher_tangent(
+      task.path, lambda *a: teacher.apply(teacher_variables, *a), teacher.null_class, labels,
+      w, task.sigma_data)
+  reference = jax.jit(lambda n: sampling.reference_sample(tangent, n, task.path))(noise)
+  samples = jax.jit(lambda v: generate.sample(network, task, v, config.secant, noise,
+                                              labels))(variables)
+  return {'num_samples': config.num_eval_samples,
+          'secant': reference_error.rms(samples, reference),
+          **reference_error.teacher_solver_errors(tangent, noise, task.path, reference,
+                                                  task.num_steps)}
+
+
+def evaluate(config, workdir):
+  """Returns the result dict that it writes."""
+  has_teacher = bool(config.teacher_checkpoint or config.init_checkpoint)
+  if not (has_teacher or config.fid.inception):
+    raise ValueError('Nothing to evaluate: set config.fid.inception (FID, Inception Score) '
+                     'and/or config.teacher_checkpoint (error to the teacher\'s ODE).')
+  network = registry.build(config.model, guided=config.secant.guidance is not None)
+  task = recipe.make_task(config, network)
+  variables = loop.load_into(network, os.path.join(workdir, 'ema'), jax.random.key(0))
+  _, scale = generate.sampler_secant(network, task, variables, config.secant)
+  result = {'steps': task.num_steps, 'guidance_scale': scale}
+  if has_teacher:
+    result.update(integration_error(config, network, task, variables))
+  if config.fid.inception:
+    mesh = parallel.make_mesh(config.fsdp)
+    quality = sample_quality.SampleQuality(config, workdir, mesh)
+    result.update(quality(network, task, variables, config.fid.num_samples, config.seed + 2),
+                  num_fid_samples=config.fid.num_samples)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
+      json.dump(result, f, indent=2)
+  writer = metric_writers.create_default_writer(os.path.join(workdir, 'eval'),
+                                                just_logging=jax.process_index() > 0)
+  writer.write_scalars(task.num_steps, {k: v for k, v in result.items()
+                                        if isinstance(v, float)})
+  writer.flush()
+  return result

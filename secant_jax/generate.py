@@ -1,0 +1,52 @@
+"""Sampling a trained secant network as the config says: embedded guidance (distilled
+models take w as an input), classic two-pass CFG (models trained with label dropout), or
+plain conditional; and tiling images into a grid."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from secant_jax import guidance
+from secant_jax import sampling
+from secant_jax.models import precond
+
+
+def sampler_secant(network, task, variables, secant_config):
+  """(secant_fn(x, t, s, y, w), w) for sampling with the config's guidance."""
+  net = lambda x, t, s, y, w: network.apply(variables, x, t, s, y, w)
+  secant_fn = precond.secant_from_network(task.path, net, task.sigma_data)
+  if task.guidance_range is not None:
+    scale = secant_config.sample_guidance_scale
+    embedded = lambda x, t, s, y, w: secant_fn(
+        x, t, s, y, guidance.normalize_scale(w, *task.guidance_range))
+    return embedded, scale
+  if task.label_dropout > 0:
+    conditional = lambda x, t, s, y: secant_fn(x, t, s, y, None)
+    return guidance.classifier_free(conditional, task.null_class), secant_config.sample_cfg_scale
+  return secant_fn, None
+
+
+def sample(network, task, variables, secant_config, noise, labels, num_steps=None):
+  """Secant samples [B, H, W, C] from `noise` in `num_steps` (default: the task's) steps."""
+  secant_fn, scale = sampler_secant(network, task, variables, secant_config)
+  w = None if scale is None else jnp.full((noise.shape[0],), scale, jnp.float32)
+  return sampling.secant_sample(secant_fn, noise, task.path, num_steps or task.num_steps,
+                                labels, w, tuple(secant_config.guidance_interval))
+
+
+def image_grid(images, columns=None):
+  """[N, H, W, C] in [−1, 1] → one [rows·H, columns·W, C] float image in [0, 1]."""
+  images = np.clip((np.asarray(images, np.float32) + 1.0) / 2.0, 0.0, 1.0)
+  n, h, w, c = images.shape
+  columns = columns or int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / columns))
+  padded = np.zeros((rows * columns, h, w, c), np.float32)
+  padded[:n] = images
+  return padded.reshape(rows, columns, h, w, c).transpose(0, 2, 1, 3, 4).reshape(
+      rows * h, columns * w, c)
+
+
+def fixed_noise_and_labels(seed, count, image_shape, num_classes):
+  key = jax.random.key(seed)
+  noise = jax.random.normal(key, (count, *image_shape))
+  return noise, jnp.arange(count, dtype=jnp.int32) % max(num_classes, 1)

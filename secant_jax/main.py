@@ -1,0 +1,48 @@
+"""python -m secant_jax.main --config=configs/X.py[:args] --workdir=DIR [--config.k=v]
+
+Modes (config.mode): train (resumes from DIR's latest checkpoint), sample (a PNG grid and
+an .npz from DIR's EMA export), evaluate (DIR's EMA export against the teacher's reference
+ODE solution), demo (configs/demo.py: the whole method on digits).
+"""
+
+import jax
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+from secant_jax import config as config_lib
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, exports.')
+
+
+def run(config, workdir):
+  """Dispatches on config.mode (importable, for tests and notebooks)."""
+  if config.mode not in config_lib.MODES:
+    raise ValueError(f'Unknown mode {config.mode!r}: expected one of {config_lib.MODES}; '
+                     'set --config.mode.')
+  if config.distributed:
+    jax.distributed.initialize()
+  if config.mode == 'train':
+    from secant_jax.train import loop  # pylint: disable=import-outside-toplevel
+    return loop.train_and_evaluate(config, workdir)
+  if config.mode == 'sample':
+    from secant_jax import sample_mode  # pylint: disable=import-outside-toplevel
+    return sample_mode.write_samples(config, workdir)
+  if config.mode == 'evaluate':
+    from secant_jax import evaluate_mode  # pylint: disable=import-outside-toplevel
+    return evaluate_mode.evaluate(config, workdir)
+  from secant_jax import demo  # pylint: disable=import-outside-toplevel
+  return demo.run(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == '__main__':
+  flags.mark_flags_as_required(['config', 'workdir'])
+  app.run(main)

@@ -1,0 +1,68 @@
+"""Networks from the config: the Flax module, its apply-function in the form the train
+step and samplers use, and dummy inputs for initialisation.
+
+apply_fn(variables, x, t, s, y, w, dropout_key): t and s are what the network is
+conditioned on (the path's preconditioning maps path times to them); dropout_key None
+means evaluation.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from secant_jax.models import dit
+from secant_jax.models import edm_unet
+
+FAMILIES = ('dit', 'edm_unet')
+
+
+@dataclasses.dataclass(frozen=True)
+class Network:
+  module: object
+  guided: bool  # takes the normalised guidance scale w as an input
+  image_shape: tuple  # H, W, C
+  null_class: int
+
+  def apply(self, variables, x, t, s, y, w, dropout_key=None):
+    if isinstance(self.module, dit.DiT):
+      return self.module.apply(variables, x, t, s, y, w if self.guided else None)
+    rngs = {} if dropout_key is None else {'dropout': dropout_key}
+    return self.module.apply(variables, x, t, s, train=dropout_key is not None, rngs=rngs)
+
+  def init(self, key):
+    x = jnp.zeros((1, *self.image_shape), jnp.float32)
+    z = jnp.zeros((1,), jnp.float32)
+    if isinstance(self.module, dit.DiT):
+      return self.module.init(key, x, z, z, jnp.zeros((1,), jnp.int32),
+                              z if self.guided else None)
+    return self.module.init(key, x, z, z)
+
+  def abstract_variables(self):
+    return jax.eval_shape(self.init, jax.random.key(0))
+
+
+def build(model_config, guided):
+  """config.model → Network; `guided` adds the embedded guidance scale (DiT only)."""
+  dtype = jnp.dtype(model_config.get('dtype', 'float32'))
+  if model_config.family == 'dit':
+    sizes = {k: model_config[k] for k in ('hidden_size', 'depth', 'num_heads')
+             if k in model_config}
+    module = dit.from_name(
+        model_config.name, input_size=model_config.input_size,
+        in_channels=model_config.in_channels, num_classes=model_config.num_classes,
+        learn_sigma=model_config.get('learn_sigma', True), guidance_embed=guided, dtype=dtype,
+        attention_implementation=model_config.get('attention') or None,
+        remat=model_config.get('remat', False), **sizes)
+    shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
+    return Network(module, guided, shape, module.null_class)
+  if model_config.family == 'edm_unet':
+    if guided:
+      raise ValueError('The EDM U-Net has no guidance-scale input (EDM CIFAR-10 is '
+                       'unconditional); set config.secant.guidance to None.')
+    kwargs = dict(model_config.get('unet', {}))
+    module = edm_unet.from_settings(model_config.arch, dtype=dtype, **kwargs)
+    shape = (module.img_resolution, module.img_resolution, module.in_channels)
+    return Network(module, False, shape, 0)
+  raise ValueError(f'Unknown model family {model_config.family!r}: expected one of '
+                   f'{FAMILIES}; set config.model.family.')

@@ -1,0 +1,29 @@
+"""--config.mode=sample: secant samples from a run's EMA export (workdir/ema) as a PNG grid
+and an .npz of the raw samples, with the config's steps and guidance."""
+
+import os
+
+import jax
+import numpy as np
+from PIL import Image
+
+from secant_jax import generate
+from secant_jax.models import registry
+from secant_jax.train import loop
+from secant_jax.train import recipe
+
+
+def write_samples(config, workdir):
+  network = registry.build(config.model, guided=config.secant.guidance is not None)
+  task = recipe.make_task(config, network)
+  variables = loop.load_into(network, os.path.join(workdir, 'ema'), jax.random.key(0))
+  noise, labels = generate.fixed_noise_and_labels(
+      config.seed, config.num_sample_images, network.image_shape,
+      config.model.get('num_classes', 0))
+  samples = np.asarray(jax.jit(lambda v: generate.sample(
+      network, task, v, config.secant, noise, labels))(variables))
+  np.savez(os.path.join(workdir, 'samples.npz'), samples=samples, labels=np.asarray(labels))
+  grid = (generate.image_grid(samples) * 255).round().astype(np.uint8)
+  path = os.path.join(workdir, 'samples.png')
+  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid[..., :3]).save(path)
+  return path

@@ -1,0 +1,151 @@
+"""The training loop: config → data → jitted step → writers and checkpoints.
+
+`train_and_evaluate(config, workdir)` resumes from the latest checkpoint in
+workdir/checkpoints when there is one (state, EMA, optimizer, rng and data position), and
+otherwise starts from config.init_checkpoint (a converted teacher) or a random init. When
+the run completes (not when it stops on a preemption) it exports the EMA variables to
+workdir/ema, a converted checkpoint that a later run can start from or use as its teacher.
+"""
+
+import os
+
+import jax
+import numpy as np
+from clu import metric_writers
+from clu import periodic_actions
+from flax import traverse_util
+
+from secant_jax import generate
+from secant_jax.convert import common
+from secant_jax.convert import sit as convert_sit
+from secant_jax.data import pipeline
+from secant_jax.evaluation import sample_quality
+from secant_jax.models import registry
+from secant_jax.train import checkpoint
+from secant_jax.train import parallel
+from secant_jax.train import recipe
+from secant_jax.train import state as state_lib
+from secant_jax.train import step as step_lib
+
+
+def load_into(network, directory, key):
+  """A converted checkpoint's variables fitted to `network` (a teacher's fill a secant
+  model: the s-embedder copies the t-embedder, a guidance embedder starts at init)."""
+  saved = traverse_util.flatten_dict(common.load_variables(directory))
+  try:
+    return common.fit(saved, network.init(key), **convert_sit.TEACHER_TO_SECANT)
+  except common.ConversionError as e:
+    raise common.ConversionError(f'Checkpoint {directory} does not fit the configured model: '
+                                 f'{e}') from None
+
+
+def teacher_of(config, network, key):
+  """(teacher network, variables): the same architecture without the guidance input."""
+  path = config.teacher_checkpoint or config.init_checkpoint
+  if not path:
+    raise ValueError(f'Variant {config.secant.variant!r} needs a teacher: set '
+                     'config.teacher_checkpoint (or config.init_checkpoint) to a converted '
+                     'checkpoint.')
+  teacher = registry.build(config.model, guided=False)
+  return teacher, load_into(teacher, path, key)
+
+
+def _save_config(config, workdir):
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def _global_batch(local, sharding):
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+          for k, v in local.items()}
+
+
+def train_and_evaluate(config, workdir):
+  """Trains config.secant.variant for config.num_train_steps; returns (state, history),
+  history being the logged metrics ({'step': ..., 'loss': ..., ...} per log step)."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  _save_config(config, workdir)
+  mesh = parallel.make_mesh(config.fsdp)
+  parallel.check_batch_size(config.batch_size, mesh)
+
+  network = registry.build(config.model, guided=config.secant.guidance is not None)
+  task = recipe.make_task(config, network)
+  k_init, k_teacher, k_state = jax.random.split(jax.random.key(config.seed), 3)
+  teacher, teacher_variables = (teacher_of(config, network, k_teacher) if task.needs_teacher
+                                else (None, None))
+  optimizer = recipe.make_optimizer(config.optimizer)
+  train_step = step_lib.make_train_step(task, network.apply,
+                                        None if teacher is None else teacher.apply,
+                                        optimizer, config.ema_decay)
+
+  local_batch = config.batch_size // jax.process_count()
+  data_iter, record_shape = pipeline.build(config.data, local_batch, config.seed)
+  if tuple(record_shape) != tuple(network.image_shape):
+    raise ValueError(f'Dataset {config.data.name!r} gives records of shape {record_shape}, '
+                     f'the model takes {network.image_shape}; fix config.model or config.data.')
+
+  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
+                                 config.checkpoint_every, config.keep_checkpoints)
+  abstract_state = jax.eval_shape(lambda: state_lib.create(
+      network.init(k_init), optimizer, k_state))
+  state_sharding = parallel.tree_sharding(abstract_state, mesh, config.fsdp > 1)
+  restored = ckpts.restore_latest(checkpoint.abstract_like(abstract_state, state_sharding))
+  if restored is not None:
+    state, data_state = restored
+    data_iter.set_state(data_state)
+  else:
+    variables = (load_into(network, config.init_checkpoint, k_init) if config.init_checkpoint
+                 else network.init(k_init))
+    state = jax.device_put(state_lib.create(variables, optimizer, k_state), state_sharding)
+  teacher_sharding = (parallel.tree_sharding(teacher_variables, mesh, config.fsdp > 1)
+                      if teacher_variables is not None else parallel.replicated(mesh))
+  teacher_variables = jax.device_put(teacher_variables, teacher_sharding)
+  step_fn = parallel.jit_train_step(train_step, state_sharding, teacher_sharding, mesh)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
+                                           writer=writer)
+  schedule = recipe.learning_rate_schedule(config.optimizer)
+  batch_sharding = parallel.batch_sharding(mesh)
+  quality = (sample_quality.SampleQuality(config, workdir, mesh) if config.eval_every
+             else None)
+  history = []
+  step = int(state.step)
+  while step < config.num_train_steps:
+    state, metrics = step_fn(state, teacher_variables,
+                             _global_batch(next(data_iter), batch_sharding))
+    step += 1
+    report(step)
+    if step % config.log_every == 0 or step == config.num_train_steps:
+      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      if not all(np.isfinite(v) for v in values.values()):
+        raise FloatingPointError(f'Non-finite loss or gradient norm at step {step}: {values}')
+      values['learning_rate'] = float(schedule(step))
+      writer.write_scalars(step, values)
+      history.append({'step': step, **values})
+    if quality is not None and step % config.eval_every == 0:
+      writer.write_scalars(step, quality(network, task, state.ema_params,
+                                         config.fid.train_num_samples, config.seed + 2))
+    if config.sample_every and step % config.sample_every == 0:
+      write_samples(config, network, task, state.ema_params, writer, step)
+    if ckpts.save_if_due(step, state, data_iter):
+      break
+  ckpts.save(step, state, data_iter)
+  ckpts.close()
+  if step == config.num_train_steps:
+    common.save(state.ema_params, os.path.join(workdir, 'ema'), overwrite=True)
+  writer.flush()
+  return state, history
+
+
+def write_samples(config, network, task, variables, writer, step):
+  """A grid of EMA samples from fixed noise and labels, as an image summary."""
+  noise, labels = generate.fixed_noise_and_labels(
+      config.seed, config.num_sample_images, network.image_shape,
+      config.model.get('num_classes', 0))
+  images = jax.jit(lambda v: generate.sample(network, task, v, config.secant, noise,
+                                             labels))(variables)
+  writer.write_images(step, {'samples': generate.image_grid(jax.device_get(images))[None]})
+

@@ -1,0 +1,42 @@
+"""A run's ingredients from its config sections: the path, the secant task and the
+optimizer with its learning-rate schedule. Plain attribute access on the config, no data
+stack, so benchmarks and notebooks build exactly what the trainer builds."""
+
+import optax
+
+from secant_jax import paths as paths_lib
+from secant_jax.train import step as step_lib
+
+
+def make_path(path_config):
+  if path_config.name == 'linear':
+    return paths_lib.Linear()
+  if path_config.name == 'edm':
+    return paths_lib.EDM(path_config.sigma_min, path_config.sigma_max, path_config.rho)
+  raise ValueError(f"Unknown path {path_config.name!r}: expected 'linear' or 'edm'; set "
+                   'config.path.name.')
+
+
+def make_task(config, network):
+  s = config.secant
+  return step_lib.SecantTask(
+      variant=s.variant, path=make_path(config.path), num_steps=s.steps,
+      null_class=network.null_class, label_dropout=s.label_dropout,
+      guidance_range=None if s.guidance is None else tuple(s.guidance),
+      stei_lambda=s.stei_lambda, stei_target=s.stei_target,
+      sigma_data=config.path.sigma_data)
+
+
+def learning_rate_schedule(opt_config):
+  warmup = opt_config.warmup_steps
+  if not warmup:
+    return optax.constant_schedule(opt_config.learning_rate)
+  return optax.linear_schedule(0.0, opt_config.learning_rate, warmup)
+
+
+def make_optimizer(opt_config):
+  adamw = optax.adamw(learning_rate_schedule(opt_config), b1=opt_config.b1, b2=opt_config.b2,
+                      eps=opt_config.eps, weight_decay=opt_config.weight_decay)
+  if opt_config.grad_clip:
+    return optax.chain(optax.clip_by_global_norm(opt_config.grad_clip), adamw)
+  return adamw

@@ -1,0 +1,212 @@
+"""The trainer end to end: real steps on mock CIFAR-10 and tiny ArrayRecord latents, exact
+resume across a process exit, SIGTERM, and the one-line errors."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from flax import traverse_util
+
+from secant_jax import config as config_lib
+from secant_jax import main as main_lib
+from secant_jax.convert import common
+from secant_jax.data import latents
+from secant_jax.models import registry
+from secant_jax.train import loop
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_DIT = dict(family='dit', name='DiT-S/2', input_size=8, in_channels=4, num_classes=10,
+                learn_sigma=True, dtype='float32', attention='', hidden_size=32, depth=1,
+                num_heads=2)
+TINY_UNET = dict(family='edm_unet', arch='ddpmpp', dtype='float32',
+                 unet=dict(img_resolution=32, in_channels=3, out_channels=3, model_channels=8,
+                           channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,),
+                           dropout=0.1))
+
+
+def _config(model, data, variant, path='linear', steps=1, **overrides):
+  c = config_lib.base_config()
+  c.model.update(model)
+  c.path.name = path
+  c.secant = config_lib.secant_config(variant, 2, guidance=(1.0, 2.0) if model['family'] ==
+                                      'dit' else None)
+  c.data.update(data)
+  c.batch_size = 8
+  c.num_train_steps = steps
+  c.log_every = 1
+  for key, value in overrides.items():
+    setattr(c, key, value)
+  return c
+
+
+def _save_teacher(model, directory, seed=0):
+  c = _config(model, {}, 'stee')
+  network = registry.build(c.model, guided=False)
+  common.save(network.init(jax.random.key(seed)), directory)
+  return str(directory)
+
+
+@pytest.fixture(scope='module')
+def latent_dir(tmp_path_factory):
+  """16 latents in the official per-sample .npy layout, imported to ArrayRecord."""
+  root = tmp_path_factory.mktemp('latents')
+  rng = np.random.default_rng(0)
+  for d in ('features', 'labels'):
+    os.makedirs(root / d)
+  for i in range(16):
+    np.save(root / 'features' / f'{i}.npy', rng.normal(size=(1, 4, 8, 8)).astype(np.float32))
+    np.save(root / 'labels' / f'{i}.npy', np.array([i % 10]))
+  assert latents.import_npy(root / 'features', root / 'labels', root / 'records',
+                            shard_size=10) == 16
+  return str(root / 'records')
+
+
+def test_latent_import_keeps_raw_latents_and_scales_once(latent_dir, tmp_path):
+  src = latents.source(_config(TINY_DIT, dict(name='imagenet_latents', dir=latent_dir),
+                               'stee').data)
+  assert len(src) == 16 and src[3]['x'].shape == (8, 8, 4) and int(src[3]['y']) == 3
+  raw = np.load(os.path.join(os.path.dirname(latent_dir), 'features', '3.npy'))[0]
+  np.testing.assert_allclose(src[3]['x'], raw.transpose(1, 2, 0) * 0.18215, rtol=1e-3,
+                             atol=1e-4)
+
+
+@pytest.mark.parametrize('variant', ['sdei', 'stei', 'sdee', 'stee'])
+def test_one_step_on_imagenet_latents(variant, latent_dir, tmp_path):
+  teacher = _save_teacher(TINY_DIT, tmp_path / 'teacher')
+  c = _config(TINY_DIT, dict(name='imagenet_latents', dir=latent_dir), variant,
+              init_checkpoint=teacher)
+  state, history = loop.train_and_evaluate(c, tmp_path / 'run')
+  assert int(state.step) == 1 and np.isfinite(history[0]['loss'])
+  assert os.path.isdir(tmp_path / 'run' / 'ema') and os.path.isfile(tmp_path / 'run' /
+                                                                    'config.json')
+
+
+@pytest.mark.parametrize('variant', ['sdei', 'stei', 'sdee', 'stee'])
+def test_one_step_on_mock_cifar10_edm_path(variant, tmp_path):
+  teacher = _save_teacher(TINY_UNET, tmp_path / 'teacher')
+  c = _config(TINY_UNET, dict(name='cifar10', random_flip=True), variant, path='edm',
+              init_checkpoint=teacher)
+  with tfds.testing.mock_data(num_examples=16):
+    state, history = loop.train_and_evaluate(c, tmp_path / 'run')
+  assert int(state.step) == 1 and np.isfinite(history[0]['loss'])
+
+
+def _digits_config(steps, **overrides):
+  model = dict(TINY_DIT, in_channels=1)
+  return _config(model, dict(name='digits'), 'stee', steps=steps, **overrides)
+
+
+def _run_main(workdir, steps, extra=()):
+  return subprocess.Popen(
+      [sys.executable, '-m', 'secant_jax.main', f'--config={REPO}/configs/demo.py',
+       f'--workdir={workdir}', '--config.mode=train', f'--config.num_train_steps={steps}',
+       '--config.log_every=1', '--config.batch_size=8', '--config.model.hidden_size=32',
+       '--config.model.depth=1', '--config.model.num_heads=2', *extra],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+
+
+def _demo_train_config(steps):
+  from configs import demo  # pylint: disable=import-outside-toplevel
+  c = demo.get_config()
+  with c.unlocked():
+    del c.demo
+  c.mode = 'train'
+  c.num_train_steps, c.log_every, c.batch_size = steps, 1, 8
+  c.model.hidden_size, c.model.depth, c.model.num_heads = 32, 1, 2
+  return c
+
+
+def _leaves(state):
+  return traverse_util.flatten_dict(jax.device_get(state.params))
+
+
+def test_demo_stages_and_evaluate_mode_agree(tmp_path):
+  """The demo at test size end to end; then evaluate mode on its 2-step SDEI stage gives
+  the number the demo's table has for it (two code paths, one measurement)."""
+  from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
+  from secant_jax import demo  # pylint: disable=import-outside-toplevel
+  c = demo_config.get_config()
+  c.model.hidden_size, c.model.depth, c.model.num_heads = 32, 1, 2
+  c.batch_size, c.log_every = 16, 5
+  c.demo.update(dict(teacher_steps=10, sdei_steps=5, stee_steps=5, sdei_step_counts=(1, 2),
+                     eval_step_counts=(1, 2), num_eval=16))
+  rows = main_lib.run(c, tmp_path)
+  assert [r['nfe'] for r in rows] == [1, 2]
+  assert set(rows[0]) == {'nfe', 'sdei', 'stee', 'teacher_euler', 'teacher_heun'}
+  assert rows[0]['teacher_euler'] == rows[0]['teacher_heun']  # one evaluation: one Euler step
+  assert all(0 < v < 10 for r in rows for v in r.values())
+  for name in ('metrics.json', 'samples.png'):
+    assert os.path.isfile(tmp_path / name)
+  assert any(f.startswith('events.out.tfevents') for f in os.listdir(tmp_path / 'eval'))
+
+  stage, stage_dir = demo.stage_config(c, str(tmp_path), 'sdei-2', 'sdei', 2, 5,
+                                       init=str(tmp_path / 'teacher' / 'ema'),
+                                       teacher=str(tmp_path / 'teacher' / 'ema'))
+  stage.mode, stage.num_eval_samples = 'evaluate', 16
+  stage.secant.sample_guidance_scale = c.demo.eval_scale
+  result = main_lib.run(stage, stage_dir)
+  assert result['steps'] == 2 and result['num_samples'] == 16
+  np.testing.assert_allclose(result['secant'], rows[1]['sdei'], rtol=1e-5)
+  np.testing.assert_allclose(result['teacher_heun'], rows[1]['teacher_heun'], rtol=1e-5)
+  assert os.path.isfile(os.path.join(stage_dir, 'eval.json'))
+
+
+def test_exact_resume_across_a_process_exit(tmp_path):
+  straight_state, straight = loop.train_and_evaluate(_demo_train_config(6), tmp_path / 'a')
+  first = _run_main(tmp_path / 'b', 3)
+  output, _ = first.communicate(timeout=600)
+  assert first.returncode == 0, output[-3000:]
+  resumed_state, resumed = loop.train_and_evaluate(_demo_train_config(6), tmp_path / 'b')
+  assert [h['step'] for h in resumed] == [4, 5, 6]
+  np.testing.assert_array_equal([h['loss'] for h in resumed],
+                                [h['loss'] for h in straight[3:]])
+  for path, value in _leaves(straight_state).items():
+    np.testing.assert_array_equal(_leaves(resumed_state)[path], value, err_msg=str(path))
+
+
+def test_sigterm_leaves_a_checkpoint_the_run_continues_from(tmp_path):
+  proc = _run_main(tmp_path, 100000, ['--config.checkpoint_every=100000'])
+  for line in proc.stdout:
+    if 'loss' in line:  # the first logged step: training is under way
+      break
+  proc.send_signal(signal.SIGTERM)
+  output, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, output[-3000:]
+  steps = [int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 100000
+  state, history = loop.train_and_evaluate(_demo_train_config(steps[0] + 2), tmp_path)
+  assert int(state.step) == steps[0] + 2 and history[0]['step'] == steps[0] + 1
+
+
+def test_errors_are_one_line_and_name_the_fix(tmp_path, latent_dir):
+  missing_data = _config(TINY_DIT, dict(name='imagenet_latents', dir=str(tmp_path / 'none')),
+                         'stee')
+  with pytest.raises(FileNotFoundError, match=r'No \*.array_record files in .*none; import'):
+    loop.train_and_evaluate(missing_data, tmp_path / 'r1')
+  no_teacher = _config(TINY_DIT, dict(name='imagenet_latents', dir=latent_dir), 'sdei',
+                       init_checkpoint=str(tmp_path / 'absent'))
+  with pytest.raises(FileNotFoundError, match=r'Converted checkpoint .*absent does not exist'):
+    loop.train_and_evaluate(no_teacher, tmp_path / 'r2')
+  other = _save_teacher(dict(TINY_DIT, hidden_size=64), tmp_path / 'wide')
+  mismatched = _config(TINY_DIT, dict(name='imagenet_latents', dir=latent_dir), 'sdei',
+                       init_checkpoint=other)
+  with pytest.raises(common.ConversionError, match=r'does not fit the configured model.*'
+                                                   r'Shape mismatch'):
+    loop.train_and_evaluate(mismatched, tmp_path / 'r3')
+  with pytest.raises(ValueError, match=r"Unknown secant variant 'sdxx'"):
+    _config(TINY_DIT, {}, 'sdxx')
+  odd_batch = _config(TINY_DIT, dict(name='imagenet_latents', dir=latent_dir), 'stee',
+                      batch_size=12)
+  with pytest.raises(ValueError, match=r'Global batch size 12 is not divisible by the 8 '
+                                       r'devices'):
+    loop.train_and_evaluate(odd_batch, tmp_path / 'r4')
+  with pytest.raises(ValueError, match=r"Unknown mode 'eval'"):
+    main_lib.run(_config(TINY_DIT, {}, 'stee', mode='eval'), tmp_path / 'r5')
+  with pytest.raises(ValueError, match=r"Bad config argument 'step=4'"):
+    config_lib.parse_arg('step=4', dict(variant='sdei', steps=4))
