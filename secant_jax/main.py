@@ -1,8 +1,9 @@
 """python -m secant_jax.main --config=configs/X.py[:args] --workdir=DIR [--config.k=v]
 
 Modes (config.mode): train (resumes from DIR's latest checkpoint), sample (a PNG grid and
-an .npz from DIR's EMA export), evaluate (DIR's EMA export against the teacher's reference
-ODE solution), demo (configs/demo.py: the whole method on digits).
+an .npz from DIR's EMA export), evaluate (DIR's EMA export: error to the teacher's
+reference ODE solution, FID and Inception Score), demo (configs/demo.py: the whole method
+on digits).
 """
 
 import jax
@@ -11,11 +12,6 @@ from absl import flags
 from ml_collections import config_flags
 
 from secant_jax import config as config_lib
-
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, exports.')
-
 
 def run(config, workdir):
   """Dispatches on config.mode (importable, for tests and notebooks)."""
@@ -40,9 +36,11 @@ def run(config, workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  run(_CONFIG.value, _WORKDIR.value)
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # flags defined here only, so importing this module defines none
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, exports.')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import app
+from absl import flags
 from ml_collections import config_flags
 
 from secant_jax import paths as paths_lib
@@ -120,14 +121,12 @@ def format_table(rows):
   return '\n'.join(lines)
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/oracle.py',
-                                          'Oracle benchmark settings.', lock_config=True)
-
-
 def main(argv):
   del argv
-  print(format_table(fidelity_table(_CONFIG.value)))
+  print(format_table(fidelity_table(flags.FLAGS.config)))
 
 
-if __name__ == '__main__':
+if __name__ == '__main__':  # flags defined here only, so importing this module defines none
+  config_flags.DEFINE_config_file('config', 'configs/oracle.py', 'Oracle benchmark settings.',
+                                  lock_config=True)
   app.run(main)
