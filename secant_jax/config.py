@@ -8,7 +8,7 @@ import ml_collections
 
 from secant_jax import secant
 
-MODES = ('train', 'sample', 'evaluate', 'demo')
+MODES = ('train', 'sample', 'evaluate', 'compare', 'demo')
 DISTILLATION = ('sdei', 'sdee')
 
 
@@ -65,9 +65,12 @@ def base_config():
   c.num_eval_samples = 256  # evaluate mode: samples scored against the teacher's reference
   c.eval_every = 0  # FID every K training steps (0: never), with fid.train_num_samples
   c.fid = ml_collections.ConfigDict(dict(
+      features='inception',  # the feature network: 'inception' (FID) or 'fmnist' (FD-FMNIST)
       inception='',  # torch-fidelity's Inception .pth or its conversion ('' = no FID)
+      fmnist='',  # the Fashion-MNIST classifier's checkpoint (evaluation.fmnist_features)
       vae='',  # sd-vae-ft-ema weights or their conversion (latent data)
-      reference='',  # mu/sigma .npz ('' = computed from the training images, cached)
+      reference='',  # mu/sigma .npz ('' = computed from the data's reference_split, cached)
+      reference_split='train',
       num_reference_images=0,  # images the computed reference uses (0: the whole split)
       num_samples=50_000, train_num_samples=5_000, batch_size=256))
   c.fsdp = 1

@@ -4,8 +4,9 @@ and guidance, scored by
 - its integration error to the teacher's reference ODE solution from the same noise, next
   to the teacher's own Euler and Heun at the same number of guided evaluations (when the
   config names a teacher), and
-- FID and Inception Score over config.fid.num_samples samples (when config.fid.inception
-  is set; see evaluation.sample_quality).
+- FID and Inception Score (or the Fréchet distance of another feature network) over
+  config.fid.num_samples samples, when config.fid names the network's weights (see
+  evaluation.sample_quality).
 
 Written to workdir/eval.json and as CLU scalars under workdir/eval.
 """
@@ -14,11 +15,11 @@ import json
 import os
 
 import jax
-import jax.numpy as jnp
 from clu import metric_writers
 
 from secant_jax import generate
 from secant_jax import sampling
+from secant_jax.evaluation import features
 from secant_jax.evaluation import reference_error
 from secant_jax.evaluation import sample_quality
 from secant_jax.models import registry
@@ -34,10 +35,9 @@ def integration_error(config, network, task, variables):
       config.seed + 1, config.num_eval_samples, network.image_shape,
       config.model.get('num_classes', 0))
   _, scale = generate.sampler_secant(network, task, variables, config.secant)
-  w = None if scale is None else jnp.full((noise.shape[0],), scale, jnp.float32)
   tangent = reference_error.teacher_tangent(
       task.path, lambda *a: teacher.apply(teacher_variables, *a), teacher.null_class, labels,
-      w, task.sigma_data)
+      scale, task.sigma_data)
   reference = jax.jit(lambda n: sampling.reference_sample(tangent, n, task.path))(noise)
   samples = jax.jit(lambda v: generate.sample(network, task, v, config.secant, noise,
                                               labels))(variables)
@@ -50,9 +50,11 @@ def integration_error(config, network, task, variables):
 def evaluate(config, workdir):
   """Returns the result dict that it writes."""
   has_teacher = bool(config.teacher_checkpoint or config.init_checkpoint)
-  if not (has_teacher or config.fid.inception):
-    raise ValueError('Nothing to evaluate: set config.fid.inception (FID, Inception Score) '
-                     'and/or config.teacher_checkpoint (error to the teacher\'s ODE).')
+  scored = features.configured(config.fid)
+  if not (has_teacher or scored):
+    raise ValueError(f'Nothing to evaluate: set config.fid.{config.fid.features} (the '
+                     'weights of the feature network: FID, Inception Score) and/or '
+                     'config.teacher_checkpoint (error to the teacher\'s ODE).')
   network = registry.build(config.model, guided=config.secant.guidance is not None)
   task = recipe.make_task(config, network)
   variables = loop.load_into(network, os.path.join(workdir, 'ema'), jax.random.key(0))
@@ -60,7 +62,7 @@ def evaluate(config, workdir):
   result = {'steps': task.num_steps, 'guidance_scale': scale}
   if has_teacher:
     result.update(integration_error(config, network, task, variables))
-  if config.fid.inception:
+  if scored:
     mesh = parallel.make_mesh(config.fsdp)
     quality = sample_quality.SampleQuality(config, workdir, mesh)
     result.update(quality(network, task, variables, config.fid.num_samples, config.seed + 2),

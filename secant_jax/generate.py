@@ -12,7 +12,8 @@ from secant_jax.models import precond
 
 
 def sampler_secant(network, task, variables, secant_config):
-  """(secant_fn(x, t, s, y, w), w) for sampling with the config's guidance."""
+  """(secant_fn(x, t, s, y, w), w) for sampling with the config's guidance (w None: the
+  plain conditional secant, which classic CFG at scale 1 equals)."""
   net = lambda x, t, s, y, w: network.apply(variables, x, t, s, y, w)
   secant_fn = precond.secant_from_network(task.path, net, task.sigma_data)
   if task.guidance_range is not None:
@@ -20,7 +21,7 @@ def sampler_secant(network, task, variables, secant_config):
     embedded = lambda x, t, s, y, w: secant_fn(
         x, t, s, y, guidance.normalize_scale(w, *task.guidance_range))
     return embedded, scale
-  if task.label_dropout > 0:
+  if task.label_dropout > 0 and secant_config.sample_cfg_scale != 1.0:  # CFG at 1: v_y
     conditional = lambda x, t, s, y: secant_fn(x, t, s, y, None)
     return guidance.classifier_free(conditional, task.null_class), secant_config.sample_cfg_scale
   return secant_fn, None

@@ -2,8 +2,9 @@
 
 Modes (config.mode): train (resumes from DIR's latest checkpoint), sample (a PNG grid and
 an .npz from DIR's EMA export), evaluate (DIR's EMA export: error to the teacher's
-reference ODE solution, FID and Inception Score), demo (configs/demo.py: the whole method
-on digits).
+reference ODE solution, FID and Inception Score), compare (a teacher run and its secant
+runs: the table of evaluation.comparison), demo (configs/demo.py: the whole method on
+digits).
 """
 
 import jax
@@ -29,6 +30,9 @@ def run(config, workdir):
   if config.mode == 'evaluate':
     from secant_jax import evaluate_mode  # pylint: disable=import-outside-toplevel
     return evaluate_mode.evaluate(config, workdir)
+  if config.mode == 'compare':
+    from secant_jax import compare_mode  # pylint: disable=import-outside-toplevel
+    return compare_mode.compare(config, workdir)
   from secant_jax import demo  # pylint: disable=import-outside-toplevel
   return demo.run(config, workdir)
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from secant_jax import guidance
 from secant_jax import secant
 
-ODE_METHODS = ('euler', 'heun')
+ODE_METHODS = ('euler', 'heun', 'edm_heun')
 
 
 def secant_sample(secant_fn, noise, path, num_steps, y, w, guidance_interval=(0.0, 1.0)):
@@ -35,8 +35,9 @@ def secant_sample(secant_fn, noise, path, num_steps, y, w, guidance_interval=(0.
 
 
 def ode_sample(tangent_fn, noise, path, num_steps, method):
-  """Solves dx/dt = tangent_fn(x, t) over the path's grid with Euler (N evaluations) or
-  Heun's second-order method (2N evaluations: Euler predictor, trapezoidal corrector)."""
+  """Solves dx/dt = tangent_fn(x, t) over the path's grid with Euler (N evaluations),
+  Heun's second-order method (2N: Euler predictor, trapezoidal corrector) or EDM's Heun
+  (2N − 1: the last step is Euler's, so the tangent is never evaluated at the grid's end)."""
   if method not in ODE_METHODS:
     raise ValueError(f'Unknown ODE method {method!r}: expected one of {ODE_METHODS}.')
   grid = path.grid(num_steps)
@@ -50,7 +51,10 @@ def ode_sample(tangent_fn, noise, path, num_steps, method):
     x_euler = x + h * v
     if method == 'euler':
       return x_euler, None
-    return x + 0.5 * h * (v + tangent_fn(x_euler, s)), None
+    heun = lambda: x + 0.5 * h * (v + tangent_fn(x_euler, s))
+    if method == 'heun':
+      return heun(), None
+    return jax.lax.cond(k == num_steps - 1, lambda: x_euler, heun), None
 
   x, _ = jax.lax.scan(step, path.prior(noise), jnp.arange(num_steps))
   return x
@@ -58,7 +62,18 @@ def ode_sample(tangent_fn, noise, path, num_steps, method):
 
 def nfe(method, num_steps):
   """Network evaluations that `ode_sample` spends for `num_steps` steps."""
-  return {'euler': 1, 'heun': 2}[method] * num_steps
+  return {'euler': num_steps, 'heun': 2 * num_steps, 'edm_heun': 2 * num_steps - 1}[method]
+
+
+def solve_with_nfe(tangent_fn, noise, path, evaluations, method):
+  """`ode_sample` with exactly `evaluations` tangent evaluations: Euler takes that many
+  steps; Heun takes evaluations/2 steps, or (evaluations + 1)/2 steps of EDM's Heun when
+  the count is odd (35 = EDM's 18 steps); one evaluation is one Euler step."""
+  if method == 'euler' or evaluations == 1:
+    return ode_sample(tangent_fn, noise, path, evaluations, 'euler')
+  if evaluations % 2 == 0:
+    return ode_sample(tangent_fn, noise, path, evaluations // 2, 'heun')
+  return ode_sample(tangent_fn, noise, path, (evaluations + 1) // 2, 'edm_heun')
 
 
 def reference_solve(tangent_fn, x, t0, t1, *, rtol=1e-6, atol=1e-6, max_steps=16384):

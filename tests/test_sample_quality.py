@@ -40,7 +40,8 @@ def test_evaluate_mode_computes_fid_and_inception_score(tmp_path):
   assert 1.0 <= result['inception_score'] <= 1008 and result['num_fid_samples'] == 12
   with open(tmp_path / 'run' / 'eval.json') as f:
     assert json.load(f)['fid'] == result['fid']
-  with np.load(tmp_path / 'run' / sample_quality.REFERENCE_FILE) as ref:
+  with np.load(tmp_path / 'run' / sample_quality.REFERENCE_FILE.format(
+      metric='fid', split='train')) as ref:
     assert ref['mu'].shape == (2048,) and ref['sigma'].shape == (2048, 2048)
   assert any(f.startswith('events.out.tfevents')
              for f in os.listdir(tmp_path / 'run' / 'eval'))

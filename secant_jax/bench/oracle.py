@@ -22,6 +22,7 @@ from secant_jax import paths as paths_lib
 from secant_jax import sampling
 from secant_jax import secant
 from secant_jax.evaluation import oracle
+from secant_jax.evaluation import reference_error
 from secant_jax.models import mlp
 from secant_jax.models import precond
 
@@ -74,19 +75,6 @@ def train_secant(mixture, path, variant, num_steps, config, key):
   return secant_fn_of(params), np.asarray(losses)
 
 
-def rms_error(x, reference):
-  return float(jnp.sqrt(jnp.mean(jnp.square(x - reference))))
-
-
-def teacher_errors(mixture, path, noise, reference, nfe):
-  """Euler and Heun errors at `nfe` evaluations (Heun at 1 NFE is one Euler step)."""
-  tangent_fn = lambda x, t: mixture.velocity(x, t, path)
-  euler = sampling.ode_sample(tangent_fn, noise, path, nfe, 'euler')
-  heun = (sampling.ode_sample(tangent_fn, noise, path, nfe // 2, 'heun') if nfe >= 2
-          else euler)
-  return rms_error(euler, reference), rms_error(heun, reference)
-
-
 def fidelity_table(config):
   """Rows of {path, variant, nfe, secant, euler, heun, first_loss, last_loss}."""
   mixture = ring_mixture()
@@ -102,10 +90,12 @@ def fidelity_table(config):
         train_key = jax.random.fold_in(jax.random.fold_in(key, 2), num_steps)
         secant_fn, losses = train_secant(mixture, path, variant, num_steps, config, train_key)
         sample = sampling.secant_sample(secant_fn, noise, path, num_steps, None, None)
-        euler, heun = teacher_errors(mixture, path, noise, reference, num_steps)
+        teacher = reference_error.teacher_solver_errors(
+            lambda x, t: mixture.velocity(x, t, path), noise, path, reference, num_steps)
         window = max(len(losses) // 10, 1)
         rows.append(dict(path=path_name, variant=variant, nfe=num_steps,
-                         secant=rms_error(sample, reference), euler=euler, heun=heun,
+                         secant=reference_error.rms(sample, reference),
+                         euler=teacher['teacher_euler'], heun=teacher['teacher_heun'],
                          first_loss=float(losses[:window].mean()),
                          last_loss=float(losses[-window:].mean())))
   return rows

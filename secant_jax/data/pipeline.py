@@ -32,10 +32,12 @@ def random_flip(record, rng: np.random.Generator):
 
 
 def source(data_config):
-  """The random-access source of config.data.name ∈ {digits, cifar10, imagenet_latents}."""
-  from secant_jax.data import cifar10, digits, latents  # pylint: disable=import-outside-toplevel
+  """The random-access source of config.data.name (digits, cifar10, fashion_mnist,
+  imagenet_latents)."""
+  from secant_jax.data import (  # pylint: disable=import-outside-toplevel
+      cifar10, digits, fashion_mnist, latents)
   builders = {'digits': digits.source, 'cifar10': cifar10.source,
-              'imagenet_latents': latents.source}
+              'fashion_mnist': fashion_mnist.source, 'imagenet_latents': latents.source}
   if data_config.name not in builders:
     raise ValueError(f'Unknown dataset {data_config.name!r}: expected one of '
                      f'{sorted(builders)}; set config.data.name.')

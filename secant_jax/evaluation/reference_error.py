@@ -19,14 +19,16 @@ from secant_jax.models import precond
 
 
 def teacher_tangent(path, teacher_apply, null_class, labels, scale, sigma_data=0.5):
-  """v(x, t): the teacher network's tangent, CFG-guided at `scale` ([B], or None for the
-  plain conditional tangent), for fixed labels."""
+  """v(x, t): the teacher network's tangent for fixed labels, CFG-guided at the float
+  `scale`; None or 1 (v_∅ + 1·(v_y − v_∅) = v_y) is the plain conditional tangent, one
+  network pass instead of two."""
   secant_fn = precond.secant_from_network(path, teacher_apply, sigma_data)
   conditional = lambda x, t, y: precond.tangent_from_secant(secant_fn)(x, t, y, None)
-  if scale is None:
+  if scale is None or scale == 1.0:
     return lambda x, t: conditional(x, t, labels)
   guided = guidance.classifier_free(conditional, null_class)
-  return lambda x, t: guided(x, t, labels, scale)
+  w = jnp.full(labels.shape, scale, jnp.float32)
+  return lambda x, t: guided(x, t, labels, w)
 
 
 def rms(x, reference):
@@ -34,8 +36,8 @@ def rms(x, reference):
 
 
 def teacher_solver_errors(tangent, noise, path, reference, nfe):
-  """{'teacher_euler', 'teacher_heun'}: errors at `nfe` evaluations (Heun: nfe/2 steps;
-  at one evaluation Heun is an Euler step)."""
-  euler = sampling.ode_sample(tangent, noise, path, nfe, 'euler')
-  heun = sampling.ode_sample(tangent, noise, path, nfe // 2, 'heun') if nfe >= 2 else euler
+  """{'teacher_euler', 'teacher_heun'}: errors at `nfe` evaluations (see
+  sampling.solve_with_nfe for how Heun spends them)."""
+  euler = sampling.solve_with_nfe(tangent, noise, path, nfe, 'euler')
+  heun = sampling.solve_with_nfe(tangent, noise, path, nfe, 'heun')
   return {'teacher_euler': rms(euler, reference), 'teacher_heun': rms(heun, reference)}

@@ -1,101 +1,115 @@
-"""FID and Inception Score of a secant model's samples, all in JAX, batched over the mesh.
+"""Fréchet distance (FID, or FD-<data> with a domain feature network) and Inception Score
+of a model's samples, all in JAX, batched over the mesh.
 
-Per batch: noise and uniform labels from the seed → the config's sampler (steps,
-embedded or classic CFG, guidance interval) → SD-VAE decode when the data are latents →
-uint8 quantisation → Inception pool features and logits → streamed statistics. Reference
-statistics come from config.fid.reference (an .npz with mu/sigma, e.g. ADM's ImageNet-256
-or EDM's cifar10-32x32.npz) or, for pixel datasets, are computed once from the training
-images and cached as workdir/fid_reference.npz. Grey images are repeated to RGB.
+Per batch: samples (the config's sampler from seeded noise and uniform labels, or any
+given batches) → SD-VAE decode when the data are latents → uint8 quantisation → the
+feature network (evaluation.features; Inception by default) → streamed statistics.
+Reference statistics come from config.fid.reference (an .npz with mu/sigma, e.g. ADM's
+ImageNet-256 or EDM's cifar10-32x32.npz) or, for pixel datasets, are computed once from
+the config.fid.reference_split of the data and cached in the workdir.
 """
 
 import os
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
 from secant_jax import generate
-from secant_jax.convert import inception as convert_inception
 from secant_jax.convert import vae as convert_vae
+from secant_jax.evaluation import features as features_lib
 from secant_jax.evaluation import fid
-from secant_jax.models import inception
 from secant_jax.models import vae
 from secant_jax.train import parallel
 
-REFERENCE_FILE = 'fid_reference.npz'
+REFERENCE_FILE = '{metric}_reference_{split}.npz'
 
 
-def _features_fn(mesh, decoder_variables):
-  """images or latents [B, ...] (batch-sharded) → {'2048', 'logits_unbiased'} float32."""
-  net = inception.InceptionV3()
+def _features_fn(mesh, network, decoder_variables):
+  """images or latents [B, ...] (batch-sharded) → the network's outputs, float32."""
   decoder = vae.VAEDecoder() if decoder_variables is not None else None
 
-  def features(inception_variables, x):
+  def features(variables, x):
     if decoder is not None:
       x = decoder.apply(decoder_variables, x)
-    if x.shape[-1] == 1:
-      x = jnp.repeat(x, 3, axis=-1)
-    out = net.apply(inception_variables, fid.to_uint8(x))
-    return {'2048': out['2048'], 'logits_unbiased': out['logits_unbiased']}
+    return network.apply(variables, fid.to_uint8(x))
 
   return jax.jit(features, out_shardings=parallel.batch_sharding(mesh))
 
 
 class SampleQuality:
-  """Loads Inception (and the VAE for latent data) once; call it with a model's variables."""
+  """Loads the feature network (and the VAE for latent data) and the reference statistics
+  once; `score` batches of samples, or call it with a model's variables."""
 
   def __init__(self, config, workdir, mesh):
-    if not config.fid.inception:
-      raise ValueError('FID needs the Inception weights: set config.fid.inception to '
-                       f'{convert_inception.WEIGHTS_URL.rsplit("/", 1)[1]} (download '
-                       f'{convert_inception.WEIGHTS_URL}) or its conversion.')
     self.config, self.mesh = config, mesh
     replicated = parallel.replicated(mesh)
-    self.inception_variables = jax.device_put(convert_inception.load(config.fid.inception),
-                                              replicated)
+    self.network = features_lib.from_config(config.fid)
+    self.variables = jax.device_put(self.network.variables, replicated)
     decoder_variables = None
     if config.data.name == 'imagenet_latents':
       if not config.fid.vae:
         raise ValueError('FID on latents needs the SD-VAE decoder: set config.fid.vae to '
                          f'the weights ({convert_vae.WEIGHTS_URL}) or their conversion.')
       decoder_variables = jax.device_put(convert_vae.load(config.fid.vae), replicated)
-    self._features = _features_fn(mesh, decoder_variables)
+    self.features_of = _features_fn(mesh, self.network, decoder_variables)
     self.reference = self._reference(workdir)
 
   def _reference(self, workdir):
     if self.config.fid.reference:
       return fid.load_reference(self.config.fid.reference)
-    cached = os.path.join(workdir, REFERENCE_FILE)
+    split = self.config.fid.reference_split
+    cached = os.path.join(workdir, REFERENCE_FILE.format(metric=self.network.metric,
+                                                         split=split))
     if os.path.exists(cached):
       return fid.load_reference(cached)
     if self.config.data.name == 'imagenet_latents':
       raise ValueError('ImageNet FID needs reference statistics: set config.fid.reference '
                        'to ADM\'s VIRTUAL_imagenet256_labeled.npz (its mu/sigma).')
     from secant_jax.data import pipeline  # pylint: disable=import-outside-toplevel
-    source = pipeline.source(self.config.data)
-    stats = fid.FeatureStats(2048)
+    data_config = self.config.data.copy_and_resolve_references()
+    with data_config.unlocked():
+      data_config.split = split
+    source = pipeline.source(data_config)
+    total = min(len(source), self.config.fid.num_reference_images or len(source))
     batch = self.config.fid.batch_size
     local = batch // jax.process_count()
     offset = jax.process_index() * local
     sharding = parallel.batch_sharding(self.mesh)
-    total = min(len(source), self.config.fid.num_reference_images or len(source))
-    for start in range(0, total, batch):  # record start + r is global row r
-      count = min(batch, total - start)
-      images = np.stack([source[start + (offset + j) % count]['x'] for j in range(local)])
-      images = jax.make_array_from_process_local_data(sharding, images)
-      stats.add(self._features(self.inception_variables, images)['2048'], count)
-    mu, sigma = stats.mu_sigma()
+
+    def batches():
+      for start in range(0, total, batch):  # record start + r is global row r
+        count = min(batch, total - start)
+        images = np.stack([source[start + (offset + j) % count]['x'] for j in range(local)])
+        yield jax.make_array_from_process_local_data(sharding, images), count
+
+    mu, sigma = self._accumulate(batches(), total, 'reference images').statistics()
     if jax.process_index() == 0:
       np.savez(cached, mu=mu, sigma=sigma)
     return mu, sigma
 
+  def scores(self):
+    """An empty Scores to `add` batches to."""
+    return Scores(self)
+
+  def _accumulate(self, batches, total, what):
+    scores = self.scores()
+    every = max(1, total // 10 // self.config.fid.batch_size) * self.config.fid.batch_size
+    for x, keep in batches:
+      scores.add(x, keep)
+      if scores.count % every < keep or scores.count == total:
+        logging.info('%s %s: %d / %d', self.network.metric, what, scores.count, total)
+    return scores
+
+  def score(self, batches, total):
+    """Scores.result of `total` samples given as (x, num_valid) batches."""
+    return self._accumulate(batches, total, 'samples').result()
+
   def __call__(self, network, task, variables, num_samples, seed):
-    """{'fid', 'inception_score', 'inception_score_std'} of `num_samples` samples."""
+    """`score` of `num_samples` samples of the config's sampler, seeded."""
     batch = self.config.fid.batch_size
     parallel.check_batch_size(batch, self.mesh)
-    sharding = parallel.batch_sharding(self.mesh)
     num_classes = self.config.model.get('num_classes', 0)
 
     def draw(v, key):
@@ -104,19 +118,39 @@ class SampleQuality:
       labels = jax.random.randint(k_label, (batch,), 0, max(num_classes, 1))
       return generate.sample(network, task, v, self.config.secant, noise, labels)
 
-    sample = jax.jit(draw, out_shardings=sharding)
-    stats, logits = fid.FeatureStats(2048), []
-    num_batches = -(-num_samples // batch)
-    for i in range(num_batches):
-      out = self._features(self.inception_variables,
-                           sample(variables, jax.random.fold_in(jax.random.key(seed), i)))
-      keep = min(batch, num_samples - i * batch)
-      stats.add(out['2048'], keep)
-      logits.append(np.asarray(multihost_utils.process_allgather(out['logits_unbiased'],
-                                                                 tiled=True))[:keep])
-      if (i + 1) % max(1, num_batches // 10) == 0 or i + 1 == num_batches:
-        logging.info('FID samples: %d / %d', min((i + 1) * batch, num_samples), num_samples)
-    mu, sigma = stats.mu_sigma()
-    score, score_std = fid.inception_score(np.concatenate(logits))
-    return {'fid': fid.frechet_distance(mu, sigma, *self.reference),
-            'inception_score': score, 'inception_score_std': score_std}
+    sample = jax.jit(draw, out_shardings=parallel.batch_sharding(self.mesh))
+    batches = ((sample(variables, jax.random.fold_in(jax.random.key(seed), i)),
+                min(batch, num_samples - i * batch)) for i in range(-(-num_samples // batch)))
+    return self.score(batches, num_samples)
+
+
+class Scores:
+  """Streamed statistics of one set of samples: `add` batches (x [batch, ...] in the
+  model's space, batch-sharded, and how many leading rows count), then `result`."""
+
+  def __init__(self, quality):
+    self._quality = quality
+    self._stats = fid.FeatureStats(quality.network.dim)
+    self._logits = []
+    self.count = 0
+
+  def add(self, x, num_valid):
+    out = self._quality.features_of(self._quality.variables, x)
+    self._stats.add(out['features'], num_valid)
+    if 'logits' in out:
+      self._logits.append(np.asarray(multihost_utils.process_allgather(
+          out['logits'], tiled=True))[:num_valid])
+    self.count += num_valid
+
+  def statistics(self):
+    return self._stats.mu_sigma()
+
+  def result(self):
+    """{metric (e.g. 'fid'): Fréchet distance to the reference, and with Inception
+    'inception_score', 'inception_score_std'}."""
+    result = {self._quality.network.metric: fid.frechet_distance(
+        *self.statistics(), *self._quality.reference)}
+    if self._logits:
+      result['inception_score'], result['inception_score_std'] = fid.inception_score(
+          np.concatenate(self._logits))
+    return result

@@ -1,0 +1,77 @@
+"""Fashion-MNIST (real 32×32 grey images, `apt-get install dataset-fashion-mnist`): the
+paper's table in miniature.
+
+    # 1. a class-conditional flow-matching teacher from scratch
+    python -m secant_jax.main --config=configs/fashion_mnist.py:stage=teacher --workdir=runs/fmnist-teacher
+    # 2. secant models from it, exactly as on ImageNet (only the config differs)
+    python -m secant_jax.main --config=configs/fashion_mnist.py:stage=secant,variant=sdei,steps=4 --workdir=runs/fmnist-sdei
+    python -m secant_jax.main --config=configs/fashion_mnist.py:stage=secant,variant=stee,steps=4 --workdir=runs/fmnist-stee
+    # 3. the domain feature network for FD-FMNIST, then the table
+    python -m secant_jax.evaluation.fmnist_features --out ckpt/fmnist-features
+    python -m secant_jax.main --config=configs/fashion_mnist.py:stage=compare --workdir=runs/fmnist-table
+
+Arguments: stage (teacher | secant | compare), variant and steps (the secant stage),
+model ('SiT-S/2', any DiT/SiT name, or 'tiny' for CPU tests), teacher (the teacher's run
+directory). The secant runs the table compares are --config.compare.secants.
+"""
+
+import ml_collections
+
+from secant_jax import config as config_lib
+
+STAGES = ('teacher', 'secant', 'compare')
+TINY = dict(hidden_size=64, depth=2, num_heads=4)
+
+
+def get_config(arg=None):
+  args = config_lib.parse_arg(arg, dict(stage='teacher', variant='sdei', steps=4,
+                                        model='SiT-S/2', teacher='runs/fmnist-teacher'))
+  if args['stage'] not in STAGES:
+    raise ValueError(f"Unknown stage {args['stage']!r}: expected one of {STAGES}, e.g. "
+                     'configs/fashion_mnist.py:stage=secant,variant=sdei,steps=4.')
+  c = config_lib.base_config()
+  c.model.family = 'dit'
+  c.model.name = 'DiT-S/4' if args['model'] == 'tiny' else args['model']
+  if args['model'] == 'tiny':
+    c.model.update(TINY)
+  c.model.input_size = 32
+  c.model.in_channels = 1
+  c.model.num_classes = 10
+  c.model.learn_sigma = False
+  c.model.dtype = 'bfloat16'
+  c.model.attention = ''
+  c.path.name = 'linear'
+  c.data.name = 'fashion_mnist'
+  c.data.dir = ''  # '' = /usr/share/datasets/fashion-mnist
+  c.data.split = 'train'
+  c.fid.features = 'fmnist'
+  c.fid.fmnist = 'ckpt/fmnist-features'
+  c.fid.reference_split = 'test'
+  c.fid.batch_size = 500
+  c.fid.num_samples = 10_000
+  c.fid.train_num_samples = 2_000
+  c.batch_size = 256
+  c.log_every = 100
+  c.checkpoint_every = 2000
+  c.sample_every = 2000
+  teacher_ema = args['teacher'] + '/ema'
+  if args['stage'] == 'teacher':
+    c.secant = config_lib.secant_config('diffusion', 1)
+    c.optimizer.learning_rate = 3e-4
+    c.optimizer.warmup_steps = 1000
+    c.ema_decay = 0.999
+    c.num_train_steps = 30_000
+  else:
+    c.secant = config_lib.secant_config(args['variant'], args['steps'], guidance=(1.0, 2.0))
+    c.init_checkpoint = teacher_ema
+    c.teacher_checkpoint = teacher_ema
+    c.optimizer.learning_rate = 1e-4
+    c.ema_decay = 0.999
+    c.num_train_steps = 10_000
+  if args['stage'] == 'compare':
+    c.mode = 'compare'
+    c.compare = ml_collections.ConfigDict(dict(
+        teacher=args['teacher'], secants='sdei=runs/fmnist-sdei,stee=runs/fmnist-stee',
+        teacher_nfe=(1, 2, 4, 8, 16, 35), secant_steps=(1, 2, 4, 8), num_samples=10_000,
+        batch_size=500, guidance_scale=1.0))
+  return c

@@ -1,0 +1,89 @@
+"""--config.mode=compare: the comparison table (evaluation.comparison) of a finished teacher
+run and its secant runs, with the Fréchet distance of config.fid's feature network when its
+weights are set (FD-FMNIST on Fashion-MNIST).
+
+config.compare: teacher (the teacher's run directory), secants ('name=run_dir,...'),
+teacher_nfe, secant_steps, num_samples, batch_size, guidance_scale. A run directory is one
+a training run wrote: its config.json says how to build and sample the model, its ema/ holds
+the weights. Writes workdir/table.md, table.json, samples/<row>.png, samples.png and CLU
+scalars.
+"""
+
+import json
+import os
+
+import jax
+import ml_collections
+from clu import metric_writers
+
+from secant_jax import generate
+from secant_jax.evaluation import comparison
+from secant_jax.evaluation import features
+from secant_jax.evaluation import sample_quality
+from secant_jax.train import parallel
+
+
+def load_run(run_dir):
+  """(config, EMA directory) of a finished training run."""
+  config_file = os.path.join(run_dir, 'config.json')
+  ema_dir = os.path.join(run_dir, 'ema')
+  if not os.path.isfile(config_file):
+    raise FileNotFoundError(f'{run_dir} has no config.json: pass the --workdir of a training '
+                            'run (python -m secant_jax.main --config=... --workdir=DIR).')
+  if not os.path.isdir(ema_dir):
+    raise FileNotFoundError(f'{ema_dir} does not exist: the run in {run_dir} has not '
+                            'finished; run its training to the end first.')
+  with open(config_file) as f:
+    return ml_collections.ConfigDict(json.load(f)), ema_dir
+
+
+def parse_runs(spec):
+  """'sdei=runs/a,stee=runs/b' → [('sdei', 'runs/a'), ('stee', 'runs/b')]."""
+  runs = []
+  for item in filter(None, spec.split(',')):
+    name, sep, run_dir = item.partition('=')
+    if not sep or not name or not run_dir:
+      raise ValueError(f'Bad secant run {item!r} in config.compare.secants: expected '
+                       'name=run_dir, e.g. sdei=runs/fmnist-sdei,stee=runs/fmnist-stee.')
+    runs.append((name, run_dir))
+  return runs
+
+
+def compare(config, workdir):
+  """Returns the table's rows."""
+  c = config.compare
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  teacher_config, teacher_ema = load_run(c.teacher)
+  network, task, tangent_of = comparison.teacher(teacher_config, teacher_ema,
+                                                 c.guidance_scale)
+  samplers = comparison.teacher_samplers(task, tangent_of, c.teacher_nfe)
+  for name, run_dir in parse_runs(c.secants):
+    run_config, ema_dir = load_run(run_dir)
+    samplers += comparison.secant_samplers(f'secant {name}', run_config, ema_dir,
+                                           c.secant_steps, c.guidance_scale)
+  noise, labels = generate.fixed_noise_and_labels(
+      config.seed + 1, c.num_samples, network.image_shape,
+      teacher_config.model.get('num_classes', 0))
+  mesh = parallel.make_mesh(config.fsdp)
+  quality = (sample_quality.SampleQuality(config, workdir, mesh)
+             if features.configured(config.fid) else None)
+  rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, c.batch_size,
+                                    mesh, quality)
+  overview = comparison.write_grids(rows, firsts, workdir)
+  table = comparison.format_table(rows)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, 'table.md'), 'w') as f:
+      f.write(table + '\n')
+    with open(os.path.join(workdir, 'table.json'), 'w') as f:
+      json.dump({'num_samples': c.num_samples, 'guidance_scale': c.guidance_scale,
+                 'rows': rows}, f, indent=2)
+  writer = metric_writers.create_default_writer(os.path.join(workdir, 'eval'),
+                                                just_logging=jax.process_index() > 0)
+  for row in rows[1:]:
+    writer.write_scalars(row['nfe'], {f"{row['sampler']}/{k}": v for k, v in row.items()
+                                      if isinstance(v, float)})
+  writer.write_images(0, {'samples': overview[None]})
+  writer.flush()
+  print(table)
+  return rows

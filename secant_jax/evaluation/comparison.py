@@ -1,0 +1,149 @@
+"""The comparison table: secant models against their teacher's own ODE solvers, from the
+same noise and labels.
+
+Rows: the teacher's adaptive reference solve (Tsit5, rtol 1e-6), the teacher's Euler and
+Heun at each NFE, and each secant model at each step count. Columns: the RMS error to the
+reference solution (over pixels and samples, evaluation.reference_error), and, given a
+SampleQuality, the Fréchet distance of each row's samples to its reference statistics.
+One pass over the noise: each batch's reference is solved once and every sampler is
+scored against it, so every row sees exactly the same noise.
+"""
+
+import dataclasses
+import os
+import re
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from PIL import Image
+
+from secant_jax import generate
+from secant_jax import sampling
+from secant_jax.evaluation import reference_error
+from secant_jax.models import registry
+from secant_jax.train import loop
+from secant_jax.train import parallel
+from secant_jax.train import recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  name: str  # 'teacher Heun', 'secant SDEI (sdei-4)'
+  nfe: Optional[int]  # network evaluations per sample (None: adaptive)
+  fn: Callable  # (noise, labels) → samples; jitted by `compare`
+
+
+def teacher(run_config, ema_dir, scale):
+  """(teacher network, task, guided tangent of labels: y → v(x, t)) of a trained teacher
+  run, CFG-guided at `scale` (None: the plain conditional tangent)."""
+  network = registry.build(run_config.model, guided=False)
+  variables = loop.load_into(network, ema_dir, jax.random.key(0))
+  task = recipe.make_task(run_config, network)
+
+  def tangent_of(labels):
+    return reference_error.teacher_tangent(
+        task.path, lambda *a: network.apply(variables, *a), network.null_class, labels,
+        scale, task.sigma_data)
+
+  return network, task, tangent_of
+
+
+def teacher_samplers(task, tangent_of, nfes):
+  """Euler and Heun (sampling.solve_with_nfe) at each NFE."""
+  return [Sampler(f'teacher {method.capitalize()}', nfe,
+                  lambda n, y, nfe=nfe, method=method: sampling.solve_with_nfe(
+                      tangent_of(y), n, task.path, nfe, method))
+          for method in ('euler', 'heun') for nfe in nfes]
+
+
+def secant_samplers(name, run_config, ema_dir, steps, scale):
+  """A trained secant run sampled with each step count in `steps`, guided at `scale` (the
+  embedded scale of distilled models, else classic CFG's)."""
+  network = registry.build(run_config.model, guided=run_config.secant.guidance is not None)
+  task = recipe.make_task(run_config, network)
+  variables = loop.load_into(network, ema_dir, jax.random.key(0))
+  sample_config = run_config.secant.copy_and_resolve_references()
+  with sample_config.unlocked():
+    sample_config.sample_guidance_scale = scale
+    sample_config.sample_cfg_scale = scale
+  return [Sampler(name, n, lambda noise, y, n=n: generate.sample(
+      network, task, variables, sample_config, noise, y, n)) for n in steps]
+
+
+def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality=None):
+  """Rows {'sampler', 'nfe', 'error' (+ quality's metrics)} for the reference and each
+  sampler, and {sampler index: its first batch of samples} (index −1: the reference).
+  `batch_size` must divide over the mesh; the number of samples need not."""
+  parallel.check_batch_size(batch_size, mesh)
+  sharding = parallel.batch_sharding(mesh)
+  reference_fn = jax.jit(lambda n, y: sampling.reference_sample(tangent_of(y), n, task.path),
+                         out_shardings=sharding)
+  fns = [jax.jit(s.fn, out_shardings=sharding) for s in samplers]
+  squared = np.zeros(len(samplers))
+  scores = [quality.scores() for _ in range(len(samplers) + 1)] if quality else None
+  firsts = {}
+  total = noise.shape[0]
+  for start in range(0, total, batch_size):
+    keep = min(batch_size, total - start)
+    index = (start + np.arange(batch_size)) % total  # a last partial batch wraps around
+    n, y = jax.device_put((noise[index], labels[index]), sharding)
+    reference = reference_fn(n, y)
+    outputs = [reference] + [fn(n, y) for fn in fns]
+    for i, x in enumerate(outputs):
+      if i:
+        squared[i - 1] += float(jnp.sum(jnp.square(x[:keep] - reference[:keep])))
+      if scores:
+        scores[i].add(x, keep)
+      if i - 1 not in firsts:
+        firsts[i - 1] = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  per_value = total * int(np.prod(noise.shape[1:]))
+  rows = [{'sampler': 'teacher adaptive reference', 'nfe': None, 'error': 0.0}]
+  rows += [{'sampler': s.name, 'nfe': s.nfe, 'error': float(np.sqrt(e / per_value))}
+           for s, e in zip(samplers, squared)]
+  if scores:
+    for row, score in zip(rows, scores):
+      row.update(score.result())
+  return rows, firsts
+
+
+def format_table(rows):
+  """A Markdown table of `compare`'s rows."""
+  metrics = [k for k in rows[0] if k not in ('sampler', 'nfe', 'error')]
+  names = {'fid': 'FID', 'fd_fmnist': 'FD-FMNIST', 'inception_score': 'IS',
+           'inception_score_std': 'IS std'}
+  cells = lambda values: '| ' + ' | '.join(values) + ' |'
+  lines = [cells(['sampler', 'NFE', 'error to reference'] + [names.get(m, m) for m in metrics]),
+           cells(['---'] * (3 + len(metrics)))]
+  for r in rows:
+    nfe = 'adaptive' if r['nfe'] is None else str(r['nfe'])
+    lines.append(cells([r['sampler'], nfe, f"{r['error']:.4f}"] +
+                       [f'{r[m]:.3f}' for m in metrics]))
+  return '\n'.join(lines)
+
+
+def _png(image, path, zoom):
+  pixels = (image * 255).round().astype(np.uint8)
+  if pixels.shape[-1] == 1:
+    pixels = pixels[..., 0]
+  Image.fromarray(pixels).resize((image.shape[1] * zoom, image.shape[0] * zoom),
+                                 Image.NEAREST).save(path)
+
+
+def write_grids(rows, firsts, directory, grid_size=64, overview_columns=10, zoom=2):
+  """A grid PNG per row (directory/samples/<row>.png, the first `grid_size` samples) and
+  samples.png: the first `overview_columns` samples of every row, one row each. Returns
+  the overview image (float, [0, 1])."""
+  os.makedirs(os.path.join(directory, 'samples'), exist_ok=True)
+  for row, index in zip(rows, sorted(firsts)):
+    nfe = 'adaptive' if row['nfe'] is None else f"{row['nfe']}"
+    slug = re.sub(r'[^a-z0-9]+', '-', f"{row['sampler']} {nfe}".lower()).strip('-')
+    _png(generate.image_grid(firsts[index][:grid_size]),
+         os.path.join(directory, 'samples', f'{slug}.png'), zoom)
+  overview = generate.image_grid(
+      np.concatenate([firsts[i][:overview_columns] for i in sorted(firsts)]),
+      columns=overview_columns)
+  _png(overview, os.path.join(directory, 'samples.png'), zoom * 2)
+  return overview

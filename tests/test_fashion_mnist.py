@@ -1,0 +1,130 @@
+"""Fashion-MNIST: the IDX reader, the real Debian files, and the paper's table in
+miniature at CPU size (teacher → SDEI and STEE secant models → classifier → table)."""
+
+import gzip
+import json
+import os
+
+import numpy as np
+import pytest
+
+from secant_jax import main as main_lib
+from secant_jax.data import fashion_mnist
+from secant_jax.evaluation import fmnist_features
+from secant_jax.train import loop
+
+REAL = fashion_mnist.DEFAULT_DIR
+needs_real_data = pytest.mark.skipif(
+    not os.path.isdir(REAL), reason='apt-get install dataset-fashion-mnist')
+
+
+def _write_idx(path, array, gzipped):
+  header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, '>i4').tobytes()
+  opener = gzip.open if gzipped else open
+  with opener(path + ('.gz' if gzipped else ''), 'wb') as f:
+    f.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_files_gzipped_or_not_become_padded_records(tmp_path):
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+  _write_idx(str(tmp_path / 'train-images-idx3-ubyte'), images, gzipped=True)
+  _write_idx(str(tmp_path / 'train-labels-idx1-ubyte'), np.arange(5), gzipped=False)
+  source = fashion_mnist.FashionMnistSource(str(tmp_path), 'train')
+  assert len(source) == 5
+  record = source[3]
+  assert record['x'].shape == (32, 32, 1) and record['y'] == 3
+  np.testing.assert_allclose(record['x'][2:30, 2:30, 0], images[3] / 127.5 - 1.0, atol=1e-6)
+  assert np.all(record['x'][:2] == -1.0) and np.all(record['x'][:, 30:] == -1.0)
+
+
+def test_idx_errors_name_the_file_and_the_fix(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r't10k-images-idx3-ubyte\(.gz\) does not exist;'
+                                              r' install it with `apt-get install '
+                                              r'dataset-fashion-mnist`'):
+    fashion_mnist.load(str(tmp_path), 'test')
+  (tmp_path / 'train-images-idx3-ubyte').write_bytes(b'\x89PNG\r\n')
+  with pytest.raises(ValueError, match=r'is not an IDX file of uint8'):
+    fashion_mnist.read_idx(str(tmp_path / 'train-images-idx3-ubyte'))
+  with pytest.raises(ValueError, match=r"Unknown Fashion-MNIST split 'val'"):
+    fashion_mnist.load(str(tmp_path), 'val')
+
+
+@needs_real_data
+def test_the_debian_files():
+  for split, count in (('train', 60_000), ('test', 10_000)):
+    images, labels = fashion_mnist.load(REAL, split)
+    assert images.shape == (count, 32, 32, 1) and images.dtype == np.uint8
+    np.testing.assert_array_equal(np.bincount(labels), [count // 10] * 10)
+
+
+def _stage_config(stage, workdir, **kwargs):
+  from configs import fashion_mnist as fmnist_config  # pylint: disable=import-outside-toplevel
+  c = fmnist_config.get_config(f'stage={stage},model=tiny,teacher={workdir / "teacher"},'
+                               + ','.join(f'{k}={v}' for k, v in kwargs.items()))
+  c.model.dtype = 'float32'
+  c.batch_size, c.log_every, c.sample_every = 32, 5, 0
+  c.optimizer.warmup_steps = 0
+  return c
+
+
+def _falls(history):
+  losses = [h['loss'] for h in history]
+  return np.mean(losses[-2:]) < np.mean(losses[:2]), losses
+
+
+@needs_real_data
+def test_teacher_secant_stages_and_the_table_on_cpu(tmp_path):
+  teacher = _stage_config('teacher', tmp_path)
+  teacher.num_train_steps, teacher.optimizer.learning_rate = 60, 1e-3
+  _, history = loop.train_and_evaluate(teacher, tmp_path / 'teacher')
+  falls, losses = _falls(history)
+  assert falls, losses
+  for variant in ('sdei', 'stee'):
+    c = _stage_config('secant', tmp_path, variant=variant, steps=2)
+    c.num_train_steps, c.optimizer.learning_rate = 30, 3e-4
+    _, history = loop.train_and_evaluate(c, tmp_path / variant)
+    falls, losses = _falls(history)
+    assert falls, (variant, losses)
+
+  train_images, train_labels = fashion_mnist.load(REAL, 'train')
+  test_images, test_labels = fashion_mnist.load(REAL, 'test')
+  variables, accuracies = fmnist_features.train(
+      (train_images[:4096], train_labels[:4096]), (test_images[:1000], test_labels[:1000]),
+      steps=64, batch_size=64, log=lambda _: None)
+  assert accuracies[-1] > 0.6, accuracies  # 10 classes: chance is 0.1
+  fmnist_features.common.save(variables, tmp_path / 'classifier')
+
+  c = _stage_config('compare', tmp_path)
+  c.fid.update(dict(fmnist=str(tmp_path / 'classifier'), batch_size=8,
+                    num_reference_images=64))
+  c.compare.update(dict(secants=f'sdei={tmp_path / "sdei"},stee={tmp_path / "stee"}',
+                        teacher_nfe=(1, 2, 3), secant_steps=(1, 2), num_samples=12,
+                        batch_size=8))
+  rows = main_lib.run(c, tmp_path / 'table')
+  assert [(r['sampler'], r['nfe']) for r in rows] == [
+      ('teacher adaptive reference', None),
+      ('teacher Euler', 1), ('teacher Euler', 2), ('teacher Euler', 3),
+      ('teacher Heun', 1), ('teacher Heun', 2), ('teacher Heun', 3),
+      ('secant sdei', 1), ('secant sdei', 2), ('secant stee', 1), ('secant stee', 2)]
+  assert rows[0]['error'] == 0.0 and all(r['error'] > 0 for r in rows[1:])
+  assert rows[1]['error'] == rows[4]['error']  # Heun at one evaluation is an Euler step
+  assert all(np.isfinite(r['fd_fmnist']) and r['fd_fmnist'] > 0 for r in rows)
+  with open(tmp_path / 'table' / 'table.json') as f:
+    assert json.load(f)['rows'] == rows
+  table = (tmp_path / 'table' / 'table.md').read_text()
+  assert '| sampler | NFE | error to reference | FD-FMNIST |' in table and 'FID' not in table
+  assert len(os.listdir(tmp_path / 'table' / 'samples')) == len(rows)
+  assert os.path.isfile(tmp_path / 'table' / 'fd_fmnist_reference_test.npz')
+
+
+def test_compare_errors_name_the_fix(tmp_path):
+  c = _stage_config('compare', tmp_path)
+  with pytest.raises(FileNotFoundError, match=r'teacher has no config.json: pass the '
+                                              r'--workdir of a training run'):
+    main_lib.run(c, tmp_path / 'table')
+  from configs import fashion_mnist as fmnist_config  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ValueError, match=r"Unknown stage 'distil'"):
+    fmnist_config.get_config('stage=distil')
+  with pytest.raises(ValueError, match=r'FD-FMNIST needs the Fashion-MNIST classifier'):
+    fmnist_features.feature_network('')
