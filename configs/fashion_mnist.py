@@ -60,6 +60,7 @@ def get_config(arg=None):
     c.optimizer.learning_rate = 3e-4
     c.optimizer.warmup_steps = 1000
     c.ema_decay = 0.999
+    c.ema_warmup = True  # from random weights: no share of the initialisation in the EMA
     c.num_train_steps = 30_000
   else:
     c.secant = config_lib.secant_config(args['variant'], args['steps'], guidance=(1.0, 2.0))

@@ -14,9 +14,9 @@ import os
 
 import jax
 import ml_collections
-from clu import metric_writers
 
 from secant_jax import generate
+from secant_jax import writers
 from secant_jax.evaluation import comparison
 from secant_jax.evaluation import features
 from secant_jax.evaluation import sample_quality
@@ -78,8 +78,7 @@ def compare(config, workdir):
     with open(os.path.join(workdir, 'table.json'), 'w') as f:
       json.dump({'num_samples': c.num_samples, 'guidance_scale': c.guidance_scale,
                  'rows': rows}, f, indent=2)
-  writer = metric_writers.create_default_writer(os.path.join(workdir, 'eval'),
-                                                just_logging=jax.process_index() > 0)
+  writer = writers.create(os.path.join(workdir, 'eval'), just_logging=jax.process_index() > 0)
   for row in rows[1:]:
     writer.write_scalars(row['nfe'], {f"{row['sampler']}/{k}": v for k, v in row.items()
                                       if isinstance(v, float)})

@@ -55,6 +55,7 @@ def base_config():
                                                b2=0.999, eps=1e-8, grad_clip=0.0,
                                                warmup_steps=0))
   c.ema_decay = 0.9999
+  c.ema_warmup = False  # decay min(ema_decay, (1 + k)/(10 + k)) at update k: for runs from scratch
   c.batch_size = 256
   c.num_train_steps = 1000
   c.log_every = 100
@@ -62,6 +63,7 @@ def base_config():
   c.keep_checkpoints = 3
   c.sample_every = 0  # sample grid every K steps (0: never); pixel data only
   c.num_sample_images = 64
+  c.teacher_sample_nfe = 35  # a diffusion (teacher) run's grid: its ODE by Heun at this NFE
   c.num_eval_samples = 256  # evaluate mode: samples scored against the teacher's reference
   c.eval_every = 0  # FID every K training steps (0: never), with fid.train_num_samples
   c.fid = ml_collections.ConfigDict(dict(

@@ -11,10 +11,10 @@ import json
 import os
 
 import jax
-from clu import metric_writers
 
 from secant_jax import config as config_lib
 from secant_jax import generate
+from secant_jax import writers
 from secant_jax.evaluation import comparison
 from secant_jax.train import loop
 from secant_jax.train import parallel
@@ -58,8 +58,7 @@ def evaluate(config, workdir, teacher_dir, secant_runs):
   batch = -(-d.num_eval // mesh.size) * mesh.size
   rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, batch, mesh)
   overview = comparison.write_grids(rows, firsts, workdir)
-  writer = metric_writers.create_default_writer(os.path.join(workdir, 'eval'),
-                                                just_logging=jax.process_index() > 0)
+  writer = writers.create(os.path.join(workdir, 'eval'), just_logging=jax.process_index() > 0)
   for row in rows[1:]:
     writer.write_scalars(row['nfe'], {row['sampler']: row['error']})
   writer.write_images(0, {'samples': overview[None]})

@@ -15,10 +15,10 @@ import json
 import os
 
 import jax
-from clu import metric_writers
 
 from secant_jax import generate
 from secant_jax import sampling
+from secant_jax import writers
 from secant_jax.evaluation import features
 from secant_jax.evaluation import reference_error
 from secant_jax.evaluation import sample_quality
@@ -70,8 +70,7 @@ def evaluate(config, workdir):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, 'eval.json'), 'w') as f:
       json.dump(result, f, indent=2)
-  writer = metric_writers.create_default_writer(os.path.join(workdir, 'eval'),
-                                                just_logging=jax.process_index() > 0)
+  writer = writers.create(os.path.join(workdir, 'eval'), just_logging=jax.process_index() > 0)
   writer.write_scalars(task.num_steps, {k: v for k, v in result.items()
                                         if isinstance(v, float)})
   writer.flush()

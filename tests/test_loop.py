@@ -13,11 +13,14 @@ import tensorflow_datasets as tfds
 from flax import traverse_util
 
 from secant_jax import config as config_lib
+from secant_jax import generate
 from secant_jax import main as main_lib
+from secant_jax import sampling
 from secant_jax.convert import common
 from secant_jax.data import latents
 from secant_jax.models import registry
 from secant_jax.train import loop
+from secant_jax.train import recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DIT = dict(family='dit', name='DiT-S/2', input_size=8, in_channels=4, num_classes=10,
@@ -217,3 +220,28 @@ def test_errors_are_one_line_and_name_the_fix(tmp_path, latent_dir):
     main_lib.run(_config(TINY_DIT, {}, 'stee', mode='eval'), tmp_path / 'r5')
   with pytest.raises(ValueError, match=r"Bad config argument 'step=4'"):
     config_lib.parse_arg('step=4', dict(variant='sdei', steps=4))
+
+
+class _ImageWriter:
+
+  def write_images(self, step, images):
+    self.images = images
+
+
+def test_a_teachers_sample_grid_solves_its_ode_not_one_step():
+  """One step of a flow teacher is the class mean; the grid must show its ODE's solution."""
+  c = _config(TINY_DIT, {}, 'diffusion', num_sample_images=4, teacher_sample_nfe=3)
+  c.secant = config_lib.secant_config('diffusion', 1)
+  network = registry.build(c.model, guided=False)
+  task = recipe.make_task(c, network)
+  params = traverse_util.flatten_dict(network.init(jax.random.key(0)))
+  rng = np.random.default_rng(0)  # adaLN-zero starts at a zero output; make it a real field
+  variables = traverse_util.unflatten_dict(
+      {k: v + 0.3 * rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()})
+  writer = _ImageWriter()
+  loop.write_samples(c, network, task, variables, writer, 7)
+  noise, labels = generate.fixed_noise_and_labels(c.seed, 4, network.image_shape, 10)
+  tangent = lambda x, t: network.apply(variables, x, t, t, labels, None)[..., :4]
+  expected = sampling.ode_sample(tangent, noise, task.path, 2, 'edm_heun')
+  np.testing.assert_allclose(writer.images['samples'][0],
+                             generate.image_grid(expected), atol=1e-5)

@@ -47,6 +47,21 @@ def test_euler_is_first_order_and_heun_second_order():
   assert sampling.nfe('heun', 16) == 32 and sampling.nfe('euler', 32) == 32
 
 
+def test_edm_heun_takes_its_last_step_with_euler_and_spends_odd_evaluations():
+  """dx/dt = t: trapezoid steps are exact, an Euler step from t to t + h misses h²/2."""
+  path, noise = paths.Linear(), jnp.zeros((2, 1))
+  tangent = lambda x, t: jnp.broadcast_to(t[:, None], x.shape)
+  heun = sampling.ode_sample(tangent, noise, path, 4, 'heun')
+  edm = sampling.ode_sample(tangent, noise, path, 4, 'edm_heun')
+  np.testing.assert_allclose(heun, 0.5, atol=1e-6)
+  np.testing.assert_allclose(edm, 0.5 - 0.25 ** 2 / 2, atol=1e-6)
+  assert sampling.nfe('edm_heun', 18) == 35
+  np.testing.assert_array_equal(sampling.solve_with_nfe(tangent, noise, path, 7, 'heun'), edm)
+  np.testing.assert_array_equal(sampling.solve_with_nfe(tangent, noise, path, 8, 'heun'), heun)
+  np.testing.assert_array_equal(sampling.solve_with_nfe(tangent, noise, path, 1, 'heun'),
+                                sampling.ode_sample(tangent, noise, path, 1, 'euler'))
+
+
 def test_reference_solve_of_exponential_decay():
   x0 = jnp.array([[1.0, -2.0]])
   x1 = sampling.reference_solve(lambda x, t: -x, x0, 0.0, 1.0)

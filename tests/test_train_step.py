@@ -112,3 +112,19 @@ def test_bad_setups_are_named():
   task = step_lib.SecantTask(variant='sdei', path=paths.Linear(), num_steps=4, null_class=10)
   with pytest.raises(ValueError, match="Variant 'sdei' needs a teacher"):
     step_lib.make_train_step(task, None, None, optax.sgd(0.1), 0.9)
+
+
+def test_ema_warmup_follows_the_params_early_and_caps_at_the_decay():
+  decays = [float(step_lib.ema_decay_at(k, 0.999, True)) for k in (0, 10, 2000, 100_000)]
+  np.testing.assert_allclose(decays, [0.1, 11 / 20, 2001 / 2010, 0.999], rtol=1e-6)
+  assert step_lib.ema_decay_at(0, 0.999, False) == 0.999
+  _, state, _, batch = _setup('diffusion')
+  optimizer = optax.adamw(1e-3, weight_decay=0.0)
+  task = step_lib.SecantTask(variant='diffusion', path=paths.Linear(), num_steps=1,
+                             null_class=10)
+  model = dit.DiT(**ARCH)
+  warm = step_lib.make_train_step(task, _apply(model), None, optimizer, 0.999, ema_warmup=True)
+  new, _ = jax.jit(warm)(state, None, batch)
+  for e_new, e_old, p_new in zip(*(jax.tree_util.tree_leaves(t) for t in (
+      new.ema_params, state.ema_params, new.params))):
+    np.testing.assert_allclose(e_new, 0.1 * e_old + 0.9 * p_new, rtol=1e-5, atol=1e-6)

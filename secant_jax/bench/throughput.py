@@ -82,7 +82,8 @@ def bench_train(config, args, mesh):
   teacher = registry.build(config.model, guided=False) if task.needs_teacher else None
   train_step = step_lib.make_train_step(task, network.apply,
                                         None if teacher is None else teacher.apply,
-                                        optimizer, config.ema_decay)
+                                        optimizer, config.ema_decay,
+                                        config.ema_warmup)
   k_init, k_teacher, k_state = jax.random.split(jax.random.key(0), 3)
   create = lambda: state_lib.create(network.init(k_init), optimizer, k_state)
   state_sharding = parallel.tree_sharding(jax.eval_shape(create), mesh, config.fsdp > 1)

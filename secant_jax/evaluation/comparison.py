@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.experimental import multihost_utils
 from PIL import Image
 
@@ -99,6 +100,8 @@ def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality
         scores[i].add(x, keep)
       if i - 1 not in firsts:
         firsts[i - 1] = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    logging.info('comparison: %d / %d samples, %d samplers', start + keep, total,
+                 len(samplers))
   per_value = total * int(np.prod(noise.shape[1:]))
   rows = [{'sampler': 'teacher adaptive reference', 'nfe': None, 'error': 0.0}]
   rows += [{'sampler': s.name, 'nfe': s.nfe, 'error': float(np.sqrt(e / per_value))}

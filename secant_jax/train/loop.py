@@ -11,14 +11,15 @@ import os
 
 import jax
 import numpy as np
-from clu import metric_writers
-from clu import periodic_actions
 from flax import traverse_util
 
 from secant_jax import generate
+from secant_jax import sampling
+from secant_jax import writers
 from secant_jax.convert import common
 from secant_jax.convert import sit as convert_sit
 from secant_jax.data import pipeline
+from secant_jax.evaluation import reference_error
 from secant_jax.evaluation import sample_quality
 from secant_jax.models import registry
 from secant_jax.train import checkpoint
@@ -78,7 +79,8 @@ def train_and_evaluate(config, workdir):
   optimizer = recipe.make_optimizer(config.optimizer)
   train_step = step_lib.make_train_step(task, network.apply,
                                         None if teacher is None else teacher.apply,
-                                        optimizer, config.ema_decay)
+                                        optimizer, config.ema_decay,
+                                        config.ema_warmup)
 
   local_batch = config.batch_size // jax.process_count()
   data_iter, record_shape = pipeline.build(config.data, local_batch, config.seed)
@@ -104,9 +106,8 @@ def train_and_evaluate(config, workdir):
   teacher_variables = jax.device_put(teacher_variables, teacher_sharding)
   step_fn = parallel.jit_train_step(train_step, state_sharding, teacher_sharding, mesh)
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
-  report = periodic_actions.ReportProgress(num_train_steps=config.num_train_steps,
-                                           writer=writer)
+  writer = writers.create(workdir, just_logging=jax.process_index() > 0)
+  report = writers.progress(config.num_train_steps, writer)
   schedule = recipe.learning_rate_schedule(config.optimizer)
   batch_sharding = parallel.batch_sharding(mesh)
   quality = (sample_quality.SampleQuality(config, workdir, mesh) if config.eval_every
@@ -141,11 +142,22 @@ def train_and_evaluate(config, workdir):
 
 
 def write_samples(config, network, task, variables, writer, step):
-  """A grid of EMA samples from fixed noise and labels, as an image summary."""
+  """A grid of EMA samples from fixed noise and labels, as an image summary: a secant
+  model's in its task's steps; a teacher's (variant 'diffusion') by solving its ODE with
+  Heun at config.teacher_sample_nfe (one step of a teacher only shows the class mean)."""
   noise, labels = generate.fixed_noise_and_labels(
       config.seed, config.num_sample_images, network.image_shape,
       config.model.get('num_classes', 0))
-  images = jax.jit(lambda v: generate.sample(network, task, v, config.secant, noise,
-                                             labels))(variables)
+
+  def sample(v):
+    if task.variant != 'diffusion':
+      return generate.sample(network, task, v, config.secant, noise, labels)
+    tangent = reference_error.teacher_tangent(
+        task.path, lambda *a: network.apply(v, *a), network.null_class, labels, None,
+        task.sigma_data)
+    return sampling.solve_with_nfe(tangent, noise, task.path, config.teacher_sample_nfe,
+                                   'heun')
+
+  images = jax.jit(sample)(variables)
   writer.write_images(step, {'samples': generate.image_grid(jax.device_get(images))[None]})
 

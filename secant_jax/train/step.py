@@ -75,9 +75,21 @@ def teacher_tangent(task, teacher_apply, teacher_variables):
   return guidance.classifier_free(conditional, task.null_class)
 
 
+def ema_decay_at(step, decay, warmup):
+  """The EMA decay of update number `step` (0-based): `decay`, or with warmup
+  min(decay, (1 + step)/(10 + step)), so that a run from random weights does not keep
+  decay^steps of its initialisation in the EMA (0.999^2000 = 13.5%)."""
+  if not warmup:
+    return decay
+  step = jnp.asarray(step, jnp.float32)
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
 def make_train_step(task: SecantTask, apply_fn: ApplyFn, teacher_apply: ApplyFn | None,
-                    optimizer: optax.GradientTransformation, ema_decay: float):
-  """The pure train step for `task`; jit it with `parallel.jit_train_step`."""
+                    optimizer: optax.GradientTransformation, ema_decay: float,
+                    ema_warmup: bool = False):
+  """The pure train step for `task`; jit it with `parallel.jit_train_step`. The EMA decays
+  by `ema_decay_at(step, ema_decay, ema_warmup)`."""
   if task.needs_teacher and teacher_apply is None:
     raise ValueError(f'Variant {task.variant!r} needs a teacher: set the config\'s teacher '
                      'checkpoint.')
@@ -110,7 +122,8 @@ def make_train_step(task: SecantTask, apply_fn: ApplyFn, teacher_apply: ApplyFn 
     (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state.params['params'])
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params['params'])
     params = {**state.params, 'params': optax.apply_updates(state.params['params'], updates)}
-    ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+    decay = ema_decay_at(state.step, ema_decay, ema_warmup)
+    ema = jax.tree_util.tree_map(lambda e, p: decay * e + (1.0 - decay) * p,
                                  state.ema_params, params)
     metrics = {'loss': loss, 'grad_norm': optax.tree.norm(grads),
                **{f'loss_{k}': v for k, v in terms.items()}}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The Fashion-MNIST table end to end on one machine (configs/fashion_mnist.py): a
+# flow-matching teacher, SDEI and STEE secant models from it (the two in parallel), the
+# FD-FMNIST classifier (in parallel with the teacher), then the comparison table.
+#
+#   launch/fashion_mnist.sh runs/fmnist
+#
+# writes runs/fmnist/{teacher,sdei,stee,features,table}; runs/fmnist/table/table.md is
+# the table. A finished stage is skipped and an interrupted one resumes from its last
+# checkpoint, so the same command continues after a preemption. Settings (environment):
+#   MODEL (SiT-S/2), STEPS (secant steps, 4), DATA_DIR (the IDX files; Debian's default),
+#   TEACHER_TRAIN_STEPS, SECANT_TRAIN_STEPS, NUM_SAMPLES (the config's unless set),
+#   EPOCHS (classifier, 8), TEACHER_FLAGS / SECANT_FLAGS / COMPARE_FLAGS (more
+#   --config.* flags for that stage), PYTHON (python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+runs=${1:?usage: launch/fashion_mnist.sh RUNS_DIR}
+python=${PYTHON:-python3}
+config=configs/fashion_mnist.py
+args="model=${MODEL:-SiT-S/2},teacher=$runs/teacher"
+common=()
+[ -n "${DATA_DIR:-}" ] && common+=(--config.data.dir="$DATA_DIR")
+optional() { [ -n "$2" ] && echo "--config.$1=$2"; return 0; }
+
+train() {  # stage name, config argument tail, train steps, stage flags
+  [ -d "$runs/$1/ema" ] && { echo "$runs/$1 is finished"; return 0; }
+  # shellcheck disable=SC2086
+  "$python" -m secant_jax.main --config="$config:$2,$args" --workdir="$runs/$1" \
+    "${common[@]}" $(optional num_train_steps "$3") $4
+}
+
+if [ ! -f "$runs/features/accuracy.json" ]; then
+  rm -rf "$runs/features"
+  "$python" -m secant_jax.evaluation.fmnist_features --out "$runs/features" \
+    --epochs "${EPOCHS:-8}" ${DATA_DIR:+--data_dir "$DATA_DIR"} &
+  classifier=$!
+fi
+train teacher stage=teacher "${TEACHER_TRAIN_STEPS:-}" "${TEACHER_FLAGS:-}"
+for variant in sdei stee; do
+  train "$variant" "stage=secant,variant=$variant,steps=${STEPS:-4}" \
+    "${SECANT_TRAIN_STEPS:-}" "${SECANT_FLAGS:-}" &
+  pids+=($!)
+done
+for pid in "${pids[@]}" ${classifier:-}; do wait "$pid"; done
+# shellcheck disable=SC2086
+"$python" -m secant_jax.main --config="$config:stage=compare,$args" --workdir="$runs/table" \
+  "${common[@]}" --config.fid.fmnist="$runs/features" \
+  --config.compare.secants="sdei=$runs/sdei,stee=$runs/stee" \
+  $(optional compare.num_samples "${NUM_SAMPLES:-}") ${COMPARE_FLAGS:-}
