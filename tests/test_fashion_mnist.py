@@ -82,7 +82,7 @@ def test_teacher_secant_stages_and_the_table_on_cpu(tmp_path):
   assert falls, losses
   for variant in ('sdei', 'stee'):
     c = _stage_config('secant', tmp_path, variant=variant, steps=2)
-    c.num_train_steps, c.optimizer.learning_rate = 30, 3e-4
+    c.num_train_steps, c.optimizer.learning_rate, c.log_every = 60, 1e-3, 10
     _, history = loop.train_and_evaluate(c, tmp_path / variant)
     falls, losses = _falls(history)
     assert falls, (variant, losses)

@@ -160,10 +160,11 @@ def test_demo_stages_and_evaluate_mode_agree(tmp_path):
   result = main_lib.run(stage, stage_dir)
   assert result['steps'] == 2 and result['num_samples'] == 16
   # the table's batch is sharded over the 8 devices, evaluate mode's is not: sums differ
-  # in their last bits (~1e-11 here)
-  np.testing.assert_allclose(result['secant'], error['secant SDEI', 2], rtol=1e-5, atol=1e-9)
+  # in their last bits, and the adaptive reference (rtol = atol = 1e-6) can take other
+  # steps; seen: 2e-9 apart on a Heun error of 8e-6 (this teacher is near its init)
+  np.testing.assert_allclose(result['secant'], error['secant SDEI', 2], rtol=1e-5, atol=1e-7)
   np.testing.assert_allclose(result['teacher_heun'], error['teacher Heun', 2], rtol=1e-5,
-                             atol=1e-9)
+                             atol=1e-7)
   assert os.path.isfile(os.path.join(stage_dir, 'eval.json'))
 
 
