@@ -35,9 +35,7 @@ def integration_error(config, network, task, variables):
       config.seed + 1, config.num_eval_samples, network.image_shape,
       config.model.get('num_classes', 0))
   _, scale = generate.sampler_secant(network, task, variables, config.secant)
-  tangent = reference_error.teacher_tangent(
-      task.path, lambda *a: teacher.apply(teacher_variables, *a), teacher.null_class, labels,
-      scale, task.sigma_data)
+  tangent = reference_error.teacher_tangent(teacher, teacher_variables, task, labels, scale)
   reference = jax.jit(lambda n: sampling.reference_sample(tangent, n, task.path))(noise)
   samples = jax.jit(lambda v: generate.sample(network, task, v, config.secant, noise,
                                               labels))(variables)

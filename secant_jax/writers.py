@@ -56,10 +56,10 @@ class FileWriter:
             os.path.join(self.logdir, 'images', f"{name.replace('/', '_')}_{step}.png"))
 
   def flush(self):
-    pass
+    """Nothing to do: each write opens, appends to and closes its file."""
 
   def close(self):
-    pass
+    """Nothing to do: no file stays open between writes."""
 
 
 class StepRate:

@@ -45,9 +45,7 @@ def teacher(run_config, ema_dir, scale):
   task = recipe.make_task(run_config, network)
 
   def tangent_of(labels):
-    return reference_error.teacher_tangent(
-        task.path, lambda *a: network.apply(variables, *a), network.null_class, labels,
-        scale, task.sigma_data)
+    return reference_error.teacher_tangent(network, variables, task, labels, scale)
 
   return network, task, tangent_of
 

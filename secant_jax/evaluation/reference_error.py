@@ -18,15 +18,17 @@ from secant_jax import sampling
 from secant_jax.models import precond
 
 
-def teacher_tangent(path, teacher_apply, null_class, labels, scale, sigma_data=0.5):
-  """v(x, t): the teacher network's tangent for fixed labels, CFG-guided at the float
-  `scale`; None or 1 (v_∅ + 1·(v_y − v_∅) = v_y) is the plain conditional tangent, one
-  network pass instead of two."""
-  secant_fn = precond.secant_from_network(path, teacher_apply, sigma_data)
+def teacher_tangent(network, variables, task, labels, scale):
+  """v(x, t): the tangent of the teacher `network` (a models.registry.Network) with
+  `variables`, on task's path, for fixed labels, CFG-guided at the float `scale`; None or 1
+  (v_∅ + 1·(v_y − v_∅) = v_y) is the plain conditional tangent, one network pass instead of
+  two."""
+  secant_fn = precond.secant_from_network(
+      task.path, lambda *a: network.apply(variables, *a), task.sigma_data)
   conditional = lambda x, t, y: precond.tangent_from_secant(secant_fn)(x, t, y, None)
   if scale is None or scale == 1.0:
     return lambda x, t: conditional(x, t, labels)
-  guided = guidance.classifier_free(conditional, null_class)
+  guided = guidance.classifier_free(conditional, network.null_class)
   w = jnp.full(labels.shape, scale, jnp.float32)
   return lambda x, t: guided(x, t, labels, w)
 

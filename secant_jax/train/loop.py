@@ -152,9 +152,7 @@ def write_samples(config, network, task, variables, writer, step):
   def sample(v):
     if task.variant != 'diffusion':
       return generate.sample(network, task, v, config.secant, noise, labels)
-    tangent = reference_error.teacher_tangent(
-        task.path, lambda *a: network.apply(v, *a), network.null_class, labels, None,
-        task.sigma_data)
+    tangent = reference_error.teacher_tangent(network, v, task, labels, None)
     return sampling.solve_with_nfe(tangent, noise, task.path, config.teacher_sample_nfe,
                                    'heun')
 
