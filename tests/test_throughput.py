@@ -30,7 +30,7 @@ def test_forward_equivalents_per_variant():
 
 
 @pytest.mark.parametrize('extra', [['--variant', 'sdei'], ['--variant', 'stee', '--remat'],
-                                   ['--sample', '--num-steps', '2']])
+                                   ['--sample', '--num-steps', '2', '--profile', '1']])
 def test_benchmark_runs_on_cpu_and_prints_its_fields(extra, capsys):
   fields = throughput.main(['--model', 'DiT-S/8', '--batch', '8', '--steps', '2',
                             '--warmup', '1', '--dtype', 'float32', *extra])
@@ -38,3 +38,5 @@ def test_benchmark_runs_on_cpu_and_prints_its_fields(extra, capsys):
   for key in ('images_per_second', 'step_ms', 'peak_memory_gib', 'achieved_tflops', 'mfu'):
     assert key in printed
   assert fields['images_per_second'] > 0 and fields['mfu'] is None  # CPU: no known peak
+  if '--profile' in extra:
+    assert 'device busy' in printed and fields['profile']['kinds']['matmul'] > 0

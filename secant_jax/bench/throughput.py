@@ -9,20 +9,23 @@ bf16 compute) with the model, batch and the flags below overriding them; the ste
 trainer runs it, and sampling is `generate.sample`. Compiles once, runs --warmup untimed
 iterations, then times --steps with one device sync at the end. Prints img/s, time per
 step, peak device memory, achieved TFLOP/s (from `bench.flops`) and MFU against the
-device's dense bf16 peak (--peak-tflops for devices it does not know). Needs no data
-stack: jax, flax, optax and ml_collections.
+device's dense bf16 peak (--peak-tflops for devices it does not know). --profile N then
+traces N more calls and prints device time per kind of kernel and the top HLO
+instructions (`bench.profile`). Needs no data stack: jax, flax, optax and ml_collections.
 """
 
 import argparse
 import importlib.util
 import os
 import time
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from secant_jax import generate
 from secant_jax.bench import flops as flops_lib
+from secant_jax.bench import profile as profile_lib
 from secant_jax.models import registry
 from secant_jax.train import parallel
 from secant_jax.train import recipe
@@ -74,8 +77,16 @@ def _synthetic_batch(network, batch, mesh):
   return make()
 
 
+class Program(NamedTuple):
+  """A compiled program ready to time: run() makes one call and returns what to block on."""
+  run: Callable[[], Any]
+  compiled: Any  # jax.stages.Compiled
+  network: registry.Network
+  forward_equivalents: int  # per image, a backward counting as two
+
+
 def bench_train(config, args, mesh):
-  """(seconds per step, forward-equivalents per image) of the real train step."""
+  """The real train step on random weights and a synthetic batch, as a Program."""
   network = registry.build(config.model, guided=config.secant.guidance is not None)
   task = recipe.make_task(config, network)
   optimizer = recipe.make_optimizer(config.optimizer)
@@ -102,12 +113,11 @@ def bench_train(config, args, mesh):
     holder[0], metrics = step_fn(holder[0], teacher_variables, batch)
     return metrics
 
-  seconds = _timed(one_step, args.warmup, args.steps)
-  return seconds, network, flops_lib.train_forward_equivalents(task)
+  return Program(one_step, step_fn, network, flops_lib.train_forward_equivalents(task))
 
 
 def bench_sample(config, args, mesh):
-  """(seconds per batch, forward-equivalents per image) of N-step secant sampling."""
+  """N-step secant sampling of a batch, as a Program."""
   network = registry.build(config.model, guided=config.secant.guidance is not None)
   task = recipe.make_task(config, network)
   variables = jax.jit(network.init, out_shardings=parallel.replicated(mesh))(
@@ -116,9 +126,9 @@ def bench_sample(config, args, mesh):
   sample = jax.jit(lambda v, noise, y: generate.sample(network, task, v, config.secant,
                                                        noise, y, args.num_steps))
   sample = sample.lower(variables, batch['x'], batch['y']).compile()
-  seconds = _timed(lambda: sample(variables, batch['x'], batch['y']), args.warmup, args.steps)
   classic_cfg = task.guidance_range is None and task.label_dropout > 0
-  return seconds, network, flops_lib.sample_forward_equivalents(args.num_steps, classic_cfg)
+  return Program(lambda: sample(variables, batch['x'], batch['y']), sample, network,
+                 flops_lib.sample_forward_equivalents(args.num_steps, classic_cfg))
 
 
 def report(args, seconds, network, forward_equivalents):
@@ -154,6 +164,10 @@ def parse_args(argv=None):
   parser.add_argument('--remat', action='store_true')
   parser.add_argument('--fsdp', type=int, default=1)
   parser.add_argument('--peak-tflops', type=float, default=0.0)
+  parser.add_argument('--profile', type=int, default=0, metavar='N',
+                      help='after timing, trace N calls and print where device time goes')
+  parser.add_argument('--profile-dir', default='', help='where the trace goes (default: a '
+                      'temporary directory); open it with TensorBoard/XProf')
   return parser.parse_args(argv)
 
 
@@ -162,11 +176,17 @@ def main(argv=None):
   config = load_config(args)
   mesh = parallel.make_mesh(config.fsdp)
   parallel.check_batch_size(config.batch_size, mesh)
-  measure = bench_sample if args.sample else bench_train
-  fields = report(args, *measure(config, args, mesh))
+  program = (bench_sample if args.sample else bench_train)(config, args, mesh)
+  seconds = _timed(program.run, args.warmup, args.steps)
+  fields = report(args, seconds, program.network, program.forward_equivalents)
   for key, value in fields.items():
     text = 'n/a' if value is None else (f'{value:.4g}' if isinstance(value, float) else value)
     print(f'{key:>18}: {text}')
+  if args.profile:
+    result = profile_lib.breakdown(program.run, program.compiled.as_text(), args.profile,
+                                   args.profile_dir or None)
+    print('\n'.join(profile_lib.format_breakdown(result, fields['step_ms'])))
+    fields['profile'] = result
   return fields
 
 

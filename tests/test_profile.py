@@ -1,0 +1,73 @@
+"""The profile breakdown: HLO instructions classified by kind (GPU-style HLO written here),
+and a traced CPU program whose time lands on the right kinds."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from secant_jax.bench import profile
+
+GPU_HLO = '''HloModule jit_train_step, is_scheduled=true, entry_computation_layout={(bf16[8,16]{1,0})->bf16[8,16]{1,0}}
+
+%fused_ln (param_0: f32[8,16]) -> f32[8] {
+  %param_0 = f32[8,16]{1,0} parameter(0)
+  %constant.1 = f32[] constant(0)
+  ROOT %reduce.1 = f32[8]{0} reduce(%param_0, %constant.1), dimensions={1}, to_apply=%add
+}
+
+%fused_gelu (param_0.1: bf16[8,16]) -> bf16[8,16] {
+  %param_0.1 = bf16[8,16]{1,0} parameter(0)
+  ROOT %tanh.0 = bf16[8,16]{1,0} tanh(%param_0.1)
+}
+
+%triton_dot (p0: bf16[8,16], p1: bf16[16,16]) -> bf16[8,16] {
+  %p0 = bf16[8,16]{1,0} parameter(0)
+  %p1 = bf16[16,16]{1,0} parameter(1)
+  ROOT %dot.7 = bf16[8,16]{1,0} dot(%p0, %p1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main.9 (x: bf16[8,16]) -> bf16[8,16] {
+  %x = bf16[8,16]{1,0} parameter(0)
+  %custom-call.3 = (bf16[8,16]{1,0}, s8[1024]{0}) custom-call(%x, %x), custom_call_target="__cublas$lt$matmul"
+  %custom-call.4 = (bf16[8,16]{1,0}, u8[0]{0}) custom-call(%x, %x, %x), custom_call_target="__cudnn$fmhaSoftmax"
+  %gemm_fusion.2 = bf16[8,16]{1,0} fusion(%x, %x), kind=kCustom, calls=%triton_dot, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  %input_reduce_fusion = f32[8]{0} fusion(%x), kind=kInput, calls=%fused_ln
+  %loop_tanh_fusion = bf16[8,16]{1,0} fusion(%x), kind=kLoop, calls=%fused_gelu
+  %copy.5 = bf16[16,8]{0,1} copy(%x)
+  %all-reduce-start.1 = f32[8]{0} all-reduce-start(%input_reduce_fusion), to_apply=%add
+  %rng-bit-generator.2 = (u64[2]{0}, u32[8]{0}) rng-bit-generator(%x), algorithm=rng_default
+  ROOT %add.8 = bf16[8,16]{1,0} add(%x, %loop_tanh_fusion)
+}
+'''
+
+
+def test_instruction_kinds_of_gpu_hlo():
+  kinds = profile.instruction_kinds(GPU_HLO)
+  assert kinds['custom-call.3'] == 'matmul'
+  assert kinds['custom-call.4'] == 'attention'
+  assert kinds['gemm_fusion.2'] == 'matmul'
+  assert kinds['input_reduce_fusion'] == 'reduction'
+  assert kinds['loop_tanh_fusion'] == 'elementwise'
+  assert kinds['copy.5'] == 'layout'
+  assert kinds['all-reduce-start.1'] == 'collective'
+  assert kinds['rng-bit-generator.2'] == 'other'
+  assert kinds['add.8'] == 'elementwise'
+  assert profile.module_name(GPU_HLO) == 'jit_train_step'
+
+
+def test_module_name_error_names_what_to_pass():
+  with pytest.raises(ValueError, match=r'compiled\.as_text\(\)'):
+    profile.module_name('not hlo')
+
+
+def test_breakdown_of_a_traced_program_puts_a_large_matmul_first(tmp_path):
+  a = jnp.ones((768, 768), jnp.float32)
+  compiled = jax.jit(lambda a: jnp.tanh(a @ a @ a) + 1.0).lower(a).compile()
+  result = profile.breakdown(lambda: compiled(a), compiled.as_text(), iterations=2,
+                             directory=str(tmp_path))
+  assert result['trace'].startswith(str(tmp_path))
+  assert result['kinds']['matmul'] > result['kinds']['elementwise'] > 0
+  assert result['busy_ms'] == pytest.approx(sum(result['kinds'].values()))
+  assert result['top'][0][1] == 'matmul'
+  lines = profile.format_breakdown(result, step_ms=10.0)
+  assert lines[0].startswith('device busy') and any('matmul' in l for l in lines[2:])
