@@ -11,8 +11,17 @@ paper's table in miniature.
     python -m secant_jax.main --config=configs/fashion_mnist.py:stage=compare --workdir=runs/fmnist-table
 
 Arguments: stage (teacher | secant | compare), variant and steps (the secant stage),
-model ('SiT-S/2', any DiT/SiT name, or 'tiny' for CPU tests), teacher (the teacher's run
-directory). The secant runs the table compares are --config.compare.secants.
+model, teacher (the teacher's run directory). The secant runs the table compares are
+--config.compare.secants. Models:
+
+- 'SiT-S/2' or any DiT/SiT name ('tiny' for CPU tests): the flow-matching SiT on the
+  linear path; distillation (SDEI/SDEE) embeds the guidance scale w ~ U(1, 2).
+- 'unet' ('unet-tiny' for CPU tests): EDM's DDPM++ SongUNet, class-conditional by EDM's
+  one-hot labels, on the σ-path with EDM's preconditioning (σ_data = 0.66, the std of the
+  padded training images). It has no guidance input, so distillation learns the
+  conditional teacher (w = 1) and STEE samples with classic CFG.
+
+Give the same model to all three stages of one table.
 """
 
 import ml_collections
@@ -21,6 +30,12 @@ from secant_jax import config as config_lib
 
 STAGES = ('teacher', 'secant', 'compare')
 TINY = dict(hidden_size=64, depth=2, num_heads=4)
+UNETS = {  # SongUNet sizes for 32×32 grey images
+    'unet': dict(model_channels=64, channel_mult=(1, 2, 2), num_blocks=2,
+                 attn_resolutions=(16,)),
+    'unet-tiny': dict(model_channels=16, channel_mult=(1, 2), num_blocks=1,
+                      attn_resolutions=(16,)),
+}
 
 
 def get_config(arg=None):
@@ -30,17 +45,26 @@ def get_config(arg=None):
     raise ValueError(f"Unknown stage {args['stage']!r}: expected one of {STAGES}, e.g. "
                      'configs/fashion_mnist.py:stage=secant,variant=sdei,steps=4.')
   c = config_lib.base_config()
-  c.model.family = 'dit'
-  c.model.name = 'DiT-S/4' if args['model'] == 'tiny' else args['model']
-  if args['model'] == 'tiny':
-    c.model.update(TINY)
-  c.model.input_size = 32
-  c.model.in_channels = 1
+  unet = args['model'] in UNETS
+  if unet:
+    c.model.family = 'edm_unet'
+    c.model.arch = 'ddpmpp'
+    c.model.unet = dict(img_resolution=32, in_channels=1, out_channels=1, dropout=0.1,
+                        **UNETS[args['model']])
+    c.path.name = 'edm'
+    c.path.sigma_data = 0.66
+  else:
+    c.model.family = 'dit'
+    c.model.name = 'DiT-S/4' if args['model'] == 'tiny' else args['model']
+    if args['model'] == 'tiny':
+      c.model.update(TINY)
+    c.model.input_size = 32
+    c.model.in_channels = 1
+    c.model.learn_sigma = False
+    c.model.attention = ''
+    c.path.name = 'linear'
   c.model.num_classes = 10
-  c.model.learn_sigma = False
   c.model.dtype = 'bfloat16'
-  c.model.attention = ''
-  c.path.name = 'linear'
   c.data.name = 'fashion_mnist'
   c.data.dir = ''  # '' = /usr/share/datasets/fashion-mnist
   c.data.split = 'train'
@@ -63,7 +87,8 @@ def get_config(arg=None):
     c.ema_warmup = True  # from random weights: no share of the initialisation in the EMA
     c.num_train_steps = 30_000
   else:
-    c.secant = config_lib.secant_config(args['variant'], args['steps'], guidance=(1.0, 2.0))
+    c.secant = config_lib.secant_config(args['variant'], args['steps'],
+                                        guidance=None if unet else (1.0, 2.0))
     c.init_checkpoint = teacher_ema
     c.teacher_checkpoint = teacher_ema
     c.optimizer.learning_rate = 1e-4

@@ -60,17 +60,24 @@ def test_sit_cli_converts_a_secant_checkpoint_with_model_and_ema(tmp_path, capsy
 
 
 @pytest.mark.torch
-def test_edm_cli_converts_an_exported_state_dict(tmp_path):
+@pytest.mark.parametrize('label_dim', [0, 10])  # EDM's uncond and cond CIFAR-10 networks
+def test_edm_cli_converts_an_exported_state_dict(tmp_path, label_dim):
   import torch
   import torch_song_unet
   torch.manual_seed(0)
   net = torch_song_unet.Precond(img_resolution=32, in_channels=3, out_channels=3,
-                                model_channels=128, channel_mult=(2, 2, 2), augment_dim=9)
+                                label_dim=label_dim, model_channels=128,
+                                channel_mult=(2, 2, 2), augment_dim=9)
   torch.save(net.state_dict(), tmp_path / 'edm.pt')
-  convert_edm.main(['--in', str(tmp_path / 'edm.pt'), '--out', str(tmp_path / 'converted')])
-  model = edm_unet.cifar10('ddpmpp')
+  convert_edm.main(['--in', str(tmp_path / 'edm.pt'), '--out', str(tmp_path / 'converted'),
+                    '--label-dim', str(label_dim)])
+  model = edm_unet.cifar10('ddpmpp', label_dim=label_dim)
   saved = common.load_variables(tmp_path / 'converted')
   restored = common.fit(traverse_util.flatten_dict(saved), convert_edm.init_variables(model))
   flat = traverse_util.flatten_dict(restored['params'])
   np.testing.assert_allclose(flat[('enc_32x32_conv', 'kernel')],
                              net.model.enc['32x32_conv'].weight.detach().numpy().transpose(2, 3, 1, 0))
+  assert (('map_label', 'kernel') in flat) == bool(label_dim)
+  if label_dim:
+    np.testing.assert_allclose(flat[('map_label', 'kernel')],
+                               net.model.map_label.weight.detach().numpy().T)

@@ -130,3 +130,38 @@ def test_wrong_architecture_is_named():
   model = edm_unet.SongUNet(**_reduced('ddpmpp'))
   with pytest.raises(common.ConversionError, match=r"resample_filter' is a 4-tap .* 2 taps"):
     convert_edm.convert(state, convert_edm.init_variables(model), model.resample_filter)
+
+
+@pytest.mark.torch
+def test_class_conditional_parity_with_one_hot_labels_and_zeros_for_the_null_class():
+  import ml_collections
+  import torch
+  import torch_song_unet
+  from secant_jax.models import registry
+  settings = _reduced('ddpmpp', augment_dim=0)
+  torch.manual_seed(1)
+  net = torch_song_unet.Precond(label_dim=10, **settings).eval()
+  state = {k: v.numpy() for k, v in net.state_dict().items()}
+  network = registry.build(ml_collections.ConfigDict(dict(
+      family='edm_unet', arch='ddpmpp', num_classes=10, dtype='float32',
+      unet={k: v for k, v in settings.items() if k not in edm_unet.SETTINGS['ddpmpp']})),
+      guided=False)
+  assert network.null_class == 10 and network.module.label_dim == 10
+  variables = convert_edm.convert(state, network.abstract_variables(),
+                                  network.module.resample_filter)
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(3, 16, 16, 3)).astype(np.float32)
+  c_t = np.log(np.array([20.0, 1.0, 0.1], np.float32)) / 4
+  c_s = np.log(np.array([5.0, 0.5, 0.05], np.float32)) / 4
+  y = np.array([3, 10, 7], np.int32)  # 10: the null class
+  out = np.asarray(jax.jit(network.apply)(variables, x, c_t, c_s, y, None))
+  one_hot = np.eye(10, dtype=np.float32)[[3, 0, 7]]
+  one_hot[1] = 0.0
+  with torch.no_grad():
+    ref = net.model(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(c_t),
+                    torch.from_numpy(c_s), torch.from_numpy(one_hot)).permute(0, 2, 3, 1)
+  err = np.abs(out - ref.numpy()).max()
+  print(f'class-conditional ddpmpp: network max abs error {err:.2e}')
+  assert err <= 1e-4
+  other = np.asarray(jax.jit(network.apply)(variables, x, c_t, c_s, np.array([4, 10, 7]), None))
+  assert np.abs(other[0] - out[0]).max() > 1e-3  # the label acts

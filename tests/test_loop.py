@@ -89,6 +89,18 @@ def test_one_step_on_imagenet_latents(variant, latent_dir, tmp_path):
                                                                     'config.json')
 
 
+def test_logged_metrics_are_means_over_the_log_window(latent_dir, tmp_path):
+  data = dict(name='imagenet_latents', dir=latent_dir)
+  _, every = loop.train_and_evaluate(_config(TINY_DIT, data, 'stee', steps=5),
+                                     tmp_path / 'every')
+  _, windows = loop.train_and_evaluate(_config(TINY_DIT, data, 'stee', steps=5, log_every=3),
+                                       tmp_path / 'windows')
+  assert [h['step'] for h in windows] == [3, 5]
+  for logged, steps in zip(windows, (every[:3], every[3:])):
+    for key in ('loss', 'grad_norm'):
+      assert logged[key] == pytest.approx(np.mean([h[key] for h in steps]), rel=1e-5)
+
+
 @pytest.mark.parametrize('variant', ['sdei', 'stei', 'sdee', 'stee'])
 def test_one_step_on_mock_cifar10_edm_path(variant, tmp_path):
   teacher = _save_teacher(TINY_UNET, tmp_path / 'teacher')

@@ -100,7 +100,8 @@ class FourierEmbedding(nn.Module):
 
 
 class SongUNet(nn.Module):
-  def __init__(self, img_resolution, in_channels, out_channels, augment_dim=0, model_channels=128,
+  def __init__(self, img_resolution, in_channels, out_channels, label_dim=0, augment_dim=0,
+               model_channels=128,
                channel_mult=(1, 2, 2, 2), channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,),
                embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
                resample_filter=(1, 1)):
@@ -109,6 +110,7 @@ class SongUNet(nn.Module):
     self.noise_ch = model_channels * channel_mult_noise
     self.embedding_type = embedding_type
     self.map_noise = FourierEmbedding(self.noise_ch) if embedding_type == 'fourier' else None
+    self.map_label = Linear(label_dim, self.noise_ch) if label_dim else None
     self.map_augment = Linear(augment_dim, self.noise_ch, bias=False) if augment_dim else None
     self.map_layer0 = Linear(self.noise_ch, emb_ch)
     self.map_layer1 = Linear(emb_ch, emb_ch)
@@ -157,8 +159,10 @@ class SongUNet(nn.Module):
     emb = torch.cat([x.cos(), x.sin()], dim=1)
     return emb.reshape(emb.shape[0], 2, -1).flip(1).reshape(*emb.shape)
 
-  def forward(self, x, noise_t, noise_s):
+  def forward(self, x, noise_t, noise_s, class_labels=None):
     emb = (self.features(noise_t) + self.features(noise_s)) / 2
+    if self.map_label is not None:
+      emb = emb + self.map_label(class_labels * np.sqrt(self.map_label.weight.shape[1]))
     emb = F.silu(self.map_layer1(F.silu(self.map_layer0(emb))))
     skips, aux = [], x
     for name, block in self.enc.items():
@@ -188,11 +192,11 @@ class Precond(nn.Module):
     self.sigma_data = sigma_data
     self.model = SongUNet(**unet_kwargs)
 
-  def forward(self, x, sigma_t, sigma_s):
+  def forward(self, x, sigma_t, sigma_s, class_labels=None):
     sd = self.sigma_data
     st = sigma_t.reshape(-1, 1, 1, 1)
     c_skip = sd ** 2 / (st ** 2 + sd ** 2)
     c_out = st * sd / (st ** 2 + sd ** 2).sqrt()
     c_in = 1 / (sd ** 2 + st ** 2).sqrt()
-    out = self.model(c_in * x, sigma_t.log() / 4, sigma_s.log() / 4)
+    out = self.model(c_in * x, sigma_t.log() / 4, sigma_s.log() / 4, class_labels)
     return (x - (c_skip * x + c_out * out)) / st

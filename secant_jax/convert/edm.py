@@ -1,6 +1,7 @@
 """EDM SongUNet checkpoints → Flax SongUNet variables.
 
     python -m secant_jax.convert.edm --in edm-cifar10-uncond-vp.pt --out DIR [--arch ddpmpp]
+    python -m secant_jax.convert.edm --in edm-cifar10-cond-vp.pt --out DIR --label-dim 10
 
 EDM publishes pickles of whole network objects (edm-cifar10-32x32-uncond-vp.pkl), which
 only unpickle next to EDM's own code. Export the state dict once, in a checkout of
@@ -47,12 +48,14 @@ def main(argv=None):
   parser.add_argument('--in', dest='input', required=True, help='.pt/.pth/.safetensors/.npz')
   parser.add_argument('--out', required=True, help='Orbax checkpoint directory to write')
   parser.add_argument('--arch', default='ddpmpp', choices=sorted(edm_unet.SETTINGS))
+  parser.add_argument('--label-dim', type=int, default=0,
+                      help='classes of a conditional network (10 for edm-cifar10-32x32-cond-*)')
   parser.add_argument('--key', default=None)
   args = parser.parse_args(argv)
   if args.input.endswith('.pkl'):
     raise SystemExit(f'{args.input} is an EDM pickle; export its state dict first (see '
                      'python -m secant_jax.convert.edm --help or this module\'s docstring).')
-  model = edm_unet.cifar10(args.arch)
+  model = edm_unet.cifar10(args.arch, label_dim=args.label_dim)
   variables = convert(common.load_state_dict(args.input, args.key), init_variables(model),
                       model.resample_filter)
   common.save(jax.tree_util.tree_map(np.asarray, variables), args.out)

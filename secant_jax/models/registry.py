@@ -3,7 +3,8 @@ step and samplers use, and dummy inputs for initialisation.
 
 apply_fn(variables, x, t, s, y, w, dropout_key): t and s are what the network is
 conditioned on (the path's preconditioning maps path times to them); dropout_key None
-means evaluation.
+means evaluation. y are integer labels with null_class for "no label": the DiT embeds
+them, a class-conditional U-Net (config.model.num_classes > 0) takes them one-hot.
 """
 
 import dataclasses
@@ -28,7 +29,15 @@ class Network:
     if isinstance(self.module, dit.DiT):
       return self.module.apply(variables, x, t, s, y, w if self.guided else None)
     rngs = {} if dropout_key is None else {'dropout': dropout_key}
-    return self.module.apply(variables, x, t, s, train=dropout_key is not None, rngs=rngs)
+    return self.module.apply(variables, x, t, s, self._one_hot(y),
+                             train=dropout_key is not None, rngs=rngs)
+
+  def _one_hot(self, y):
+    """The U-Net's class input: EDM's one-hot labels; the null class (label_dim) and
+    y=None are all-zero rows, as EDM's label dropout makes them."""
+    if not self.module.label_dim or y is None:
+      return None
+    return jax.nn.one_hot(y, self.module.label_dim, dtype=jnp.float32)
 
   def init(self, key):
     x = jnp.zeros((1, *self.image_shape), jnp.float32)
@@ -36,7 +45,8 @@ class Network:
     if isinstance(self.module, dit.DiT):
       return self.module.init(key, x, z, z, jnp.zeros((1,), jnp.int32),
                               z if self.guided else None)
-    return self.module.init(key, x, z, z)
+    labels = jnp.zeros((1, self.module.label_dim)) if self.module.label_dim else None
+    return self.module.init(key, x, z, z, labels)
 
   def abstract_variables(self):
     return jax.eval_shape(self.init, jax.random.key(0))
@@ -58,11 +68,12 @@ def build(model_config, guided):
     return Network(module, guided, shape, module.null_class)
   if model_config.family == 'edm_unet':
     if guided:
-      raise ValueError('The EDM U-Net has no guidance-scale input (EDM CIFAR-10 is '
-                       'unconditional); set config.secant.guidance to None.')
-    kwargs = dict(model_config.get('unet', {}))
+      raise ValueError('The EDM U-Net has no guidance-scale input (embedded-CFG '
+                       'distillation is DiT/SiT only); set config.secant.guidance to None.')
+    kwargs = {'label_dim': model_config.get('num_classes', 0),
+              **model_config.get('unet', {})}
     module = edm_unet.from_settings(model_config.arch, dtype=dtype, **kwargs)
     shape = (module.img_resolution, module.img_resolution, module.in_channels)
-    return Network(module, False, shape, 0)
+    return Network(module, False, shape, module.label_dim)
   raise ValueError(f'Unknown model family {model_config.family!r}: expected one of '
                    f'{FAMILIES}; set config.model.family.')

@@ -10,6 +10,7 @@ workdir/ema, a converted checkpoint that a later run can start from or use as it
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -64,7 +65,8 @@ def _global_batch(local, sharding):
 
 def train_and_evaluate(config, workdir):
   """Trains config.secant.variant for config.num_train_steps; returns (state, history),
-  history being the logged metrics ({'step': ..., 'loss': ..., ...} per log step)."""
+  history being the logged metrics ({'step': ..., 'loss': ..., ...} per log step), each
+  the mean over the steps since the previous log."""
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   _save_config(config, workdir)
@@ -114,15 +116,20 @@ def train_and_evaluate(config, workdir):
              else None)
   history = []
   step = int(state.step)
+  window, window_steps = None, 0  # metrics summed on device since the last log
   while step < config.num_train_steps:
     state, metrics = step_fn(state, teacher_variables,
                              _global_batch(next(data_iter), batch_sharding))
+    window = metrics if window is None else jax.tree_util.tree_map(jnp.add, window, metrics)
+    window_steps += 1
     step += 1
     report(step)
     if step % config.log_every == 0 or step == config.num_train_steps:
-      values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+      values = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
+      window, window_steps = None, 0
       if not all(np.isfinite(v) for v in values.values()):
-        raise FloatingPointError(f'Non-finite loss or gradient norm at step {step}: {values}')
+        raise FloatingPointError(f'Non-finite loss or gradient norm in the {config.log_every} '
+                                 f'steps up to step {step}: {values}')
       values['learning_rate'] = float(schedule(step))
       writer.write_scalars(step, values)
       history.append({'step': step, **values})
