@@ -56,7 +56,7 @@ def _own_kind(opcode, line):
   text = line.lower()
   if 'fmha' in text or 'flash' in text:
     return 'attention'
-  if opcode in ('dot', 'convolution') or ('custom-call' == opcode and (
+  if opcode in ('dot', 'convolution') or (opcode == 'custom-call' and (
       'gemm' in text or 'matmul' in text)) or '__triton_gemm' in text:
     return 'matmul'
   if opcode.removesuffix('-start').removesuffix('-done') in _COLLECTIVES:
@@ -70,7 +70,8 @@ def _own_kind(opcode, line):
 
 def instruction_kinds(hlo_text):
   """{instruction name: kind} for every instruction of compiled HLO text; a fusion takes
-  the heaviest kind in its body (matmul > attention > reduction > layout > elementwise)."""
+  the heaviest kind in its body (matmul > attention > collective > reduction > layout >
+  elementwise)."""
   computations = _parse_computations(hlo_text)
   order = ('matmul', 'attention', 'collective', 'reduction', 'layout')
   body_kinds = {}
@@ -98,6 +99,10 @@ def instruction_kinds(hlo_text):
   return kinds
 
 
+_DERIVED_LINES = ('XLA Modules', 'Steps', 'Framework Ops', 'Framework Name Scope',
+                  'Source code', 'XLA TraceMe')
+
+
 def _op_lines(plane):
   """A plane's lines that hold one event per kernel: its 'XLA Ops' line when it has one
   (TPU), else every line but the derived per-module/per-step ones (GPU streams, CPU)."""
@@ -105,9 +110,6 @@ def _op_lines(plane):
   ops = [line for line in lines if line.name == 'XLA Ops']
   return ops or [line for line in lines if line.name not in _DERIVED_LINES]
 
-
-_DERIVED_LINES = ('XLA Modules', 'Steps', 'Framework Ops', 'Framework Name Scope',
-                  'Source code', 'XLA TraceMe')
 
 
 def hlo_op_times(xspace_file, module_name):
