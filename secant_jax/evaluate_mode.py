@@ -30,7 +30,7 @@ from secant_jax.train import recipe
 
 def integration_error(config, network, task, variables):
   """{'secant', 'teacher_euler', 'teacher_heun'}: RMS errors to the teacher's reference."""
-  teacher, teacher_variables = loop.teacher_of(config, network, jax.random.key(config.seed))
+  teacher, teacher_variables = loop.teacher_of(config, jax.random.key(config.seed))
   noise, labels = generate.fixed_noise_and_labels(
       config.seed + 1, config.num_eval_samples, network.image_shape,
       config.model.get('num_classes', 0))

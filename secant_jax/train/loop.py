@@ -41,7 +41,7 @@ def load_into(network, directory, key):
                                  f'{e}') from None
 
 
-def teacher_of(config, network, key):
+def teacher_of(config, key):
   """(teacher network, variables): the same architecture without the guidance input."""
   path = config.teacher_checkpoint or config.init_checkpoint
   if not path:
@@ -76,7 +76,7 @@ def train_and_evaluate(config, workdir):
   network = registry.build(config.model, guided=config.secant.guidance is not None)
   task = recipe.make_task(config, network)
   k_init, k_teacher, k_state = jax.random.split(jax.random.key(config.seed), 3)
-  teacher, teacher_variables = (teacher_of(config, network, k_teacher) if task.needs_teacher
+  teacher, teacher_variables = (teacher_of(config, k_teacher) if task.needs_teacher
                                 else (None, None))
   optimizer = recipe.make_optimizer(config.optimizer)
   train_step = step_lib.make_train_step(task, network.apply,
