@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from secant_jax import compare_mode
 from secant_jax import main as main_lib
 from secant_jax import secant
 from secant_jax.data import fashion_mnist
@@ -127,8 +128,9 @@ def test_teacher_secant_stages_and_the_table_on_cpu(tmp_path):
 def _fixed_sdei_loss(config, network, teacher_variables, variables, count=256):
   """SDEI's loss of `variables` on the first `count` test images with fixed noise, times
   and labels."""
-  images, labels = fashion_mnist.load(REAL, 'test')
-  x = images[:count].astype(np.float32) / 127.5 - 1.0
+  records = fashion_mnist.FashionMnistSource(REAL, 'test')
+  x = np.stack([records[i]['x'] for i in range(count)])
+  labels = np.asarray([records[i]['y'] for i in range(count)], np.int32)
   task = recipe.make_task(config, network)
   teacher_fn = step_lib.teacher_tangent(task, network.apply, teacher_variables)
   k_time, k_noise = jax.random.split(jax.random.key(100))
@@ -139,7 +141,7 @@ def _fixed_sdei_loss(config, network, teacher_variables, variables, count=256):
     secant_fn = precond.secant_from_network(
         task.path, lambda *a: network.apply(variables, *a), task.sigma_data)
     per_example, _ = secant.loss('sdei', secant_fn, teacher_fn, task.path, x, noise, times,
-                                 labels[:count].astype(np.int32), None)
+                                 labels, None)
     return jnp.mean(per_example)
 
   return float(jax.jit(loss)(variables))
@@ -189,3 +191,15 @@ def test_compare_errors_name_the_fix(tmp_path):
     fmnist_config.get_config('stage=distil')
   with pytest.raises(ValueError, match=r'FD-FMNIST needs the Fashion-MNIST classifier'):
     fmnist_features.feature_network('')
+
+
+def test_compare_runs_parse_and_unfinished_runs_are_named(tmp_path):
+  assert compare_mode.parse_runs('sdei=runs/a,stee=runs/b,') == [('sdei', 'runs/a'),
+                                                                 ('stee', 'runs/b')]
+  with pytest.raises(ValueError, match=r"Bad secant run 'runs/a' in config.compare.secants: "
+                                       r'expected name=run_dir'):
+    compare_mode.parse_runs('runs/a')
+  (tmp_path / 'config.json').write_text('{"seed": 3}')
+  with pytest.raises(FileNotFoundError, match=r'ema does not exist: the run in .* has not '
+                                              r'finished'):
+    compare_mode.load_run(str(tmp_path))

@@ -111,7 +111,6 @@ def _op_lines(plane):
   return ops or [line for line in lines if line.name not in _DERIVED_LINES]
 
 
-
 def hlo_op_times(xspace_file, module_name):
   """{hlo_op: (total ns, kernel count)} of the events of `module_name` in a trace file.
 

@@ -126,10 +126,10 @@ def train_and_evaluate(config, workdir):
     report(step)
     if step % config.log_every == 0 or step == config.num_train_steps:
       values = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
-      window, window_steps = None, 0
       if not all(np.isfinite(v) for v in values.values()):
-        raise FloatingPointError(f'Non-finite loss or gradient norm in the {config.log_every} '
+        raise FloatingPointError(f'Non-finite loss or gradient norm in the {window_steps} '
                                  f'steps up to step {step}: {values}')
+      window, window_steps = None, 0
       values['learning_rate'] = float(schedule(step))
       writer.write_scalars(step, values)
       history.append({'step': step, **values})
