@@ -27,9 +27,12 @@ def test_forward_equivalents_per_variant():
   assert flops.sample_forward_equivalents(4, classic_cfg=True) == 8
   assert flops.peak_flops('NVIDIA H100 80GB HBM3') == 989e12
   assert flops.peak_flops('cpu') is None
+  assert flops.peak_bandwidth('NVIDIA H200') == 4.8e12
+  assert flops.peak_bandwidth('cpu') is None
 
 
-@pytest.mark.parametrize('extra', [['--variant', 'sdei'], ['--variant', 'stee', '--remat'],
+@pytest.mark.parametrize('extra', [['--variant', 'sdei', '--traffic'],
+                                   ['--variant', 'stee', '--remat'],
                                    ['--sample', '--num-steps', '2', '--profile', '1']])
 def test_benchmark_runs_on_cpu_and_prints_its_fields(extra, capsys):
   fields = throughput.main(['--model', 'DiT-S/8', '--batch', '8', '--steps', '2',
@@ -38,5 +41,8 @@ def test_benchmark_runs_on_cpu_and_prints_its_fields(extra, capsys):
   for key in ('images_per_second', 'step_ms', 'peak_memory_gib', 'achieved_tflops', 'mfu'):
     assert key in printed
   assert fields['images_per_second'] > 0 and fields['mfu'] is None  # CPU: no known peak
+  assert fields['static_memory_gb'] > 0 and fields['memory_floor_ms'] is None
+  if '--traffic' in extra:
+    assert 'static memory traffic' in printed and fields['traffic']['kinds']['matmul'] > 0
   if '--profile' in extra:
     assert 'device busy' in printed and fields['profile']['kinds']['matmul'] > 0

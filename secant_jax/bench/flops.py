@@ -1,5 +1,6 @@
 """Analytic FLOP counts (2 per multiply-add, matmuls only) of the DiT and of the secant
-train step and sampler built on it, and the peak bf16 FLOP/s of known accelerators.
+train step and sampler built on it, and the peak bf16 FLOP/s and memory bandwidth of known
+accelerators.
 
 DiT forward per image, N = (H/p)² tokens of width D, L blocks:
 
@@ -19,6 +20,11 @@ PEAK_BF16_FLOPS = (  # (substring of jax's device_kind, dense bf16 FLOP/s)
     ('H200', 989e12), ('H100 PCIe', 756e12), ('H100', 989e12), ('A100', 312e12),
     ('TPU v6', 918e12), ('TPU v5 lite', 197e12), ('TPU v5e', 197e12), ('TPU v5', 459e12),
     ('TPU v4', 275e12))
+
+PEAK_BANDWIDTH = (  # (substring of jax's device_kind, memory bandwidth in bytes/s)
+    ('H200', 4.8e12), ('H100 PCIe', 2.0e12), ('H100', 3.35e12), ('A100', 2.0e12),
+    ('TPU v6', 1.64e12), ('TPU v5 lite', 0.82e12), ('TPU v5e', 0.82e12),
+    ('TPU v5', 2.76e12), ('TPU v4', 1.2e12))
 
 
 def dit_forward(module):
@@ -50,9 +56,15 @@ def sample_forward_equivalents(num_steps, classic_cfg):
   return num_steps * (2 if classic_cfg else 1)
 
 
+def _lookup(table, device_kind):
+  return next((value for name, value in table if name.lower() in device_kind.lower()), None)
+
+
 def peak_flops(device_kind):
   """Dense bf16 peak FLOP/s of the device, or None when unknown (e.g. CPUs)."""
-  for name, flops in PEAK_BF16_FLOPS:
-    if name.lower() in device_kind.lower():
-      return flops
-  return None
+  return _lookup(PEAK_BF16_FLOPS, device_kind)
+
+
+def peak_bandwidth(device_kind):
+  """Memory bandwidth of the device in bytes/s, or None when unknown (e.g. CPUs)."""
+  return _lookup(PEAK_BANDWIDTH, device_kind)

@@ -37,18 +37,27 @@ _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?\s([a-z][\w\-]*)\(')
 _CALLS = re.compile(r'calls=%?([\w.\-]+)')
 
 
-def _parse_computations(hlo_text):
+def parse_computations(hlo_text):
   """{computation: [(instruction, opcode, line)]} of HLO text."""
   computations, current = {}, None
   for line in hlo_text.splitlines():
     head = _COMPUTATION.match(line)
-    if head and '=' not in line.split('{')[0]:
+    if head and not line.startswith('HloModule'):
       current = computations.setdefault(head.group(1), [])
       continue
     body = _INSTRUCTION.match(line)
     if body and current is not None:
       current.append((body.group(1), body.group(2), line))
   return computations
+
+
+def entry_computation(hlo_text):
+  """The name of the ENTRY computation of HLO text."""
+  match = re.search(r'^ENTRY %?([\w.\-]+) ', hlo_text, re.MULTILINE)
+  if not match:
+    raise ValueError('Expected HLO text with an ENTRY computation; pass compiled.as_text() '
+                     'of a jax.jit(...).lower(...).compile().')
+  return match.group(1)
 
 
 def _own_kind(opcode, line):
@@ -72,7 +81,7 @@ def instruction_kinds(hlo_text):
   """{instruction name: kind} for every instruction of compiled HLO text; a fusion takes
   the heaviest kind in its body (matmul > attention > collective > reduction > layout >
   elementwise)."""
-  computations = _parse_computations(hlo_text)
+  computations = parse_computations(hlo_text)
   order = ('matmul', 'attention', 'collective', 'reduction', 'layout')
   body_kinds = {}
 

@@ -11,7 +11,11 @@ iterations, then times --steps with one device sync at the end. Prints img/s, ti
 step, peak device memory, achieved TFLOP/s (from `bench.flops`) and MFU against the
 device's dense bf16 peak (--peak-tflops for devices it does not know). --profile N then
 traces N more calls and prints device time per kind of kernel and the top HLO
-instructions (`bench.profile`). Needs no data stack: jax, flax, optax and ml_collections.
+instructions (`bench.profile`). Every run also counts the compiled program's static memory
+traffic (`bench.traffic`) and prints the two floors of a call: FLOPs over the peak rate,
+bytes over the bandwidth; --traffic adds the bytes per kind of kernel. --target h100|h200
+compiles for that GPU on a machine without one (`bench.targets`) and prints the floors and
+the traffic instead of timing. Needs no data stack: jax, flax, optax and ml_collections.
 """
 
 import argparse
@@ -26,6 +30,8 @@ import jax.numpy as jnp
 from secant_jax import generate
 from secant_jax.bench import flops as flops_lib
 from secant_jax.bench import profile as profile_lib
+from secant_jax.bench import targets
+from secant_jax.bench import traffic as traffic_lib
 from secant_jax.models import registry
 from secant_jax.train import parallel
 from secant_jax.train import recipe
@@ -77,10 +83,24 @@ def _synthetic_batch(network, batch, mesh):
   return make()
 
 
+def _shaped(tree, shardings):
+  """Abstract arrays (ShapeDtypeStructs) of a pytree, placed by `shardings`."""
+  return jax.tree_util.tree_map(
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      tree, shardings)
+
+
+def _batch_spec(network, batch, mesh):
+  return _shaped({'x': jax.ShapeDtypeStruct((batch, *network.image_shape), jnp.float32),
+                  'y': jax.ShapeDtypeStruct((batch,), jnp.int32)},
+                 {'x': parallel.batch_sharding(mesh), 'y': parallel.batch_sharding(mesh)})
+
+
 class Program(NamedTuple):
-  """A compiled program ready to time: run() makes one call and returns what to block on."""
-  run: Callable[[], Any]
+  """A program compiled from abstract inputs; start() makes its inputs on the mesh's
+  devices and returns run(), which makes one call and returns what to block on."""
   compiled: Any  # jax.stages.Compiled
+  start: Callable[[], Callable[[], Any]]
   network: registry.Network
   forward_equivalents: int  # per image, a backward counting as two
 
@@ -97,56 +117,79 @@ def bench_train(config, args, mesh):
                                         config.ema_warmup)
   k_init, k_teacher, k_state = jax.random.split(jax.random.key(0), 3)
   create = lambda: state_lib.create(network.init(k_init), optimizer, k_state)
-  state_sharding = parallel.tree_sharding(jax.eval_shape(create), mesh, config.fsdp > 1)
-  state = jax.jit(create, out_shardings=state_sharding)()
-  teacher_variables, teacher_sharding = None, parallel.replicated(mesh)
+  abstract_state = jax.eval_shape(create)
+  state_sharding = parallel.tree_sharding(abstract_state, mesh, config.fsdp > 1)
+  teacher_sharding, teacher_spec = parallel.replicated(mesh), None
   if teacher is not None:
-    teacher_sharding = parallel.tree_sharding(teacher.abstract_variables(), mesh,
-                                              config.fsdp > 1)
-    teacher_variables = jax.jit(teacher.init, out_shardings=teacher_sharding)(k_teacher)
-  batch = _synthetic_batch(network, config.batch_size, mesh)
+    abstract_teacher = teacher.abstract_variables()
+    teacher_sharding = parallel.tree_sharding(abstract_teacher, mesh, config.fsdp > 1)
+    teacher_spec = _shaped(abstract_teacher, teacher_sharding)
   step_fn = parallel.jit_train_step(train_step, state_sharding, teacher_sharding, mesh)
-  step_fn = step_fn.lower(state, teacher_variables, batch).compile()
-  holder = [state]
+  compiled = step_fn.lower(_shaped(abstract_state, state_sharding), teacher_spec,
+                           _batch_spec(network, config.batch_size, mesh)).compile()
 
-  def one_step():
-    holder[0], metrics = step_fn(holder[0], teacher_variables, batch)
-    return metrics
+  def start():
+    state = jax.jit(create, out_shardings=state_sharding)()
+    teacher_variables = None if teacher is None else jax.jit(
+        teacher.init, out_shardings=teacher_sharding)(k_teacher)
+    batch = _synthetic_batch(network, config.batch_size, mesh)
+    holder = [state]
 
-  return Program(one_step, step_fn, network, flops_lib.train_forward_equivalents(task))
+    def one_step():
+      holder[0], metrics = compiled(holder[0], teacher_variables, batch)
+      return metrics
+
+    return one_step
+
+  return Program(compiled, start, network, flops_lib.train_forward_equivalents(task))
 
 
 def bench_sample(config, args, mesh):
   """N-step secant sampling of a batch, as a Program."""
   network = registry.build(config.model, guided=config.secant.guidance is not None)
   task = recipe.make_task(config, network)
-  variables = jax.jit(network.init, out_shardings=parallel.replicated(mesh))(
-      jax.random.key(0))
-  batch = _synthetic_batch(network, config.batch_size, mesh)
+  replicated = parallel.replicated(mesh)
   sample = jax.jit(lambda v, noise, y: generate.sample(network, task, v, config.secant,
                                                        noise, y, args.num_steps))
-  sample = sample.lower(variables, batch['x'], batch['y']).compile()
+  abstract = network.abstract_variables()
+  batch_spec = _batch_spec(network, config.batch_size, mesh)
+  compiled = sample.lower(_shaped(abstract, parallel.tree_sharding(abstract, mesh)),
+                          batch_spec['x'], batch_spec['y']).compile()
+
+  def start():
+    variables = jax.jit(network.init, out_shardings=replicated)(jax.random.key(0))
+    batch = _synthetic_batch(network, config.batch_size, mesh)
+    return lambda: compiled(variables, batch['x'], batch['y'])
+
   classic_cfg = task.guidance_range is None and task.label_dropout > 0
-  return Program(lambda: sample(variables, batch['x'], batch['y']), sample, network,
+  return Program(compiled, start, network,
                  flops_lib.sample_forward_equivalents(args.num_steps, classic_cfg))
 
 
-def report(args, seconds, network, forward_equivalents):
-  """The printed fields, as a dict (also returned for tests)."""
-  flop_per_image = forward_equivalents * flops_lib.dit_forward(network.module)
-  images_per_second = args.batch / seconds
-  achieved = flop_per_image * images_per_second
-  device = jax.devices()[0]
+def report(args, program, memory, device_kind, device_count, seconds=None):
+  """The printed fields, as a dict (also returned for tests). `memory` is the compiled
+  program's `traffic.summarize`; `seconds` per call when it was timed."""
+  flop_per_image = program.forward_equivalents * flops_lib.dit_forward(
+      program.network.module)
   peak = (args.peak_tflops * 1e12 if args.peak_tflops
-          else flops_lib.peak_flops(device.device_kind))
-  peak_total = None if peak is None else peak * jax.device_count()
-  return {
-      'what': ('sample' if args.sample else 'train') + f' {args.variant} {args.model}',
-      'device': f'{jax.device_count()} x {device.device_kind}',
-      'batch': args.batch, 'images_per_second': images_per_second,
-      'step_ms': 1e3 * seconds, 'peak_memory_gib': _peak_memory_gib(),
-      'tflop_per_image': flop_per_image / 1e12, 'achieved_tflops': achieved / 1e12,
-      'mfu': None if peak_total is None else achieved / peak_total}
+          else flops_lib.peak_flops(device_kind))
+  peak_total = None if peak is None else peak * device_count
+  bandwidth = flops_lib.peak_bandwidth(device_kind)
+  fields = {'what': ('sample' if args.sample else 'train') + f' {args.variant} {args.model}',
+            'device': f'{device_count} x {device_kind}', 'batch': args.batch}
+  if seconds is not None:
+    achieved = flop_per_image * args.batch / seconds
+    fields.update({
+        'images_per_second': args.batch / seconds, 'step_ms': 1e3 * seconds,
+        'peak_memory_gib': _peak_memory_gib(), 'achieved_tflops': achieved / 1e12,
+        'mfu': None if peak_total is None else achieved / peak_total})
+  fields.update({
+      'tflop_per_image': flop_per_image / 1e12,
+      'flop_floor_ms': (None if peak_total is None
+                        else 1e3 * flop_per_image * args.batch / peak_total),
+      'static_memory_gb': memory['bytes'] / 1e9,  # per device
+      'memory_floor_ms': None if bandwidth is None else 1e3 * memory['bytes'] / bandwidth})
+  return fields
 
 
 def parse_args(argv=None):
@@ -168,23 +211,41 @@ def parse_args(argv=None):
                       help='after timing, trace N calls and print where device time goes')
   parser.add_argument('--profile-dir', default='', help='where the trace goes (default: a '
                       'temporary directory); open it with TensorBoard/XProf')
-  return parser.parse_args(argv)
+  parser.add_argument('--traffic', action='store_true', help='print the compiled program\'s '
+                      'static memory traffic by kind of kernel (bench.traffic)')
+  parser.add_argument('--target', default='', choices=('',) + tuple(targets.TARGETS),
+                      help='compile for this GPU on a machine without one (needs the CUDA '
+                      'plugin, pip install -e .[cuda]) and print the static traffic and '
+                      'floors instead of timing')
+  args = parser.parse_args(argv)
+  if args.target and args.profile:
+    parser.error('--profile times kernels on a device; --target only compiles. Drop one.')
+  return args
 
 
 def main(argv=None):
   args = parse_args(argv)
   config = load_config(args)
-  mesh = parallel.make_mesh(config.fsdp)
+  devices = targets.devices(args.target) if args.target else None
+  mesh = parallel.make_mesh(config.fsdp, devices)
   parallel.check_batch_size(config.batch_size, mesh)
+  device_kind = mesh.devices.flat[0].device_kind
   program = (bench_sample if args.sample else bench_train)(config, args, mesh)
-  seconds = _timed(program.run, args.warmup, args.steps)
-  fields = report(args, seconds, program.network, program.forward_equivalents)
+  hlo_text = program.compiled.as_text()
+  memory = traffic_lib.summarize(hlo_text)
+  seconds = None
+  if not args.target:
+    run = program.start()
+    seconds = _timed(run, args.warmup, args.steps)
+  fields = report(args, program, memory, device_kind, mesh.size, seconds)
   for key, value in fields.items():
     text = 'n/a' if value is None else (f'{value:.4g}' if isinstance(value, float) else value)
     print(f'{key:>18}: {text}')
+  if args.traffic or args.target:
+    print('\n'.join(traffic_lib.format_summary(memory, flops_lib.peak_bandwidth(device_kind))))
+    fields['traffic'] = memory
   if args.profile:
-    result = profile_lib.breakdown(program.run, program.compiled.as_text(), args.profile,
-                                   args.profile_dir or None)
+    result = profile_lib.breakdown(run, hlo_text, args.profile, args.profile_dir or None)
     print('\n'.join(profile_lib.format_breakdown(result, fields['step_ms'])))
     fields['profile'] = result
   return fields

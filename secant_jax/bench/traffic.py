@@ -1,0 +1,116 @@
+"""The bytes a compiled program moves through device memory, counted from its HLO.
+
+Every kernel-level instruction (one of the entry computation or of a while loop's body,
+other than parameters, constants, tuples, bitcasts and the like) reads each operand once
+and writes its output once; a loop body counts once per trip where XLA knows the trip
+count. For a step of M FLOPs and B bytes on a device of peak rate P and bandwidth W the two
+floors are M/P and B/W: a fusion structure that moves fewer bytes shows here before any
+timing. The count is static: it ignores caches (small operands re-read from L2 are
+counted as if from memory) and a kernel's own re-reads (a matmul reading a tile twice).
+
+Grouped by the kinds of `bench.profile` (matmul, attention, elementwise, ...), so the
+static bytes and a measured profile line up kind by kind.
+"""
+
+import collections
+import re
+
+from secant_jax.bench import profile
+
+_ITEM_BYTES = {'pred': 1, 's4': 0.5, 'u4': 0.5, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2,
+               'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8,
+               'f64': 8, 'c64': 8, 'c128': 16}
+_ARRAY = re.compile(r'\b([a-z]\w*?)\[([\d,]*)\]')
+# Instructions that launch no kernel of their own.
+_FREE = frozenset(('parameter', 'constant', 'get-tuple-element', 'tuple', 'bitcast',
+                   'while', 'conditional', 'call', 'after-all', 'partition-id',
+                   'replica-id', 'opt-barrier', 'add-dependency'))
+_SUBCOMPUTATIONS = re.compile(
+    r'\b(?:body|to_apply|true_computation|false_computation)=%?([\w.\-]+)'
+    r'|branch_computations=\{([^}]*)\}')
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+
+
+def array_bytes(shape_text):
+  """Bytes of every array in an HLO shape, e.g. '(bf16[64,256]{1,0}, f32[8])' → 32800."""
+  total = 0
+  for dtype, dims in _ARRAY.findall(shape_text):
+    item = _ITEM_BYTES.get(dtype, 1 if dtype.startswith('f8') else None)
+    if item is None:
+      continue
+    count = 1
+    for dim in filter(None, dims.split(',')):
+      count *= int(dim)
+    total += count * item
+  return int(total)
+
+
+def _split_instruction(opcode, line):
+  """(output shape text, operand names, attribute text) of one instruction's line."""
+  rhs = line.split(' = ', 1)[1]
+  at = rhs.index(f' {opcode}(')
+  args_start = at + len(opcode) + 2
+  args_end = rhs.index(')', args_start)
+  operands = [arg.strip().lstrip('%') for arg in rhs[args_start:args_end].split(',')]
+  return rhs[:at], [name for name in operands if name], rhs[args_end + 1:]
+
+
+def instruction_traffic(hlo_text):
+  """[(instruction, opcode, kind, bytes per call, kernels per call)] of compiled HLO text,
+  heaviest first; kinds as `profile.instruction_kinds`."""
+  computations = profile.parse_computations(hlo_text)
+  kinds = profile.instruction_kinds(hlo_text)
+  rows = []
+
+  def walk(computation, trips, seen):
+    instructions = computations.get(computation, ())
+    shapes = {}
+    parsed = []
+    for name, opcode, line in instructions:
+      shape, operands, attributes = _split_instruction(opcode, line)
+      shapes[name] = shape
+      parsed.append((name, opcode, shape, operands, attributes))
+    for name, opcode, shape, operands, attributes in parsed:
+      if opcode in ('while', 'conditional', 'call'):
+        count = _TRIP_COUNT.search(attributes) if opcode == 'while' else None
+        inner = trips * (int(count.group(1)) if count else 1)
+        for single, listed in _SUBCOMPUTATIONS.findall(attributes):
+          for called in [single] if single else listed.replace('%', '').split(','):
+            if called.strip() and called.strip() not in seen:
+              walk(called.strip(), inner, seen | {called.strip()})
+      if opcode in _FREE or opcode.endswith('-done'):
+        continue
+      moved = array_bytes(shape) + sum(array_bytes(shapes.get(op, '')) for op in operands)
+      rows.append((name, opcode, kinds.get(name, 'other'), moved * trips, trips))
+
+  entry = profile.entry_computation(hlo_text)
+  walk(entry, 1, frozenset((entry,)))
+  rows.sort(key=lambda row: -row[3])
+  return rows
+
+
+def summarize(hlo_text, top=12):
+  """{'bytes': per call, 'kernels': per call, 'kinds': {kind: bytes}, 'top': rows}."""
+  rows = instruction_traffic(hlo_text)
+  per_kind = collections.Counter()
+  for _, _, kind, moved, _ in rows:
+    per_kind[kind] += moved
+  return {'bytes': sum(row[3] for row in rows), 'kernels': sum(row[4] for row in rows),
+          'kinds': {kind: per_kind[kind] for kind in profile.KINDS if per_kind[kind]},
+          'top': rows[:top]}
+
+
+def format_summary(summary, bandwidth=None):
+  """The summary as printable lines; with the device's bandwidth (bytes/s) in ms too."""
+  ms = lambda moved: '' if not bandwidth else f'  {1e3 * moved / bandwidth:8.2f} ms'
+  total = summary['bytes']
+  lines = [f'static memory traffic {total / 1e9:.2f} GB per call in {summary["kernels"]} '
+           f'kernels' + ('' if not bandwidth else
+                         f', {1e3 * total / bandwidth:.2f} ms at {bandwidth / 1e12:.2f} TB/s'),
+           f'{"kind":>12}  {"GB":>8}  share']
+  for kind, moved in sorted(summary['kinds'].items(), key=lambda item: -item[1]):
+    lines.append(f'{kind:>12}  {moved / 1e9:8.3f}  {100 * moved / total:5.1f}%{ms(moved)}')
+  lines.append('heaviest instructions:')
+  for name, opcode, kind, moved, count in summary['top']:
+    lines.append(f'  {name:<40} {kind:<12} {moved / 1e9:8.3f} GB  {count:g} kernels')
+  return lines
