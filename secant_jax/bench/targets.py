@@ -57,9 +57,9 @@ TARGETS = {
 }
 
 
-def devices(name, count=1):
-  """`count` abstract devices of the named target (one host), to build a mesh from and
-  compile for; their device_kind is the target's."""
+def devices(name):
+  """One abstract device of the named target, to build a mesh from and compile for; its
+  device_kind is the target's."""
   if name not in TARGETS:
     raise ValueError(f'Unknown target {name!r}: expected one of {sorted(TARGETS)}.')
   # Only compiling: JAX runs on the CPU, so the plugin does not look for a GPU to open
@@ -68,7 +68,7 @@ def devices(name, count=1):
   try:
     topology = topologies.get_topology_desc(platform='cuda',
                                             target_config=TARGETS[name].target_config(),
-                                            topology=f'1x1x{count}')
+                                            topology='1x1x1')
   except Exception as error:  # pylint: disable=broad-except
     raise RuntimeError(
         f'Compiling for {name} without a GPU needs JAX\'s CUDA plugin: pip install -e '

@@ -73,13 +73,21 @@ def _peak_memory_gib():
   return None if peak is None else peak / 2 ** 30
 
 
-def _synthetic_batch(network, batch, mesh):
-  k_x, k_y = jax.random.split(jax.random.key(1))
+def _batch_spec(network, batch, mesh):
+  """The abstract batch {'x', 'y'}, split over the mesh."""
   sharding = parallel.batch_sharding(mesh)
+  return {'x': jax.ShapeDtypeStruct((batch, *network.image_shape), jnp.float32,
+                                    sharding=sharding),
+          'y': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)}
+
+
+def _synthetic_batch(network, spec):
+  """Random latents and labels of the abstract batch `spec`, on its devices."""
+  k_x, k_y = jax.random.split(jax.random.key(1))
   make = jax.jit(lambda: {
-      'x': jax.random.normal(k_x, (batch, *network.image_shape), jnp.float32),
-      'y': jax.random.randint(k_y, (batch,), 0, network.null_class)},
-                 out_shardings={'x': sharding, 'y': sharding})
+      'x': jax.random.normal(k_x, spec['x'].shape, spec['x'].dtype),
+      'y': jax.random.randint(k_y, spec['y'].shape, 0, network.null_class)},
+                 out_shardings={key: value.sharding for key, value in spec.items()})
   return make()
 
 
@@ -88,12 +96,6 @@ def _shaped(tree, shardings):
   return jax.tree_util.tree_map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
       tree, shardings)
-
-
-def _batch_spec(network, batch, mesh):
-  return _shaped({'x': jax.ShapeDtypeStruct((batch, *network.image_shape), jnp.float32),
-                  'y': jax.ShapeDtypeStruct((batch,), jnp.int32)},
-                 {'x': parallel.batch_sharding(mesh), 'y': parallel.batch_sharding(mesh)})
 
 
 class Program(NamedTuple):
@@ -124,15 +126,16 @@ def bench_train(config, args, mesh):
     abstract_teacher = teacher.abstract_variables()
     teacher_sharding = parallel.tree_sharding(abstract_teacher, mesh, config.fsdp > 1)
     teacher_spec = _shaped(abstract_teacher, teacher_sharding)
+  batch_spec = _batch_spec(network, config.batch_size, mesh)
   step_fn = parallel.jit_train_step(train_step, state_sharding, teacher_sharding, mesh)
   compiled = step_fn.lower(_shaped(abstract_state, state_sharding), teacher_spec,
-                           _batch_spec(network, config.batch_size, mesh)).compile()
+                           batch_spec).compile()
 
   def start():
     state = jax.jit(create, out_shardings=state_sharding)()
     teacher_variables = None if teacher is None else jax.jit(
         teacher.init, out_shardings=teacher_sharding)(k_teacher)
-    batch = _synthetic_batch(network, config.batch_size, mesh)
+    batch = _synthetic_batch(network, batch_spec)
     holder = [state]
 
     def one_step():
@@ -158,7 +161,7 @@ def bench_sample(config, args, mesh):
 
   def start():
     variables = jax.jit(network.init, out_shardings=replicated)(jax.random.key(0))
-    batch = _synthetic_batch(network, config.batch_size, mesh)
+    batch = _synthetic_batch(network, batch_spec)
     return lambda: compiled(variables, batch['x'], batch['y'])
 
   classic_cfg = task.guidance_range is None and task.label_dropout > 0

@@ -62,29 +62,23 @@ def instruction_traffic(hlo_text):
   kinds = profile.instruction_kinds(hlo_text)
   rows = []
 
-  def walk(computation, trips, seen):
-    instructions = computations.get(computation, ())
-    shapes = {}
-    parsed = []
-    for name, opcode, line in instructions:
-      shape, operands, attributes = _split_instruction(opcode, line)
-      shapes[name] = shape
-      parsed.append((name, opcode, shape, operands, attributes))
+  def walk(computation, trips):
+    parsed = [(name, opcode, *_split_instruction(opcode, line))
+              for name, opcode, line in computations.get(computation, ())]
+    shapes = {name: shape for name, _, shape, _, _ in parsed}
     for name, opcode, shape, operands, attributes in parsed:
       if opcode in ('while', 'conditional', 'call'):
         count = _TRIP_COUNT.search(attributes) if opcode == 'while' else None
         inner = trips * (int(count.group(1)) if count else 1)
         for single, listed in _SUBCOMPUTATIONS.findall(attributes):
           for called in [single] if single else listed.replace('%', '').split(','):
-            if called.strip() and called.strip() not in seen:
-              walk(called.strip(), inner, seen | {called.strip()})
+            walk(called.strip(), inner)
       if opcode in _FREE or opcode.endswith('-done'):
         continue
       moved = array_bytes(shape) + sum(array_bytes(shapes.get(op, '')) for op in operands)
       rows.append((name, opcode, kinds.get(name, 'other'), moved * trips, trips))
 
-  entry = profile.entry_computation(hlo_text)
-  walk(entry, 1, frozenset((entry,)))
+  walk(profile.entry_computation(hlo_text), 1)
   rows.sort(key=lambda row: -row[3])
   return rows
 
