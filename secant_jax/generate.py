@@ -14,6 +14,7 @@ from secant_jax.models import precond
 def sampler_secant(network, task, variables, secant_config):
   """(secant_fn(x, t, s, y, w), w) for sampling with the config's guidance (w None: the
   plain conditional secant, which classic CFG at scale 1 equals)."""
+  variables = network.inference_variables(variables)
   net = lambda x, t, s, y, w: network.apply(variables, x, t, s, y, w)
   secant_fn = precond.secant_from_network(task.path, net, task.sigma_data)
   if task.guidance_range is not None:

@@ -9,6 +9,7 @@ from secant_jax.convert import common
 from secant_jax.convert import sit as convert_sit
 from secant_jax.models import dit
 from secant_jax.models import precond
+from secant_jax.models import registry
 
 NAMES = [f'DiT-{size}/{p}' for size in dit.SIZES for p in dit.PATCH_SIZES]
 # Reduced models for parity: DiT-S/2 at two blocks, and a narrow SiT with patch 4.
@@ -76,6 +77,22 @@ def test_bf16_forward_stays_close_to_fp32():
   rel = float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref))
   print(f'bf16 vs fp32 relative error {rel:.4f}')
   assert out.dtype == jnp.float32 and rel < 0.03
+
+
+def test_inference_variables_of_a_bf16_dit_are_bf16_and_change_no_output_bit():
+  """Every DiT parameter enters a layer that casts it to the compute dtype, so casting
+  them once beforehand (the sampler's and the frozen teacher's variables) is exact."""
+  module = dit.DiT(dtype=jnp.bfloat16, num_classes=10, guidance_embed=True,
+                   **CASES['reduced SiT/4'])
+  network = registry.Network(module, guided=True, image_shape=(16, 16, 4), null_class=10)
+  inp = _inputs(3, 16, 4)
+  variables = jax.tree_util.tree_map(
+      lambda a: a + 0.02 * jax.random.normal(jax.random.key(1), a.shape),
+      network.init(jax.random.key(0)))
+  cast = network.inference_variables(variables)
+  assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(cast)} == {jnp.dtype(jnp.bfloat16)}
+  apply = jax.jit(network.apply)
+  np.testing.assert_array_equal(apply(cast, **inp), apply(variables, **inp))
 
 
 def _torch_model(**kwargs):

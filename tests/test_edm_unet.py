@@ -8,6 +8,7 @@ from secant_jax.convert import common
 from secant_jax.convert import edm as convert_edm
 from secant_jax.models import edm_unet
 from secant_jax.models import precond
+from secant_jax.models import registry
 
 EDM_CIFAR10_DDPMPP_COUNT = 55_733_891  # EDM's DDPM++ CIFAR-10 network (augment_dim 9)
 
@@ -56,6 +57,20 @@ def test_shapes_and_teacher_equality_at_equal_noise(arch):
   assert both.shape == (2, 16, 16, 3)
   np.testing.assert_array_equal(both, model.apply(variables, x, c))
   assert _relative_change(model.apply(variables, x, c, c + 1.0), both) > 1e-3
+
+
+def test_inference_variables_leave_a_bf16_unet_in_fp32():
+  """Its GroupNorm scales in fp32: bf16 parameters would change the output, so
+  `Network.inference_variables` must return them as they are."""
+  module = edm_unet.SongUNet(dropout=0.0, dtype=jnp.bfloat16, **_small('ddpmpp'))
+  network = registry.Network(module, guided=False, image_shape=(16, 16, 3), null_class=0)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  c = jnp.array([0.3, -1.0])
+  variables = _trained_like(jax.jit(module.init)(jax.random.key(1), x, c, c))
+  assert network.inference_variables(variables) is variables
+  bf16 = jax.tree_util.tree_map(lambda a: a.astype(jnp.bfloat16), variables)
+  apply = jax.jit(module.apply)
+  assert _relative_change(apply(bf16, x, c, c), apply(variables, x, c, c)) > 0
 
 
 def test_dropout_needs_a_key_only_in_training():
@@ -137,7 +152,6 @@ def test_class_conditional_parity_with_one_hot_labels_and_zeros_for_the_null_cla
   import ml_collections
   import torch
   import torch_song_unet
-  from secant_jax.models import registry
   settings = _reduced('ddpmpp', augment_dim=0)
   torch.manual_seed(1)
   net = torch_song_unet.Precond(label_dim=10, **settings).eval()

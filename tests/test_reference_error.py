@@ -16,6 +16,9 @@ class _CountingNetwork:
   def __init__(self):
     self.examples = 0
 
+  def inference_variables(self, variables):
+    return variables
+
   def apply(self, variables, x, t, s, y, w):
     self.examples += x.shape[0]
     return variables['scale'] * (y[:, None] + 1.0) * x

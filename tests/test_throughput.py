@@ -1,11 +1,14 @@
 """The throughput benchmark at CPU size: it runs the real step and sampler and prints its
 fields (a smoke test: no timing is asserted); the analytic FLOP count is checked."""
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from secant_jax import paths
 from secant_jax.bench import flops
 from secant_jax.bench import throughput
+from secant_jax.convert import common
 from secant_jax.models import dit
 from secant_jax.train import step
 
@@ -42,6 +45,13 @@ def test_benchmark_runs_on_cpu_and_prints_its_fields(extra, capsys):
     assert key in printed
   assert fields['images_per_second'] > 0 and fields['mfu'] is None  # CPU: no known peak
   assert fields['static_memory_gb'] > 0 and fields['memory_floor_ms'] is None
+  # The compiled program holds at least its arguments: the fp32 variables (sampling) or the
+  # train state, which is parameters, EMA and Adam's two moments.
+  parameters = common.parameter_count(jax.eval_shape(
+      dit.from_name('DiT-S/8').init, jax.random.key(0), jnp.zeros((1, 32, 32, 4)),
+      jnp.zeros((1,)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)))
+  copies = 1 if '--sample' in extra else 4
+  assert fields['compiled_memory_gib'] * 2 ** 30 > copies * 4 * parameters
   if '--traffic' in extra:
     assert 'static memory traffic' in printed and fields['traffic']['kinds']['matmul'] > 0
   if '--profile' in extra:

@@ -55,6 +55,30 @@ ENTRY %main (x: f32[4,8], b: bf16[16]) -> f32[4,4] {
 }
 """
 
+# One fusion: two slices of its first operand, one through a transpose (32 B each of 128 B), a slice and a negate of
+# its second (read whole), written out as 32 + 32 + 128 B: 384 B, not the 448 B of reading
+# both operands whole.
+_SLICING_HLO = """HloModule jit_g, entry_computation_layout={(f32[4,8]{1,0}, f32[4,8]{1,0})->(f32[4,2]{1,0}, f32[2,4]{1,0}, f32[4,8]{1,0})}
+
+%fused_split (p0: f32[4,8], p1: f32[4,8]) -> (f32[4,2], f32[2,4], f32[4,8]) {
+  %p0 = f32[4,8]{1,0} parameter(0)
+  %p1 = f32[4,8]{1,0} parameter(1)
+  %a = f32[4,2]{1,0} slice(%p0), slice={[0:4], [0:2]}
+  %p0t = f32[8,4]{1,0} transpose(%p0), dimensions={1,0}
+  %b = f32[2,4]{1,0} slice(%p0t), slice={[6:8], [0:4]}
+  %c = f32[4,2]{1,0} slice(%p1), slice={[0:4], [0:2]}
+  %e = f32[4,2]{1,0} add(%a, %c)
+  %d = f32[4,8]{1,0} negate(%p1)
+  ROOT %t = (f32[4,2]{1,0}, f32[2,4]{1,0}, f32[4,8]{1,0}) tuple(%e, %b, %d)
+}
+
+ENTRY %main (x: f32[4,8], y: f32[4,8]) -> (f32[4,2], f32[2,4], f32[4,8]) {
+  %x = f32[4,8]{1,0} parameter(0)
+  %y = f32[4,8]{1,0} parameter(1)
+  ROOT %f = (f32[4,2]{1,0}, f32[2,4]{1,0}, f32[4,8]{1,0}) fusion(%x, %y), kind=kLoop, calls=%fused_split
+}
+"""
+
 
 def test_array_bytes_of_hlo_shapes():
   assert traffic.array_bytes('(bf16[64,256]{1,0}, /*index=1*/f32[8]{0})') == 32800
@@ -70,6 +94,11 @@ def test_traffic_counts_each_kernel_once_and_loop_bodies_per_trip():
   assert summary['kinds'] == {'matmul': 320, 'elementwise': 5 * (12 + 384), 'layout': 256}
   rows = {name: (kind, moved, count) for name, _, kind, moved, count in summary['top']}
   assert rows['y'] == ('elementwise', 5 * 384, 5) and rows['c'] == ('layout', 256, 1)
+
+
+def test_a_fusion_reads_an_operand_it_only_slices_as_the_slices():
+  summary = traffic.summarize(_SLICING_HLO)
+  assert summary['bytes'] == 384 and summary['kernels'] == 1
 
 
 def test_traffic_of_a_compiled_matmul():

@@ -34,7 +34,7 @@ _ELEMENTWISE = frozenset((
     'broadcast', 'power', 'sine', 'cosine', 'erf', 'bitcast-convert', 'and', 'or', 'not'))
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?\s([a-z][\w\-]*)\(')
-_CALLS = re.compile(r'calls=%?([\w.\-]+)')
+CALLS = re.compile(r'\bcalls=%?([\w.\-]+)')
 
 
 def parse_computations(hlo_text):
@@ -91,7 +91,7 @@ def instruction_kinds(hlo_text):
     found = set()
     for _, opcode, line in computations.get(name, ()):
       found.add(_own_kind(opcode, line))
-      called = _CALLS.search(line)
+      called = CALLS.search(line)
       if called and called.group(1) not in seen:
         found.add(body_kind(called.group(1), seen + (name,)))
     body_kinds[name] = next((kind for kind in order if kind in found), 'elementwise')
@@ -102,7 +102,7 @@ def instruction_kinds(hlo_text):
     for name, opcode, line in instructions:
       kind = _own_kind(opcode, line)
       if kind is None and opcode == 'fusion':
-        called = _CALLS.search(line)
+        called = CALLS.search(line)
         kind = body_kind(called.group(1)) if called else 'elementwise'
       kinds[name] = kind or ('elementwise' if opcode in _ELEMENTWISE else 'other')
   return kinds

@@ -9,13 +9,14 @@ bf16 compute) with the model, batch and the flags below overriding them; the ste
 trainer runs it, and sampling is `generate.sample`. Compiles once, runs --warmup untimed
 iterations, then times --steps with one device sync at the end. Prints img/s, time per
 step, peak device memory, achieved TFLOP/s (from `bench.flops`) and MFU against the
-device's dense bf16 peak (--peak-tflops for devices it does not know). --profile N then
-traces N more calls and prints device time per kind of kernel and the top HLO
-instructions (`bench.profile`). Every run also counts the compiled program's static memory
-traffic (`bench.traffic`) and prints the two floors of a call: FLOPs over the peak rate,
-bytes over the bandwidth; --traffic adds the bytes per kind of kernel. --target h100|h200
-compiles for that GPU on a machine without one (`bench.targets`) and prints the floors and
-the traffic instead of timing. Needs no data stack: jax, flax, optax and ml_collections.
+device's dense bf16 peak (--peak-tflops for devices it does not know), and the memory the
+compiled program asks for. --profile N then traces N more calls and prints device time per
+kind of kernel and the top HLO instructions (`bench.profile`). Every run also counts the
+compiled program's static memory traffic (`bench.traffic`) and prints the two floors of a
+call: FLOPs over the peak rate, bytes over the bandwidth; --traffic adds the bytes per kind
+of kernel. --target h100|h200 compiles for that GPU on a machine without one
+(`bench.targets`) and prints the floors and the traffic and the compiled memory instead of
+timing. Needs no data stack: jax, flax, optax and ml_collections.
 """
 
 import argparse
@@ -73,6 +74,16 @@ def _peak_memory_gib():
   return None if peak is None else peak / 2 ** 30
 
 
+def _compiled_memory_gib(compiled):
+  """Device memory the compiled program needs, from XLA's buffer assignment: arguments,
+  outputs not aliased to (donated) arguments, and temporaries; per device."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes
+          - stats.alias_size_in_bytes + stats.temp_size_in_bytes) / 2 ** 30
+
+
 def _batch_spec(network, batch, mesh):
   """The abstract batch {'x', 'y'}, split over the mesh."""
   sharding = parallel.batch_sharding(mesh)
@@ -122,8 +133,9 @@ def bench_train(config, args, mesh):
   abstract_state = jax.eval_shape(create)
   state_sharding = parallel.tree_sharding(abstract_state, mesh, config.fsdp > 1)
   teacher_sharding, teacher_spec = parallel.replicated(mesh), None
+  make_teacher = lambda key: teacher.inference_variables(teacher.init(key))  # as loop.teacher_of
   if teacher is not None:
-    abstract_teacher = teacher.abstract_variables()
+    abstract_teacher = jax.eval_shape(make_teacher, k_teacher)
     teacher_sharding = parallel.tree_sharding(abstract_teacher, mesh, config.fsdp > 1)
     teacher_spec = _shaped(abstract_teacher, teacher_sharding)
   batch_spec = _batch_spec(network, config.batch_size, mesh)
@@ -134,7 +146,7 @@ def bench_train(config, args, mesh):
   def start():
     state = jax.jit(create, out_shardings=state_sharding)()
     teacher_variables = None if teacher is None else jax.jit(
-        teacher.init, out_shardings=teacher_sharding)(k_teacher)
+        make_teacher, out_shardings=teacher_sharding)(k_teacher)
     batch = _synthetic_batch(network, batch_spec)
     holder = [state]
 
@@ -190,6 +202,7 @@ def report(args, program, memory, device_kind, device_count, seconds=None):
       'tflop_per_image': flop_per_image / 1e12,
       'flop_floor_ms': (None if peak_total is None
                         else 1e3 * flop_per_image * args.batch / peak_total),
+      'compiled_memory_gib': _compiled_memory_gib(program.compiled),
       'static_memory_gb': memory['bytes'] / 1e9,  # per device
       'memory_floor_ms': None if bandwidth is None else 1e3 * memory['bytes'] / bandwidth})
   return fields

@@ -2,7 +2,8 @@
 
 Every kernel-level instruction (one of the entry computation or of a while loop's body,
 other than parameters, constants, tuples, bitcasts and the like) reads each operand once
-and writes its output once; a loop body counts once per trip where XLA knows the trip
+and writes its output once, except that a fusion reads an operand its body only slices
+(after bitcasts, reshapes or transposes) as the slices (q, k and v cut from one qkv product read a third of it each); a loop body counts once per trip where XLA knows the trip
 count. For a step of M FLOPs and B bytes on a device of peak rate P and bandwidth W the two
 floors are M/P and B/W: a fusion structure that moves fewer bytes shows here before any
 timing. The count is static: it ignores caches (small operands re-read from L2 are
@@ -29,6 +30,8 @@ _SUBCOMPUTATIONS = re.compile(
     r'\b(?:body|to_apply|true_computation|false_computation)=%?([\w.\-]+)'
     r'|branch_computations=\{([^}]*)\}')
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
+_SLICES = frozenset(('slice', 'dynamic-slice'))
+_REARRANGEMENTS = frozenset(('bitcast', 'reshape', 'transpose'))
 
 
 def array_bytes(shape_text):
@@ -55,6 +58,32 @@ def _split_instruction(opcode, line):
   return rhs[:at], [name for name in operands if name], rhs[args_end + 1:]
 
 
+def _parsed(lines):
+  """[(name, opcode, output shape, operands, attributes)] of a computation's lines."""
+  return [(name, opcode, *_split_instruction(opcode, line)) for name, opcode, line in lines]
+
+
+def _sliced_reads(fused):
+  """{operand index: bytes read} for the parameters of a fused computation (its parsed
+  lines) that are only ever sliced, directly or through bitcasts, reshapes and transposes
+  (index arithmetic inside a fusion): such an operand is read as its slices."""
+  parameters = {name: int(operands[0]) for name, opcode, _, operands, _ in fused
+                if opcode == 'parameter'}
+  source = {name: name for name in parameters}  # a parameter or a rearrangement of one
+  reads, whole = {}, set()
+  for name, opcode, shape, operands, _ in fused:
+    for position, operand in enumerate(operands):
+      if operand not in source:
+        continue
+      if opcode in _REARRANGEMENTS:
+        source[name] = source[operand]
+      elif opcode in _SLICES and position == 0:
+        reads[source[operand]] = reads.get(source[operand], 0) + array_bytes(shape)
+      else:
+        whole.add(source[operand])
+  return {parameters[name]: moved for name, moved in reads.items() if name not in whole}
+
+
 def instruction_traffic(hlo_text):
   """[(instruction, opcode, kind, bytes per call, kernels per call)] of compiled HLO text,
   heaviest first; kinds as `profile.instruction_kinds`."""
@@ -63,8 +92,7 @@ def instruction_traffic(hlo_text):
   rows = []
 
   def walk(computation, trips):
-    parsed = [(name, opcode, *_split_instruction(opcode, line))
-              for name, opcode, line in computations.get(computation, ())]
+    parsed = _parsed(computations.get(computation, ()))
     shapes = {name: shape for name, _, shape, _, _ in parsed}
     for name, opcode, shape, operands, attributes in parsed:
       if opcode in ('while', 'conditional', 'call'):
@@ -75,7 +103,11 @@ def instruction_traffic(hlo_text):
             walk(called.strip(), inner)
       if opcode in _FREE or opcode.endswith('-done'):
         continue
-      moved = array_bytes(shape) + sum(array_bytes(shapes.get(op, '')) for op in operands)
+      fused = profile.CALLS.search(attributes) if opcode == 'fusion' else None
+      sliced = _sliced_reads(_parsed(computations.get(fused.group(1), ()))) if fused else {}
+      full_reads = [array_bytes(shapes.get(op, '')) for op in operands]
+      moved = array_bytes(shape) + sum(min(sliced.get(i, full), full)
+                                       for i, full in enumerate(full_reads))
       rows.append((name, opcode, kinds.get(name, 'other'), moved * trips, trips))
 
   walk(profile.entry_computation(hlo_text), 1)

@@ -23,6 +23,7 @@ def teacher_tangent(network, variables, task, labels, scale):
   `variables`, on task's path, for fixed labels, CFG-guided at the float `scale`; None or 1
   (v_∅ + 1·(v_y − v_∅) = v_y) is the plain conditional tangent, one network pass instead of
   two."""
+  variables = network.inference_variables(variables)
   secant_fn = precond.secant_from_network(
       task.path, lambda *a: network.apply(variables, *a), task.sigma_data)
   conditional = lambda x, t, y: precond.tangent_from_secant(secant_fn)(x, t, y, None)

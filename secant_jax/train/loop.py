@@ -42,14 +42,16 @@ def load_into(network, directory, key):
 
 
 def teacher_of(config, key):
-  """(teacher network, variables): the same architecture without the guidance input."""
+  """(teacher network, variables): the same architecture without the guidance input, its
+  frozen variables as it computes with them (`Network.inference_variables`: bf16 for a
+  bf16 DiT, so the step neither holds nor re-casts an fp32 copy)."""
   path = config.teacher_checkpoint or config.init_checkpoint
   if not path:
     raise ValueError(f'Variant {config.secant.variant!r} needs a teacher: set '
                      'config.teacher_checkpoint (or config.init_checkpoint) to a converted '
                      'checkpoint.')
   teacher = registry.build(config.model, guided=False)
-  return teacher, load_into(teacher, path, key)
+  return teacher, teacher.inference_variables(load_into(teacher, path, key))
 
 
 def _save_config(config, workdir):
