@@ -1,8 +1,6 @@
 """The throughput benchmark at CPU size: it runs the real step and sampler and prints its
 fields (a smoke test: no timing is asserted); the analytic FLOP count is checked."""
 
-import jax
-import jax.numpy as jnp
 import pytest
 
 from secant_jax import paths
@@ -10,6 +8,7 @@ from secant_jax.bench import flops
 from secant_jax.bench import throughput
 from secant_jax.convert import common
 from secant_jax.models import dit
+from secant_jax.models import registry
 from secant_jax.train import step
 
 
@@ -38,8 +37,9 @@ def test_forward_equivalents_per_variant():
                                    ['--variant', 'stee', '--remat'],
                                    ['--sample', '--num-steps', '2', '--profile', '1']])
 def test_benchmark_runs_on_cpu_and_prints_its_fields(extra, capsys):
-  fields = throughput.main(['--model', 'DiT-S/8', '--batch', '8', '--steps', '2',
-                            '--warmup', '1', '--dtype', 'float32', *extra])
+  argv = ['--model', 'DiT-S/8', '--batch', '8', '--steps', '2', '--warmup', '1', '--dtype',
+          'float32', *extra]
+  fields = throughput.main(argv)
   printed = capsys.readouterr().out
   for key in ('images_per_second', 'step_ms', 'peak_memory_gib', 'achieved_tflops', 'mfu'):
     assert key in printed
@@ -47,9 +47,9 @@ def test_benchmark_runs_on_cpu_and_prints_its_fields(extra, capsys):
   assert fields['static_memory_gb'] > 0 and fields['memory_floor_ms'] is None
   # The compiled program holds at least its arguments: the fp32 variables (sampling) or the
   # train state, which is parameters, EMA and Adam's two moments.
-  parameters = common.parameter_count(jax.eval_shape(
-      dit.from_name('DiT-S/8').init, jax.random.key(0), jnp.zeros((1, 32, 32, 4)),
-      jnp.zeros((1,)), jnp.zeros((1,)), jnp.zeros((1,), jnp.int32)))
+  config = throughput.load_config(throughput.parse_args(argv))
+  parameters = common.parameter_count(
+      registry.build(config.model, guided=False).abstract_variables())
   copies = 1 if '--sample' in extra else 4
   assert fields['compiled_memory_gib'] * 2 ** 30 > copies * 4 * parameters
   if '--traffic' in extra:

@@ -3,11 +3,12 @@
 Every kernel-level instruction (one of the entry computation or of a while loop's body,
 other than parameters, constants, tuples, bitcasts and the like) reads each operand once
 and writes its output once, except that a fusion reads an operand its body only slices
-(after bitcasts, reshapes or transposes) as the slices (q, k and v cut from one qkv product read a third of it each); a loop body counts once per trip where XLA knows the trip
-count. For a step of M FLOPs and B bytes on a device of peak rate P and bandwidth W the two
-floors are M/P and B/W: a fusion structure that moves fewer bytes shows here before any
-timing. The count is static: it ignores caches (small operands re-read from L2 are
-counted as if from memory) and a kernel's own re-reads (a matmul reading a tile twice).
+(after bitcasts, reshapes or transposes) as the slices (q, k and v cut from one qkv product
+read a third of it each); a loop body counts once per trip where XLA knows the trip count.
+For a step of M FLOPs and B bytes on a device of peak rate P and bandwidth W the two floors
+are M/P and B/W: a fusion structure that moves fewer bytes shows here before any timing.
+The count is static: it ignores caches (small operands re-read from L2 are counted as if
+from memory) and a kernel's own re-reads (a matmul reading a tile twice).
 
 Grouped by the kinds of `bench.profile` (matmul, attention, elementwise, ...), so the
 static bytes and a measured profile line up kind by kind.
