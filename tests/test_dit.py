@@ -2,7 +2,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 from flax import traverse_util
+from jax.ad_checkpoint import print_saved_residuals
 
 from secant_jax import paths
 from secant_jax.convert import common
@@ -93,6 +95,21 @@ def test_inference_variables_of_a_bf16_dit_are_bf16_and_change_no_output_bit():
   assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(cast)} == {jnp.dtype(jnp.bfloat16)}
   apply = jax.jit(network.apply)
   np.testing.assert_array_equal(apply(cast, **inp), apply(variables, **inp))
+
+
+def test_gelu_recomputed_keeps_only_its_input_for_the_backward_pass(capsys):
+  """Plain autodiff of the tanh GELU keeps four [b, n, 4C]-shaped intermediates besides h;
+  the recomputed one keeps h alone, with GELU's values and gradient."""
+  h = jax.random.normal(jax.random.key(0), (4, 8), jnp.bfloat16)
+  loss = lambda gelu: (lambda u: gelu(u).astype(jnp.float32).sum())
+  plain = lambda u: nn.gelu(u, approximate=True)
+  print_saved_residuals(loss(dit.gelu_recomputed), h)
+  saved = [line for line in capsys.readouterr().out.splitlines() if '[4,8]' in line]
+  assert saved == ['bf16[4,8] from the argument u']
+  np.testing.assert_array_equal(dit.gelu_recomputed(h), plain(h))
+  h32 = h.astype(jnp.float32)
+  np.testing.assert_allclose(jax.grad(loss(dit.gelu_recomputed))(h32),
+                             jax.grad(loss(plain))(h32), rtol=1e-6, atol=1e-7)
 
 
 def _torch_model(**kwargs):

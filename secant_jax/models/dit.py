@@ -86,8 +86,21 @@ class Attention(nn.Module):
                     name='proj')(out.reshape(b, n, self.hidden_size))
 
 
+@jax.checkpoint
+def gelu_recomputed(h):
+  """GELU, tanh approximation: ½h(1 + tanh(√(2/π)(h + 0.044715h³))), whose backward pass
+  keeps only h and recomputes the rest.
+
+  Plain autodiff keeps four of the formula's intermediates besides h, each the size of h
+  ([batch, tokens, 4·hidden] per block), written in the forward pass and read back in the
+  backward; recomputing them from h inside the backward's elementwise kernel moves fewer
+  bytes and holds less memory. The forward values are GELU's, bit for bit.
+  """
+  return nn.gelu(h, approximate=True)
+
+
 class Mlp(nn.Module):
-  """timm's Mlp: fc1 → GELU (tanh approximation) → fc2."""
+  """timm's Mlp: fc1 → GELU (tanh approximation, `gelu_recomputed`) → fc2."""
   hidden_features: int
   dtype: jnp.dtype = jnp.float32
 
@@ -95,7 +108,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     h = nn.Dense(self.hidden_features, dtype=self.dtype, kernel_init=_xavier, name='fc1')(x)
     return nn.Dense(x.shape[-1], dtype=self.dtype, kernel_init=_xavier,
-                    name='fc2')(nn.gelu(h, approximate=True))
+                    name='fc2')(gelu_recomputed(h))
 
 
 class DiTBlock(nn.Module):
