@@ -77,5 +77,9 @@ def base_config():
       num_samples=50_000, train_num_samples=5_000, batch_size=256))
   c.fsdp = 1
   c.distributed = False  # jax.distributed.initialize() (multi-host TPU/GPU)
+  # where JAX does not detect the cluster (TPU VMs, Slurm, Open MPI, Kubernetes it does):
+  # the coordinator's host:port, the process count and this process's index
+  c.cluster = ml_collections.ConfigDict(dict(coordinator_address='', num_processes=0,
+                                             process_id=-1))
   c.data = ml_collections.ConfigDict(dict(name='digits', dir='', random_flip=False))
   return c

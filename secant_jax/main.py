@@ -14,13 +14,23 @@ from ml_collections import config_flags
 
 from secant_jax import config as config_lib
 
+
+def initialize_distributed(cluster):
+  """jax.distributed.initialize with config.cluster's settings; the unset ('', 0, -1) are
+  left to JAX, which reads them from a TPU VM's metadata, Slurm, Open MPI or Kubernetes
+  (and the coordinator from JAX_COORDINATOR_ADDRESS)."""
+  jax.distributed.initialize(coordinator_address=cluster.coordinator_address or None,
+                             num_processes=cluster.num_processes or None,
+                             process_id=None if cluster.process_id < 0 else cluster.process_id)
+
+
 def run(config, workdir):
   """Dispatches on config.mode (importable, for tests and notebooks)."""
   if config.mode not in config_lib.MODES:
     raise ValueError(f'Unknown mode {config.mode!r}: expected one of {config_lib.MODES}; '
                      'set --config.mode.')
   if config.distributed:
-    jax.distributed.initialize()
+    initialize_distributed(config.cluster)
   if config.mode == 'train':
     from secant_jax.train import loop  # pylint: disable=import-outside-toplevel
     return loop.train_and_evaluate(config, workdir)

@@ -1,5 +1,6 @@
 """--config.mode=sample: secant samples from a run's EMA export (workdir/ema) as a PNG grid
-and an .npz of the raw samples, with the config's steps and guidance."""
+and an .npz of the raw samples, with the config's steps and guidance. With several
+processes each computes the same samples and process 0 writes them."""
 
 import os
 
@@ -22,8 +23,9 @@ def write_samples(config, workdir):
       config.model.get('num_classes', 0))
   samples = np.asarray(jax.jit(lambda v: generate.sample(
       network, task, v, config.secant, noise, labels))(variables))
-  np.savez(os.path.join(workdir, 'samples.npz'), samples=samples, labels=np.asarray(labels))
-  grid = (generate.image_grid(samples) * 255).round().astype(np.uint8)
   path = os.path.join(workdir, 'samples.png')
-  Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid[..., :3]).save(path)
+  if jax.process_index() == 0:
+    np.savez(os.path.join(workdir, 'samples.npz'), samples=samples, labels=np.asarray(labels))
+    grid = (generate.image_grid(samples) * 255).round().astype(np.uint8)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid[..., :3]).save(path)
   return path

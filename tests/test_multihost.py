@@ -1,0 +1,98 @@
+"""The trainer as it runs on a pod: two processes of two CPU devices each, joined by
+jax.distributed (gloo collectives) through `--config.distributed=True` and
+`config.cluster`, parameters FSDP-sharded across both processes. SIGTERM to one of them
+stops both at one step with one checkpoint, and the resumed run ends bit-identical to a
+straight one (each process's share of the data included)."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from secant_jax import config as config_lib
+from secant_jax import main as main_lib
+from secant_jax.convert import common
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NUM_PROCESSES = 2
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('localhost', 0))
+    return s.getsockname()[1]
+
+
+def _launch(workdir, steps):
+  """The same command on every process, as launch/tpu_pod.sh runs it on every host."""
+  port = _free_port()
+  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  return [subprocess.Popen(
+      [sys.executable, '-m', 'secant_jax.main', f'--config={REPO}/configs/demo.py',
+       f'--workdir={workdir}', '--config.mode=train', f'--config.num_train_steps={steps}',
+       '--config.log_every=1', '--config.batch_size=8', '--config.checkpoint_every=100000',
+       '--config.sample_every=2', '--config.num_sample_images=4', '--config.fsdp=4',
+       '--config.model.hidden_size=64', '--config.model.depth=1',
+       '--config.model.num_heads=2', '--config.distributed=True',
+       f'--config.cluster.coordinator_address=localhost:{port}',
+       f'--config.cluster.num_processes={NUM_PROCESSES}', f'--config.cluster.process_id={i}'],
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+      for i in range(NUM_PROCESSES)]
+
+
+def _finish(procs):
+  outputs = [p.communicate(timeout=600)[0] for p in procs]
+  for i, (p, output) in enumerate(zip(procs, outputs)):
+    assert p.returncode == 0, f'process {i}:\n{output[-3000:]}'
+
+
+def _checkpoint_steps(workdir):
+  return sorted(int(d) for d in os.listdir(os.path.join(workdir, 'checkpoints'))
+                if d.isdigit())
+
+
+def _ema(workdir):
+  return traverse_util.flatten_dict(common.load_variables(os.path.join(workdir, 'ema')))
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_stops_all_at_one_step_and_the_resumed_run_is_exact(tmp_path):
+  preempted = tmp_path / 'preempted'
+  procs = _launch(preempted, 100000)
+  for line in procs[0].stdout:
+    if 'loss=' in line:  # a logged step: both processes are training
+      break
+  procs[1].send_signal(signal.SIGTERM)
+  _finish(procs)
+  (stop,) = _checkpoint_steps(preempted)
+  assert 0 < stop < 100000
+  assert not os.path.exists(preempted / 'ema')  # exported only when the run completes
+
+  _finish(_launch(preempted, stop + 3))
+  _finish(_launch(tmp_path / 'straight', stop + 3))
+  assert _checkpoint_steps(preempted) == _checkpoint_steps(tmp_path / 'straight') == [
+      stop + 3]
+  straight, resumed = _ema(tmp_path / 'straight'), _ema(preempted)
+  assert len(straight) > 10 and straight.keys() == resumed.keys()
+  for path, value in straight.items():
+    np.testing.assert_array_equal(resumed[path], value, err_msg=str(path))
+  for workdir, launches in ((preempted, 2), (tmp_path / 'straight', 1)):  # process 0 writes
+    events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
+    assert len(events) == launches, events
+
+
+def test_unset_cluster_settings_are_left_to_jax_and_process_zero_is_set(monkeypatch):
+  calls = []
+  monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: calls.append(kwargs))
+  cluster = config_lib.base_config().cluster
+  main_lib.initialize_distributed(cluster)
+  cluster.update(dict(coordinator_address='10.0.0.1:1234', num_processes=4, process_id=0))
+  main_lib.initialize_distributed(cluster)
+  assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None),
+                   dict(coordinator_address='10.0.0.1:1234', num_processes=4, process_id=0)]
