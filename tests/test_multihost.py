@@ -1,9 +1,11 @@
-"""The trainer as it runs on a pod: two processes of two CPU devices each, joined by
+"""Several hosts, as on a pod, emulated by two processes of two CPU devices each, joined by
 jax.distributed (gloo collectives) through `--config.distributed=True` and
-`config.cluster`, parameters FSDP-sharded across both processes. SIGTERM to one of them
-stops both at one step with one checkpoint, and the resumed run ends bit-identical to a
-straight one (each process's share of the data included)."""
+`config.cluster`. The trainer with parameters FSDP-sharded across both processes: SIGTERM
+to one of them stops both at one step with one checkpoint, and the resumed run ends
+bit-identical to a straight one (each process's share of the data included). FID's
+feature statistics over batches whose rows are split between the processes."""
 
+import json
 import os
 import signal
 import socket
@@ -29,27 +31,34 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(workdir, steps):
-  """The same command on every process, as launch/tpu_pod.sh runs it on every host."""
+def _launch(argv):
+  """`argv` plus the process's cluster settings, on each process (as launch/tpu_pod.sh
+  runs one command on every host)."""
   port = _free_port()
   env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
-  return [subprocess.Popen(
-      [sys.executable, '-m', 'secant_jax.main', f'--config={REPO}/configs/demo.py',
-       f'--workdir={workdir}', '--config.mode=train', f'--config.num_train_steps={steps}',
-       '--config.log_every=1', '--config.batch_size=8', '--config.checkpoint_every=100000',
-       '--config.sample_every=2', '--config.num_sample_images=4', '--config.fsdp=4',
-       '--config.model.hidden_size=64', '--config.model.depth=1',
-       '--config.model.num_heads=2', '--config.distributed=True',
-       f'--config.cluster.coordinator_address=localhost:{port}',
-       f'--config.cluster.num_processes={NUM_PROCESSES}', f'--config.cluster.process_id={i}'],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-      for i in range(NUM_PROCESSES)]
+  return [subprocess.Popen([sys.executable, *argv(port, i)], cwd=REPO,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=env)
+          for i in range(NUM_PROCESSES)]
+
+
+def _train(workdir, steps):
+  return _launch(lambda port, i: [
+      '-m', 'secant_jax.main', f'--config={REPO}/configs/demo.py', f'--workdir={workdir}',
+      '--config.mode=train', f'--config.num_train_steps={steps}', '--config.log_every=1',
+      '--config.batch_size=8', '--config.checkpoint_every=100000', '--config.sample_every=2',
+      '--config.num_sample_images=4', '--config.fsdp=4', '--config.model.hidden_size=64',
+      '--config.model.depth=1', '--config.model.num_heads=2', '--config.distributed=True',
+      f'--config.cluster.coordinator_address=localhost:{port}',
+      f'--config.cluster.num_processes={NUM_PROCESSES}', f'--config.cluster.process_id={i}'])
 
 
 def _finish(procs):
+  """Each process's output, once all have exited 0."""
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for i, (p, output) in enumerate(zip(procs, outputs)):
     assert p.returncode == 0, f'process {i}:\n{output[-3000:]}'
+  return outputs
 
 
 def _checkpoint_steps(workdir):
@@ -64,7 +73,7 @@ def _ema(workdir):
 @pytest.mark.slow
 def test_sigterm_to_one_host_stops_all_at_one_step_and_the_resumed_run_is_exact(tmp_path):
   preempted = tmp_path / 'preempted'
-  procs = _launch(preempted, 100000)
+  procs = _train(preempted, 100000)
   for line in procs[0].stdout:
     if 'loss=' in line:  # a logged step: both processes are training
       break
@@ -74,8 +83,8 @@ def test_sigterm_to_one_host_stops_all_at_one_step_and_the_resumed_run_is_exact(
   assert 0 < stop < 100000
   assert not os.path.exists(preempted / 'ema')  # exported only when the run completes
 
-  _finish(_launch(preempted, stop + 3))
-  _finish(_launch(tmp_path / 'straight', stop + 3))
+  _finish(_train(preempted, stop + 3))
+  _finish(_train(tmp_path / 'straight', stop + 3))
   assert _checkpoint_steps(preempted) == _checkpoint_steps(tmp_path / 'straight') == [
       stop + 3]
   straight, resumed = _ema(tmp_path / 'straight'), _ema(preempted)
@@ -96,3 +105,19 @@ def test_unset_cluster_settings_are_left_to_jax_and_process_zero_is_set(monkeypa
   main_lib.initialize_distributed(cluster)
   assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None),
                    dict(coordinator_address='10.0.0.1:1234', num_processes=4, process_id=0)]
+
+
+def test_feature_statistics_of_batches_split_over_processes_are_the_whole_batches():
+  """FID's streamed sums when each process holds only its rows of every batch (and a last
+  batch is trimmed): each process counts its own rows, μ and Σ are over all of them."""
+  import multihost_fid_worker as worker  # pylint: disable=import-outside-toplevel
+  outputs = _finish(_launch(lambda port, i: ['tests/multihost_fid_worker.py', str(port),
+                                             str(i)]))
+  results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+  assert [r['count'] for r in results] == [12, 7]  # rows 0-5, 6-11; then 0-5, 6
+  features = np.concatenate([b[:n] for b, n in zip(worker.BATCHES, worker.NUM_VALID)]
+                            ).astype(np.float64)
+  for r in results:
+    np.testing.assert_allclose(r['mu'], features.mean(0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(r['sigma'], np.cov(features, rowvar=False), rtol=1e-6,
+                               atol=1e-7)
