@@ -9,12 +9,13 @@ the weights. Writes workdir/table.md, table.json, samples/<row>.png, samples.png
 scalars.
 """
 
-import json
 import os
 
 import jax
 import ml_collections
+from etils import epath
 
+from secant_jax import files
 from secant_jax import generate
 from secant_jax import writers
 from secant_jax.evaluation import comparison
@@ -27,14 +28,13 @@ def load_run(run_dir):
   """(config, EMA directory) of a finished training run."""
   config_file = os.path.join(run_dir, 'config.json')
   ema_dir = os.path.join(run_dir, 'ema')
-  if not os.path.isfile(config_file):
+  if not epath.Path(config_file).is_file():
     raise FileNotFoundError(f'{run_dir} has no config.json: pass the --workdir of a training '
                             'run (python -m secant_jax.main --config=... --workdir=DIR).')
-  if not os.path.isdir(ema_dir):
+  if not epath.Path(ema_dir).is_dir():
     raise FileNotFoundError(f'{ema_dir} does not exist: the run in {run_dir} has not '
                             'finished; run its training to the end first.')
-  with open(config_file) as f:
-    return ml_collections.ConfigDict(json.load(f)), ema_dir
+  return ml_collections.ConfigDict(files.read_json(config_file)), ema_dir
 
 
 def parse_runs(spec):
@@ -52,8 +52,7 @@ def parse_runs(spec):
 def compare(config, workdir):
   """Returns the table's rows."""
   c = config.compare
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = files.make_directory(workdir)
   teacher_config, teacher_ema = load_run(c.teacher)
   network, task, tangent_of = comparison.teacher(teacher_config, teacher_ema,
                                                  c.guidance_scale)
@@ -73,11 +72,10 @@ def compare(config, workdir):
   overview = comparison.write_grids(rows, firsts, workdir)
   table = comparison.format_table(rows)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'table.md'), 'w') as f:
-      f.write(table + '\n')
-    with open(os.path.join(workdir, 'table.json'), 'w') as f:
-      json.dump({'num_samples': c.num_samples, 'guidance_scale': c.guidance_scale,
-                 'rows': rows}, f, indent=2)
+    files.write_text(os.path.join(workdir, 'table.md'), table + '\n')
+    files.write_json(os.path.join(workdir, 'table.json'),
+                     {'num_samples': c.num_samples, 'guidance_scale': c.guidance_scale,
+                      'rows': rows})
   writer = writers.create(os.path.join(workdir, 'eval'), just_logging=jax.process_index() > 0)
   for row in rows[1:]:
     writer.write_scalars(row['nfe'], {f"{row['sampler']}/{k}": v for k, v in row.items()

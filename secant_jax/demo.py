@@ -7,12 +7,13 @@ teacher's Euler and Heun at equal NFE, all measured as RMS distance to the teach
 adaptive reference solution of its own (guided) ODE.
 """
 
-import json
 import os
 
 import jax
+from etils import epath
 
 from secant_jax import config as config_lib
+from secant_jax import files
 from secant_jax import generate
 from secant_jax import writers
 from secant_jax.evaluation import comparison
@@ -36,7 +37,7 @@ def stage_config(config, workdir, name, variant, steps, num_train_steps, init=''
 
 
 def train_stage(config, stage_dir):
-  if not os.path.isdir(os.path.join(stage_dir, 'ema')):
+  if not epath.Path(stage_dir, 'ema').is_dir():
     loop.train_and_evaluate(config, stage_dir)
   return os.path.join(stage_dir, 'ema')
 
@@ -69,7 +70,7 @@ def evaluate(config, workdir, teacher_dir, secant_runs):
 def run(config, workdir):
   """All stages and the evaluation; writes workdir/metrics.json and samples.png."""
   d = config.demo
-  workdir = os.path.abspath(workdir)
+  workdir = files.absolute(workdir)
   c, stage_dir = stage_config(config, workdir, 'teacher', 'diffusion', 1, d.teacher_steps)
   teacher_dir = train_stage(c, stage_dir)
   secant_runs = {'secant SDEI': [], 'secant STEE': []}
@@ -81,8 +82,7 @@ def run(config, workdir):
                               init=teacher_dir)  # one STEE model for every step count
   secant_runs['secant STEE'].append((c, train_stage(c, stage_dir), d.eval_step_counts))
   rows = evaluate(config, workdir, teacher_dir, secant_runs)
-  with open(os.path.join(workdir, 'metrics.json'), 'w') as f:
-    json.dump({'guidance_scale': d.eval_scale, 'num_samples': d.num_eval, 'rows': rows}, f,
-              indent=2)
+  files.write_json(os.path.join(workdir, 'metrics.json'),
+                   {'guidance_scale': d.eval_scale, 'num_samples': d.num_eval, 'rows': rows})
   print(comparison.format_table(rows))
   return rows

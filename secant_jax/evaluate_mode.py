@@ -11,11 +11,11 @@ and guidance, scored by
 Written to workdir/eval.json and as CLU scalars under workdir/eval.
 """
 
-import json
 import os
 
 import jax
 
+from secant_jax import files
 from secant_jax import generate
 from secant_jax import sampling
 from secant_jax import writers
@@ -66,8 +66,7 @@ def evaluate(config, workdir):
     result.update(quality(network, task, variables, config.fid.num_samples, config.seed + 2),
                   num_fid_samples=config.fid.num_samples)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'eval.json'), 'w') as f:
-      json.dump(result, f, indent=2)
+    files.write_json(os.path.join(workdir, 'eval.json'), result)
   writer = writers.create(os.path.join(workdir, 'eval'), just_logging=jax.process_index() > 0)
   writer.write_scalars(task.num_steps, {k: v for k, v in result.items()
                                         if isinstance(v, float)})

@@ -6,8 +6,8 @@ import os
 
 import jax
 import numpy as np
-from PIL import Image
 
+from secant_jax import files
 from secant_jax import generate
 from secant_jax.models import registry
 from secant_jax.train import loop
@@ -25,7 +25,7 @@ def write_samples(config, workdir):
       network, task, v, config.secant, noise, labels))(variables))
   path = os.path.join(workdir, 'samples.png')
   if jax.process_index() == 0:
-    np.savez(os.path.join(workdir, 'samples.npz'), samples=samples, labels=np.asarray(labels))
-    grid = (generate.image_grid(samples) * 255).round().astype(np.uint8)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid[..., :3]).save(path)
+    files.write_npz(os.path.join(workdir, 'samples.npz'), samples=samples,
+                    labels=np.asarray(labels))
+    files.write_png((generate.image_grid(samples) * 255).round().astype(np.uint8), path)
   return path

@@ -15,7 +15,9 @@ import time
 
 import numpy as np
 from absl import logging
-from PIL import Image
+from etils import epath
+
+from secant_jax import files
 
 
 def _clu(module):
@@ -35,13 +37,13 @@ class FileWriter:
   def __init__(self, logdir, just_logging=False):
     self.logdir = None if just_logging else logdir
     if self.logdir:
-      os.makedirs(os.path.join(self.logdir, 'images'), exist_ok=True)
+      files.make_directory(os.path.join(self.logdir, 'images'))
 
   def write_scalars(self, step, scalars):
     values = {k: float(v) for k, v in scalars.items()}
     logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in values.items()))
     if self.logdir:
-      with open(os.path.join(self.logdir, 'scalars.jsonl'), 'a') as f:
+      with epath.Path(self.logdir, 'scalars.jsonl').open('a') as f:
         f.write(json.dumps({'step': int(step), **values}) + '\n')
 
   def write_images(self, step, images):
@@ -52,8 +54,8 @@ class FileWriter:
         image = np.clip(np.round(image * 255), 0, 255).astype(np.uint8)
       logging.info('[%d] image %s %s', step, name, image.shape)
       if self.logdir:
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
-            os.path.join(self.logdir, 'images', f"{name.replace('/', '_')}_{step}.png"))
+        files.write_png(image, os.path.join(self.logdir, 'images',
+                                            f"{name.replace('/', '_')}_{step}.png"))
 
   def flush(self):
     """Nothing to do: each write opens, appends to and closes its file."""

@@ -14,7 +14,10 @@ import re
 
 import jax
 import numpy as np
+from etils import epath
 from flax import traverse_util
+
+from secant_jax import files
 
 WEIGHT_LEAVES = ('kernel', 'scale', 'embedding')
 
@@ -181,7 +184,7 @@ def save(variables, directory, overwrite=False):
   """Writes variables as an Orbax checkpoint that the trainer can start from; an existing
   one at `directory` is an error unless `overwrite` (a run re-exporting its EMA)."""
   from orbax.checkpoint import v1 as ocp  # pylint: disable=import-outside-toplevel
-  ocp.save(os.path.abspath(os.fspath(directory)), variables, overwrite=overwrite)
+  ocp.save(files.absolute(directory), variables, overwrite=overwrite)
 
 
 def load_variables(directory):
@@ -200,10 +203,10 @@ def load_or_convert(path, convert_fn, what, url, config_key):
   """Variables of a fixed network (Inception, VAE): from a converted directory, or converted
   in memory from the published weights file. A missing path names the download."""
   path = os.fspath(path)
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f'{what} weights {path} do not exist; download {url}, then set '
                             f'{config_key} to the file or to its conversion.')
-  if os.path.isdir(path):
+  if epath.Path(path).is_dir():
     return load_variables(path)
   return convert_fn(load_state_dict(path))
 
@@ -220,8 +223,8 @@ def weights_cli(description, convert_fn, what, url, argv=None):
 
 
 def _existing(directory):
-  directory = os.path.abspath(os.fspath(directory))
-  if not os.path.isdir(directory):
+  directory = files.absolute(directory)
+  if not epath.Path(directory).is_dir():
     raise FileNotFoundError(f'Converted checkpoint {directory} does not exist; make it with '
                             'python -m secant_jax.convert.sit (or .edm) --in WEIGHTS --out DIR.')
   return directory

@@ -19,8 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
-from PIL import Image
 
+from secant_jax import files
 from secant_jax import generate
 from secant_jax import sampling
 from secant_jax.evaluation import reference_error
@@ -126,18 +126,16 @@ def format_table(rows):
 
 
 def _png(image, path, zoom):
+  """image (float, [0, 1]) as a PNG, each pixel a zoom × zoom block."""
   pixels = (image * 255).round().astype(np.uint8)
-  if pixels.shape[-1] == 1:
-    pixels = pixels[..., 0]
-  Image.fromarray(pixels).resize((image.shape[1] * zoom, image.shape[0] * zoom),
-                                 Image.NEAREST).save(path)
+  files.write_png(pixels.repeat(zoom, axis=0).repeat(zoom, axis=1), path)
 
 
 def write_grids(rows, firsts, directory, grid_size=64, overview_columns=10, zoom=2):
   """A grid PNG per row (directory/samples/<row>.png, the first `grid_size` samples) and
   samples.png: the first `overview_columns` samples of every row, one row each. Returns
   the overview image (float, [0, 1])."""
-  os.makedirs(os.path.join(directory, 'samples'), exist_ok=True)
+  files.make_directory(os.path.join(directory, 'samples'))
   for row, index in zip(rows, sorted(firsts)):
     nfe = 'adaptive' if row['nfe'] is None else f"{row['nfe']}"
     slug = re.sub(r'[^a-z0-9]+', '-', f"{row['sampler']} {nfe}".lower()).strip('-')

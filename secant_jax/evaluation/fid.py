@@ -19,6 +19,7 @@ uses Inception's 2048-d pool features; any other extractor gives an "FD-<name>".
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from jax.experimental import multihost_utils
 
 
@@ -116,7 +117,7 @@ def inception_score(logits, splits=10, shuffle_seed=2020):
 
 def load_reference(path):
   """(μ, Σ) from a reference .npz with 'mu' and 'sigma' (ADM's and EDM's layouts)."""
-  with np.load(path) as f:
+  with epath.Path(path).open('rb') as file, np.load(file) as f:
     missing = [k for k in ('mu', 'sigma') if k not in f]
     if missing:
       raise ValueError(f'Reference statistics {path} lack {missing}; expected an .npz with '

@@ -14,8 +14,10 @@ import os
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 from jax.experimental import multihost_utils
 
+from secant_jax import files
 from secant_jax import generate
 from secant_jax.convert import vae as convert_vae
 from secant_jax.evaluation import features as features_lib
@@ -62,7 +64,7 @@ class SampleQuality:
     split = self.config.fid.reference_split
     cached = os.path.join(workdir, REFERENCE_FILE.format(metric=self.network.metric,
                                                          split=split))
-    if os.path.exists(cached):
+    if epath.Path(cached).exists():
       return fid.load_reference(cached)
     if self.config.data.name == 'imagenet_latents':
       raise ValueError('ImageNet FID needs reference statistics: set config.fid.reference '
@@ -86,7 +88,7 @@ class SampleQuality:
 
     mu, sigma = self._accumulate(batches(), total, 'reference images').statistics()
     if jax.process_index() == 0:
-      np.savez(cached, mu=mu, sigma=sigma)
+      files.write_npz(cached, mu=mu, sigma=sigma)
     return mu, sigma
 
   def scores(self):

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from secant_jax import files
 from secant_jax import generate
 from secant_jax import sampling
 from secant_jax import writers
@@ -56,8 +57,7 @@ def teacher_of(config, key):
 
 def _save_config(config, workdir):
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      f.write(config.to_json_best_effort(indent=2))
+    files.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
 
 
 def _global_batch(local, sharding):
@@ -69,8 +69,7 @@ def train_and_evaluate(config, workdir):
   """Trains config.secant.variant for config.num_train_steps; returns (state, history),
   history being the logged metrics ({'step': ..., 'loss': ..., ...} per log step), each
   the mean over the steps since the previous log."""
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = files.make_directory(workdir)
   _save_config(config, workdir)
   mesh = parallel.make_mesh(config.fsdp)
   parallel.check_batch_size(config.batch_size, mesh)

@@ -1,0 +1,53 @@
+"""Where a run's files go: a local directory or a bucket (gs://BUCKET/run, as every host of
+a TPU pod must share its workdir).
+
+Everything the package writes or reads by path goes through etils' epath, as Orbax's and
+CLU's own files do: TensorFlow's file system for gs:// and s3:// where TensorFlow is
+installed, fsspec (gcsfs, s3fs) where not. A local path is made absolute, as Orbax needs;
+a URL is kept as given (os.path.abspath would turn gs://b/run into ./gs:/b/run, a local
+directory on each host).
+"""
+
+import json
+
+import numpy as np
+from etils import epath
+from PIL import Image
+
+
+def absolute(path):
+  """`path` as a string: local paths absolute, URLs (gs://, s3://) unchanged."""
+  p = epath.Path(path)
+  return str(p if p.is_absolute() else p.resolve())
+
+
+def make_directory(path):
+  """`absolute(path)`, created with its parents where missing."""
+  path = absolute(path)
+  epath.Path(path).mkdir(parents=True, exist_ok=True)
+  return path
+
+
+def write_text(path, text):
+  epath.Path(path).write_text(text)
+
+
+def write_json(path, value):
+  write_text(path, json.dumps(value, indent=2) + '\n')
+
+
+def read_json(path):
+  return json.loads(epath.Path(path).read_text())
+
+
+def write_png(pixels, path):
+  """uint8 pixels [H, W, C] as a PNG file: grey for C = 1, else RGB from the first three
+  channels (a grid of 4-channel latents shows three of them)."""
+  image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3])
+  with epath.Path(path).open('wb') as f:
+    image.save(f, format='PNG')
+
+
+def write_npz(path, **arrays):
+  with epath.Path(path).open('wb') as f:
+    np.savez(f, **arrays)

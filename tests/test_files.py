@@ -1,0 +1,33 @@
+"""Run files by path: local paths made absolute, bucket URLs kept (a pod's shared workdir),
+PNGs and JSON through the one writer."""
+
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from secant_jax import files
+
+
+@pytest.mark.parametrize('url', ['gs://bucket/runs/sdei4', 's3://bucket/run'])
+def test_a_bucket_url_stays_a_url(url):
+  assert files.absolute(url) == url  # os.path.abspath gives ./gs:/bucket/..., on each host
+
+
+def test_a_relative_path_becomes_absolute_and_a_directory(tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  made = files.make_directory('runs/a')
+  assert made == os.path.join(str(tmp_path), 'runs', 'a') and os.path.isdir(made)
+  files.write_json(os.path.join(made, 'x.json'), {'step': 3})
+  assert files.read_json(os.path.join(made, 'x.json')) == {'step': 3}
+
+
+@pytest.mark.parametrize('channels, mode', [(1, 'L'), (3, 'RGB'), (4, 'RGB')])
+def test_png_is_grey_or_rgb_from_the_first_three_channels(tmp_path, channels, mode):
+  pixels = np.random.default_rng(0).integers(0, 256, (5, 7, channels), dtype=np.uint8)
+  files.write_png(pixels, tmp_path / 'a.png')
+  with Image.open(tmp_path / 'a.png') as image:
+    assert image.mode == mode
+    np.testing.assert_array_equal(np.asarray(image).reshape(5, 7, -1),
+                                  pixels[..., :min(channels, 3)])
