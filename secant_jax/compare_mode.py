@@ -17,7 +17,6 @@ from etils import epath
 
 from secant_jax import files
 from secant_jax import generate
-from secant_jax import writers
 from secant_jax.evaluation import comparison
 from secant_jax.evaluation import features
 from secant_jax.evaluation import sample_quality
@@ -69,18 +68,12 @@ def compare(config, workdir):
              if features.configured(config.fid) else None)
   rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, c.batch_size,
                                     mesh, quality)
-  overview = comparison.write_grids(rows, firsts, workdir)
   table = comparison.format_table(rows)
   if jax.process_index() == 0:
     files.write_text(os.path.join(workdir, 'table.md'), table + '\n')
     files.write_json(os.path.join(workdir, 'table.json'),
                      {'num_samples': c.num_samples, 'guidance_scale': c.guidance_scale,
                       'rows': rows})
-  writer = writers.create(os.path.join(workdir, 'eval'), just_logging=jax.process_index() > 0)
-  for row in rows[1:]:
-    writer.write_scalars(row['nfe'], {f"{row['sampler']}/{k}": v for k, v in row.items()
-                                      if isinstance(v, float)})
-  writer.write_images(0, {'samples': overview[None]})
-  writer.flush()
+  comparison.write_results(rows, firsts, workdir)
   print(table)
   return rows

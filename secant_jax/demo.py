@@ -9,13 +9,11 @@ adaptive reference solution of its own (guided) ODE.
 
 import os
 
-import jax
 from etils import epath
 
 from secant_jax import config as config_lib
 from secant_jax import files
 from secant_jax import generate
-from secant_jax import writers
 from secant_jax.evaluation import comparison
 from secant_jax.train import loop
 from secant_jax.train import parallel
@@ -58,12 +56,7 @@ def evaluate(config, workdir, teacher_dir, secant_runs):
   mesh = parallel.make_mesh(config.fsdp)
   batch = -(-d.num_eval // mesh.size) * mesh.size
   rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, batch, mesh)
-  overview = comparison.write_grids(rows, firsts, workdir)
-  writer = writers.create(os.path.join(workdir, 'eval'), just_logging=jax.process_index() > 0)
-  for row in rows[1:]:
-    writer.write_scalars(row['nfe'], {row['sampler']: row['error']})
-  writer.write_images(0, {'samples': overview[None]})
-  writer.flush()
+  comparison.write_results(rows, firsts, workdir)
   return rows
 
 

@@ -23,6 +23,7 @@ from jax.experimental import multihost_utils
 from secant_jax import files
 from secant_jax import generate
 from secant_jax import sampling
+from secant_jax import writers
 from secant_jax.evaluation import reference_error
 from secant_jax.models import registry
 from secant_jax.train import loop
@@ -146,3 +147,16 @@ def write_grids(rows, firsts, directory, grid_size=64, overview_columns=10, zoom
       columns=overview_columns)
   _png(overview, os.path.join(directory, 'samples.png'), zoom * 2)
   return overview
+
+
+def write_results(rows, firsts, workdir):
+  """Process 0 writes the sample grids (`write_grids`) and, under workdir/eval, each row's
+  numbers as TensorBoard scalars at its NFE ('<sampler>/<column>') and the overview
+  image; the other processes only log the scalars."""
+  writer = writers.create(os.path.join(workdir, 'eval'), just_logging=jax.process_index() > 0)
+  for row in rows[1:]:
+    writer.write_scalars(row['nfe'], {f"{row['sampler']}/{k}": v for k, v in row.items()
+                                      if isinstance(v, float)})
+  if jax.process_index() == 0:
+    writer.write_images(0, {'samples': write_grids(rows, firsts, workdir)[None]})
+  writer.flush()
