@@ -1,12 +1,14 @@
 """Several hosts, as on a pod, emulated by two processes of two CPU devices each, joined by
 jax.distributed (gloo collectives) through `--config.distributed=True` and
 `config.cluster`. The trainer with parameters FSDP-sharded across both processes: SIGTERM
-to one of them stops both at one step with one checkpoint, and the resumed run ends
-bit-identical to a straight one (each process's share of the data included). FID's
-feature statistics over batches whose rows are split between the processes."""
+to one of them stops both at one step with one checkpoint; resumed, the run ends
+bit-identical to a straight one, and resumed on one process of four devices instead, equal
+to it up to the collectives' rounding. FID's feature statistics over batches whose rows
+are split between the processes."""
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,7 +24,7 @@ from secant_jax import main as main_lib
 from secant_jax.convert import common
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-NUM_PROCESSES = 2
+NUM_DEVICES = 4  # in all, split evenly over the processes
 
 
 def _free_port():
@@ -31,26 +33,29 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(argv):
-  """`argv` plus the process's cluster settings, on each process (as launch/tpu_pod.sh
-  runs one command on every host)."""
+def _launch(argv, processes=2):
+  """`argv(port, process index)` on each of `processes` processes, NUM_DEVICES CPU devices
+  among them (as launch/tpu_pod.sh runs one command on every host)."""
   port = _free_port()
-  env = {**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  env = {**os.environ,
+         'XLA_FLAGS': f'--xla_force_host_platform_device_count={NUM_DEVICES // processes}'}
   return [subprocess.Popen([sys.executable, *argv(port, i)], cwd=REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=env)
-          for i in range(NUM_PROCESSES)]
+          for i in range(processes)]
 
 
-def _train(workdir, steps):
+def _train(workdir, steps, processes=2):
+  cluster = lambda port, i: [
+      '--config.distributed=True', f'--config.cluster.coordinator_address=localhost:{port}',
+      f'--config.cluster.num_processes={processes}', f'--config.cluster.process_id={i}']
   return _launch(lambda port, i: [
       '-m', 'secant_jax.main', f'--config={REPO}/configs/demo.py', f'--workdir={workdir}',
       '--config.mode=train', f'--config.num_train_steps={steps}', '--config.log_every=1',
       '--config.batch_size=8', '--config.checkpoint_every=100000', '--config.sample_every=2',
-      '--config.num_sample_images=4', '--config.fsdp=4', '--config.model.hidden_size=64',
-      '--config.model.depth=1', '--config.model.num_heads=2', '--config.distributed=True',
-      f'--config.cluster.coordinator_address=localhost:{port}',
-      f'--config.cluster.num_processes={NUM_PROCESSES}', f'--config.cluster.process_id={i}'])
+      '--config.num_sample_images=4', f'--config.fsdp={NUM_DEVICES}',
+      '--config.model.hidden_size=64', '--config.model.depth=1', '--config.model.num_heads=2',
+      *(cluster(port, i) if processes > 1 else [])], processes)
 
 
 def _finish(procs):
@@ -72,7 +77,9 @@ def _ema(workdir):
 
 @pytest.mark.slow
 def test_sigterm_to_one_host_stops_all_at_one_step_and_the_resumed_run_is_exact(tmp_path):
-  preempted = tmp_path / 'preempted'
+  """...also when it resumes on one process (a smaller slice, one GPU node): the data
+  pipeline's global batches do not depend on the number of processes."""
+  preempted, on_one = tmp_path / 'preempted', tmp_path / 'resumed-on-one-process'
   procs = _train(preempted, 100000)
   for line in procs[0].stdout:
     if 'loss=' in line:  # a logged step: both processes are training
@@ -82,8 +89,10 @@ def test_sigterm_to_one_host_stops_all_at_one_step_and_the_resumed_run_is_exact(
   (stop,) = _checkpoint_steps(preempted)
   assert 0 < stop < 100000
   assert not os.path.exists(preempted / 'ema')  # exported only when the run completes
+  shutil.copytree(preempted, on_one)
 
   _finish(_train(preempted, stop + 3))
+  _finish(_train(on_one, stop + 3, processes=1))
   _finish(_train(tmp_path / 'straight', stop + 3))
   assert _checkpoint_steps(preempted) == _checkpoint_steps(tmp_path / 'straight') == [
       stop + 3]
@@ -91,6 +100,8 @@ def test_sigterm_to_one_host_stops_all_at_one_step_and_the_resumed_run_is_exact(
   assert len(straight) > 10 and straight.keys() == resumed.keys()
   for path, value in straight.items():
     np.testing.assert_array_equal(resumed[path], value, err_msg=str(path))
+  for path, value in _ema(on_one).items():  # same program; collectives in one process
+    np.testing.assert_allclose(value, straight[path], rtol=1e-6, atol=1e-7, err_msg=str(path))
   for workdir, launches in ((preempted, 2), (tmp_path / 'straight', 1)):  # process 0 writes
     events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
     assert len(events) == launches, events

@@ -1,10 +1,13 @@
 """The grain pipeline every dataset goes through, and the dispatcher from the config.
 
 A source (random access, records {'x': NHWC float32 in the model's range, 'y': int32})
-is cut to this process's share (process i takes records i, i + P, ...), shuffled anew
-each epoch from the seed, repeated, augmented by a seeded random map and batched to the
-per-process batch. The iterator's state ({'next_index': n}) goes into the checkpoint, so
-a resumed run reads the same batches as a straight one.
+is shuffled anew each epoch from the seed, repeated and augmented by a random map seeded
+per position: one global stream of records, the same for any number of processes. Global
+batch k is positions kB … kB + B − 1 of it, and process p of P reads only its slice, the
+b = B/P records from kB + pb, as local batch number kP + p of the stream cut into
+b-record batches. So one host or sixteen see the same global batches, and the iterator's
+state ({'next_index': k}, the same on every process) resumes a run exactly, also on a
+different number of processes.
 """
 
 import grain
@@ -12,16 +15,19 @@ import jax
 import numpy as np
 
 
-def batches(source, batch_size, seed, augment=None):
-  """A resumable iterator of {'x': [b, ...], 'y': [b]} process-local batches."""
-  if len(source) < jax.process_count():
-    raise ValueError(f'The dataset has {len(source)} records, fewer than the '
-                     f'{jax.process_count()} processes reading it.')
-  ds = grain.MapDataset.source(source)[jax.process_index()::jax.process_count()]
-  ds = ds.shuffle(seed=seed).repeat()
+def batches(source, global_batch, seed, augment=None):
+  """A resumable iterator of this process's slices {'x': [b, ...], 'y': [b]} of the global
+  batches (b = global_batch / process count)."""
+  processes = jax.process_count()
+  if global_batch % processes:
+    raise ValueError(f'Global batch size {global_batch} does not divide over the '
+                     f'{processes} processes; set the config\'s batch_size to a multiple '
+                     f'of {processes}.')
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
   if augment is not None:
     ds = ds.random_map(augment, seed=seed + 1)
-  return iter(ds.batch(batch_size, drop_remainder=True).to_iter_dataset())
+  ds = ds.batch(global_batch // processes, drop_remainder=True)
+  return iter(ds[jax.process_index()::processes].to_iter_dataset())
 
 
 def random_flip(record, rng: np.random.Generator):
@@ -44,8 +50,8 @@ def source(data_config):
   return builders[data_config.name](data_config)
 
 
-def build(data_config, batch_size, seed):
-  """(iterator, record shape) of this process's batches of config.data."""
+def build(data_config, global_batch, seed):
+  """(iterator, record shape) of this process's slices of config.data's global batches."""
   records = source(data_config)
   augment = random_flip if data_config.get('random_flip', False) else None
-  return batches(records, batch_size, seed, augment), records[0]['x'].shape
+  return batches(records, global_batch, seed, augment), records[0]['x'].shape

@@ -4,8 +4,8 @@ restore of the latest on start.
 
 A checkpoint holds two checkpointables: 'state' (the TrainState pytree, restored with the
 shardings of the abstract state given) and 'data' (the data iterator's JSON state, written
-by process 0: each process's iterator over its own share is at the same batch count,
-{'next_index': n}, so one state restores all of them). Orbax
+by process 0: every process's iterator over its slices of the global batches is at the
+same {'next_index': k}, which restores any number of processes). Orbax
 writes into a temporary directory and renames on commit, and only deletes old steps after
 a newer one is committed, so a run never loses a checkpoint it had written. Call every
 method on all processes.

@@ -85,8 +85,7 @@ def train_and_evaluate(config, workdir):
                                         optimizer, config.ema_decay,
                                         config.ema_warmup)
 
-  local_batch = config.batch_size // jax.process_count()
-  data_iter, record_shape = pipeline.build(config.data, local_batch, config.seed)
+  data_iter, record_shape = pipeline.build(config.data, config.batch_size, config.seed)
   if tuple(record_shape) != tuple(network.image_shape):
     raise ValueError(f'Dataset {config.data.name!r} gives records of shape {record_shape}, '
                      f'the model takes {network.image_shape}; fix config.model or config.data.')

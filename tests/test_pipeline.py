@@ -1,0 +1,61 @@
+"""The data pipeline's global stream: any number of processes read the same global
+batches, each its own slice, and a state saved with one process count resumes with
+another."""
+
+import jax
+import numpy as np
+import pytest
+
+from secant_jax.data import pipeline
+
+SOURCE = [{'x': np.full((2, 2, 1), i, np.float32), 'y': np.int32(i % 10)} for i in range(37)]
+
+
+def _global_batches(processes, global_batch, steps, state=None):
+  """Each step's global batch 'x' (one value per record), as `processes` processes would
+  read it, each process's slice in order."""
+  slices = []
+  for p in range(processes):
+    with pytest.MonkeyPatch.context() as m:
+      m.setattr(jax, 'process_count', lambda: processes)
+      m.setattr(jax, 'process_index', lambda p=p: p)
+      it = pipeline.batches(SOURCE, global_batch, seed=5, augment=_jitter)
+    if state is not None:
+      it.set_state(state)
+    slices.append([next(it)['x'][:, 0, 0, 0] for _ in range(steps)])
+  return np.stack([np.concatenate([s[k] for s in slices]) for k in range(steps)])
+
+
+def _jitter(record, rng):
+  return {**record, 'x': record['x'] + rng.random()}
+
+
+def test_one_two_and_four_processes_read_the_same_global_batches():
+  one = _global_batches(1, 8, 10)
+  np.testing.assert_array_equal(_global_batches(2, 8, 10), one)
+  np.testing.assert_array_equal(_global_batches(4, 8, 10), one)
+  records = np.floor(one.reshape(-1)[:74]).astype(int)  # two epochs of 37
+  assert sorted(records[:37]) == sorted(records[37:]) == list(range(37))
+  assert list(records[:37]) != list(records[37:])  # reshuffled each epoch
+  assert not np.array_equal(one.reshape(-1)[:37] % 1, one.reshape(-1)[37:74] % 1)
+
+
+def test_a_state_saved_on_one_process_count_resumes_on_another():
+  straight = _global_batches(2, 8, 7)
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(jax, 'process_count', lambda: 2)
+    m.setattr(jax, 'process_index', lambda: 1)
+    it = pipeline.batches(SOURCE, 8, seed=5, augment=_jitter)
+  for _ in range(4):
+    next(it)
+  state = it.get_state()
+  np.testing.assert_array_equal(_global_batches(4, 8, 3, state), straight[4:])
+  np.testing.assert_array_equal(_global_batches(1, 8, 3, state), straight[4:])
+
+
+def test_a_global_batch_that_does_not_divide_over_the_processes_is_refused():
+  with pytest.MonkeyPatch.context() as m:
+    m.setattr(jax, 'process_count', lambda: 4)
+    with pytest.raises(ValueError, match=r'Global batch size 6 does not divide over the 4 '
+                                         r'processes; set the config.s batch_size'):
+      pipeline.batches(SOURCE, 6, seed=0)
