@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from flax import traverse_util
+from PIL import Image
 
 from secant_jax import config as config_lib
 from secant_jax import generate
@@ -258,3 +259,20 @@ def test_a_teachers_sample_grid_solves_its_ode_not_one_step():
   expected = sampling.ode_sample(tangent, noise, task.path, 2, 'edm_heun')
   np.testing.assert_allclose(writer.images['samples'][0],
                              generate.image_grid(expected), atol=1e-5)
+
+
+def test_sample_mode_writes_the_samples_and_their_grid(tmp_path):
+  c = _digits_config(2, num_sample_images=6)
+  loop.train_and_evaluate(c, tmp_path)
+  c.mode = 'sample'
+  path = main_lib.run(c, tmp_path)
+  network = registry.build(c.model, guided=False)
+  noise, labels = generate.fixed_noise_and_labels(c.seed, 6, network.image_shape, 10)
+  with np.load(tmp_path / 'samples.npz') as f:
+    samples = f['samples']
+    np.testing.assert_array_equal(f['labels'], labels)
+  assert samples.shape == noise.shape and not np.allclose(samples, noise)
+  grid = (generate.image_grid(samples) * 255).round().astype(np.uint8)
+  with Image.open(path) as image:
+    assert image.mode == 'L'
+    np.testing.assert_array_equal(np.asarray(image), grid[..., 0])
