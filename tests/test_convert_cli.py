@@ -1,5 +1,7 @@
 """The converters end to end: weights files written by the tests → Orbax checkpoints."""
 
+from unittest import mock
+
 import jax
 import numpy as np
 import pytest
@@ -21,6 +23,41 @@ def test_npz_and_safetensors_load_with_ema_selection(tmp_path):
   save_file(arrays, str(tmp_path / 'w.safetensors'))
   np.testing.assert_array_equal(common.load_state_dict(tmp_path / 'w.safetensors')['a.weight'],
                                 arrays['a.weight'])
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize('name', ['w.pt', 'w.safetensors', 'w.npz'])
+def test_weights_on_a_bucket_are_read_through_epath(tmp_path, name):
+  """gs:// weights (a TPU pod's bucket) are read, not taken for a missing local file. The
+  bucket is a directory behind epath's mock backend (TensorFlow's GCS one switched off)."""
+  import torch
+  from etils.epath import gpath
+  from etils.epath import testing
+  from safetensors.numpy import save_file
+  arrays = {'a.weight': np.arange(6, dtype=np.float32).reshape(2, 3),
+            'a.bias': np.ones(2, np.float32)}
+  (tmp_path / 'bucket').mkdir()
+  local = tmp_path / 'bucket' / name
+  if name.endswith('.pt'):
+    torch.save({'ema': {k: torch.from_numpy(v) for k, v in arrays.items()}}, local)
+  elif name.endswith('.safetensors'):
+    save_file(arrays, str(local))
+  else:
+    np.savez(local, **arrays)
+  asked = []
+
+  def from_bucket(original, path, *args):
+    asked.append(str(path))
+    return original(str(path).replace('gs://bucket', str(tmp_path / 'bucket')), *args)
+
+  with testing.mock_epath(open=from_bucket, exists=from_bucket), \
+       mock.patch.object(gpath, '_is_tf_installed', lambda: False):
+    loaded = common.load_state_dict(f'gs://bucket/{name}')
+    with pytest.raises(FileNotFoundError, match='Checkpoint gs://bucket/gone.pt does not'):
+      common.load_state_dict('gs://bucket/gone.pt')
+  assert f'gs://bucket/{name}' in asked
+  assert sorted(loaded) == sorted(arrays)
+  np.testing.assert_array_equal(loaded['a.weight'], arrays['a.weight'])
 
 
 def test_missing_or_unknown_files_are_named(tmp_path):

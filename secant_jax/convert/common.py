@@ -9,6 +9,7 @@ unexpected or mis-shaped key is an error that names it.
 """
 
 import argparse
+import io
 import os
 import re
 
@@ -27,33 +28,36 @@ class ConversionError(ValueError):
 
 
 def load_state_dict(path, key=None):
-  """{name: float32 numpy array} from a .pt/.pth (torch), .safetensors or .npz file.
+  """{name: float32 numpy array} from a .pt/.pth (torch), .safetensors or .npz file, local or
+  on a bucket (gs://, read whole into memory through epath).
 
   Checkpoints that hold several state dicts (the secant checkpoints' 'model' and 'ema',
   EDM exports, training checkpoints) are narrowed with `key`; by default 'ema' if present,
   else 'model', else the file's dict itself.
   """
-  path = os.fspath(path)
-  if not os.path.exists(path):
+  path = files.absolute(path)
+  if not epath.Path(path).exists():
     raise FileNotFoundError(f'Checkpoint {path} does not exist; pass the path of the '
                             'downloaded weights file (.pt, .pth, .safetensors or .npz).')
   ext = os.path.splitext(path)[1].lower()
+  if ext not in ('.pt', '.pth', '.bin', '.safetensors', '.npz'):
+    raise ConversionError(f'Unknown checkpoint format {ext!r} for {path}: expected .pt, '
+                          '.pth, .bin, .safetensors or .npz.')
   if ext in ('.pt', '.pth', '.bin'):
     try:
       import torch  # pylint: disable=import-outside-toplevel
     except ImportError as e:
       raise ImportError(f'Reading {path} needs PyTorch: pip install torch (CPU build is '
                         'enough), or export it to .safetensors/.npz elsewhere.') from e
-    data = torch.load(path, map_location='cpu', weights_only=True)
-  elif ext == '.safetensors':
-    from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
-    data = load_file(path)
+  raw = epath.Path(path).read_bytes()
+  if ext == '.safetensors':
+    from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
+    data = load(raw)
   elif ext == '.npz':
-    with np.load(path) as f:
+    with np.load(io.BytesIO(raw)) as f:
       data = dict(f)
   else:
-    raise ConversionError(f'Unknown checkpoint format {ext!r} for {path}: expected .pt, '
-                          '.pth, .bin, .safetensors or .npz.')
+    data = torch.load(io.BytesIO(raw), map_location='cpu', weights_only=True)
   if key is None:
     key = next((k for k in ('ema', 'model') if k in data and isinstance(data[k], dict)), None)
   if key is not None:
