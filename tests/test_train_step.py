@@ -4,6 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import PartitionSpec
 
 from secant_jax import paths
 from secant_jax.models import dit
@@ -20,8 +21,12 @@ def _apply(model):
   return lambda v, x, t, s, y, w, key: model.apply(v, x, t, s, y, w)
 
 
-def _setup(variant, guidance_range=(1.0, 2.5)):
+def _setup(variant, guidance_range=(1.0, 2.5), mesh=None):
+  """A tiny DiT student and teacher; with `mesh`, their applies gather FSDP-sharded
+  variables as the trainer's do (`parallel.fsdp_apply`)."""
   guided = variant in ('sdei', 'sdee')
+  wrap = (lambda apply: apply) if mesh is None else (
+      lambda apply: parallel.fsdp_apply(apply, mesh))
   student = dit.DiT(guidance_embed=guided, **ARCH)
   teacher = dit.DiT(**ARCH)
   x = jax.random.normal(jax.random.key(0), (BATCH, 8, 8, 4))
@@ -36,8 +41,8 @@ def _setup(variant, guidance_range=(1.0, 2.5)):
                              null_class=10, label_dropout=0.1 if variant == 'stee' else 0.0,
                              guidance_range=guidance_range if guided else None)
   optimizer = optax.adamw(1e-3, weight_decay=0.0)
-  train_step = step_lib.make_train_step(task, _apply(student), _apply(teacher), optimizer,
-                                        ema_decay=0.9)
+  train_step = step_lib.make_train_step(task, wrap(_apply(student)), wrap(_apply(teacher)),
+                                        optimizer, ema_decay=0.9)
   state = state_lib.create(variables, optimizer, jax.random.key(5))
   return train_step, state, teacher_variables, {'x': x, 'y': y}
 
@@ -81,11 +86,32 @@ def test_sharded_step_equals_single_device_step(fsdp):
   train_step, state, teacher_variables, batch = _setup('sdei')
   single = _params_after(train_step, state, teacher_variables, batch)
   mesh = parallel.make_mesh(fsdp)
+  train_step, *_ = _setup('sdei', mesh=mesh)
   sharded = _params_after(train_step, state, teacher_variables, batch, mesh, fsdp > 1)
   err = max(float(jnp.abs(a - b).max()) for a, b in zip(
       jax.tree_util.tree_leaves(single), jax.tree_util.tree_leaves(sharded)))
   print(f'fsdp={fsdp}: max abs difference of new params {err:.2e}')
   assert err <= 1e-5
+
+
+def test_fsdp_apply_gathers_the_weights_and_keeps_the_batch_split():
+  """Under FSDP a weight sharded on its output axis meets a batch-split activation; left to
+  itself XLA gathers the activation (on this CPU too: the output then stays split over
+  'data' only), which on TPU v5e cost more memory than sharding the state saved.
+  `fsdp_apply` gathers the weight instead: the only all-gather is the weight's, and the
+  output stays split over all devices like the batch."""
+  mesh = parallel.make_mesh(4)
+  w = jax.device_put(jnp.ones((64, 256)), parallel.tree_sharding(
+      jnp.ones((64, 256)), mesh, fsdp=True, min_size=1))
+  assert w.sharding.spec == PartitionSpec(None, 'fsdp')
+  x = jax.device_put(jnp.ones((16, 64)), parallel.batch_sharding(mesh))
+  layer = lambda v, x: jnp.tanh(x @ v['w']) @ v['w'].T
+  compiled = jax.jit(parallel.fsdp_apply(layer, mesh)).lower({'w': w}, x).compile()
+  assert compiled.output_shardings.spec == parallel.batch_sharding(mesh).spec
+  gathers = [line.split('=')[1].split()[0] for line in compiled.as_text().splitlines()
+             if ' all-gather(' in line]
+  assert gathers and all(shape.startswith('f32[64,256]') for shape in gathers), gathers
+  assert parallel.fsdp_apply(layer, parallel.make_mesh(1)) is layer
 
 
 def test_no_recompilation_after_the_first_step():

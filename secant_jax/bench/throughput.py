@@ -134,10 +134,10 @@ def bench_train(config, args, mesh):
   task = recipe.make_task(config, network)
   optimizer = recipe.make_optimizer(config.optimizer)
   teacher = registry.build(config.model, guided=False) if task.needs_teacher else None
-  train_step = step_lib.make_train_step(task, network.apply,
-                                        None if teacher is None else teacher.apply,
-                                        optimizer, config.ema_decay,
-                                        config.ema_warmup)
+  train_step = step_lib.make_train_step(
+      task, parallel.fsdp_apply(network.apply, mesh),
+      None if teacher is None else parallel.fsdp_apply(teacher.apply, mesh),
+      optimizer, config.ema_decay, config.ema_warmup)
   k_init, k_teacher, k_state = jax.random.split(jax.random.key(0), 3)
   create = lambda: state_lib.create(network.init(k_init), optimizer, k_state)
   abstract_state = jax.eval_shape(create)

@@ -2,8 +2,9 @@
 
 The batch is split over every device (both mesh axes). Parameters, EMA, optimizer state
 and the frozen teacher are replicated, or with FSDP sharded along 'fsdp' on their largest
-axis that divides evenly (small arrays stay replicated). The same code runs on one CPU,
-8 emulated devices, a GPU node and a TPU pod.
+axis that divides evenly (small arrays stay replicated); the networks then gather their
+variables where they use them (`fsdp_apply`), so the compute stays data-parallel. The
+same code runs on one CPU, 8 emulated devices, a GPU node and a TPU pod.
 """
 
 import jax
@@ -55,6 +56,29 @@ def _leaf_sharding(leaf, mesh, fsdp, min_size):
 def tree_sharding(tree, mesh, fsdp=False, min_size=FSDP_MIN_SIZE):
   """Shardings for a pytree of arrays or ShapeDtypeStructs (params, EMA, opt state)."""
   return jax.tree_util.tree_map(lambda leaf: _leaf_sharding(leaf, mesh, fsdp, min_size), tree)
+
+
+def fsdp_apply(apply_fn, mesh):
+  """`apply_fn(variables, ...)` that first gathers FSDP-sharded variables (constrains them
+  to be replicated), or `apply_fn` itself on a mesh without an 'fsdp' axis to gather.
+
+  Left to itself, XLA's partitioner may meet a weight sharded on its output axis with a
+  batch-sharded activation by gathering the activation instead: every device then holds
+  the whole batch's activations of that layer. On TPU v5e this more than took back what
+  sharding the train state saved (DiT-B/2, batch 256 on 8 chips: 6.95 GiB of temporaries
+  against 3.12 replicated; 3.41 gathered). Gathered weights keep the batch split, and the
+  gradient flows back through the constraint to the sharded state.
+  """
+  if mesh.shape['fsdp'] == 1:
+    return apply_fn
+  gathered = replicated(mesh)
+
+  def apply(variables, *args, **kwargs):
+    variables = jax.tree_util.tree_map(
+        lambda leaf: jax.lax.with_sharding_constraint(leaf, gathered), variables)
+    return apply_fn(variables, *args, **kwargs)
+
+  return apply
 
 
 def jit_train_step(train_step, state_sharding, teacher_sharding, mesh):
