@@ -56,3 +56,37 @@ def test_benchmark_runs_on_cpu_and_prints_its_fields(extra, capsys):
     assert 'static memory traffic' in printed and fields['traffic']['kinds']['matmul'] > 0
   if '--profile' in extra:
     assert 'device busy' in printed and fields['profile']['kinds']['matmul'] > 0
+
+
+def test_xla_counts_a_dit_forward_as_the_formula_does():
+  # The U-Net's FLOPs are XLA's count; on the DiT the count and the formula agree up to
+  # the elementwise ops the formula leaves out (1.2% more here, bf16 with its casts).
+  network = registry.build(throughput.load_config(throughput.parse_args(
+      ['--model', 'DiT-S/2'])).model, guided=True)
+  assert flops.network_forward(network) == flops.dit_forward(network.module)
+  assert flops.counted_forward(network) == pytest.approx(flops.dit_forward(network.module),
+                                                         rel=2e-2)
+
+
+def test_the_edm_config_benchmarks_the_unet(monkeypatch, capsys):
+  load = throughput.load_config
+
+  def small_unet(args):  # EDM's DDPM++ at CPU size
+    config = load(args)
+    config.model.unet.update(model_channels=16, channel_mult=(1, 2), num_blocks=1)
+    return config
+
+  monkeypatch.setattr(throughput, 'load_config', small_unet)
+  argv = ['--config', 'cifar10_edm', '--variant', 'stee', '--batch', '8', '--steps', '2',
+          '--warmup', '1']
+  fields = throughput.main(argv)
+  assert 'train stee EDM ddpmpp' in capsys.readouterr().out
+  assert fields['what'] == 'train stee EDM ddpmpp' and fields['images_per_second'] > 0
+  network = registry.build(small_unet(throughput.parse_args(argv)).model, guided=False)
+  assert network.module.dtype == 'float32'  # the config's, as EDM trains
+  # STEE: the student's forward and backward (3) and its Picard estimate (1).
+  assert fields['tflop_per_image'] * 1e12 == pytest.approx(4 * flops.counted_forward(network))
+  with pytest.raises(SystemExit, match='--model SiT-XL/2 is not a SongUNet: --config '
+                                       'cifar10_edm takes --model ddpmpp or ncsnpp'):
+    throughput.main(['--config', 'cifar10_edm', '--model', 'SiT-XL/2'])
+

@@ -1,10 +1,12 @@
-"""Throughput of the trainer's real train step and sampler, random weights, synthetic latents.
+"""Throughput of the trainer's real train step and sampler, random weights, synthetic inputs.
 
     python -m secant_jax.bench.throughput --model SiT-XL/2 --variant sdei --batch 64 [--steps 20]
     python -m secant_jax.bench.throughput --model SiT-XL/2 --sample --num-steps 4 --batch 256
+    python -m secant_jax.bench.throughput --config cifar10_edm --variant stee --batch 512
 
 Settings come from configs/imagenet_sit.py (optimizer, EMA, guidance range, label dropout,
-bf16 compute) with the model, batch and the flags below overriding them; the step is
+bf16 compute), or with --config cifar10_edm from EDM's DDPM++ config (--model ncsnpp for
+the other SongUNet), with the model, batch and the flags below overriding them; the step is
 `train.step.make_train_step` jitted over all devices by `train.parallel`, exactly as the
 trainer runs it, and sampling is `generate.sample`. Compiles once, runs --warmup untimed
 iterations, then times --steps with one device sync at the end. Prints img/s, time per
@@ -41,17 +43,28 @@ from secant_jax.train import recipe
 from secant_jax.train import state as state_lib
 from secant_jax.train import step as step_lib
 
-CONFIG_FILE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
-    os.path.abspath(__file__)))), 'configs', 'imagenet_sit.py')
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), 'configs')
+CONFIGS = ('imagenet_sit', 'cifar10_edm')
+UNET_ARCHS = ('ddpmpp', 'ncsnpp')
 
 
 def load_config(args):
-  spec = importlib.util.spec_from_file_location('imagenet_sit', CONFIG_FILE)
+  """The --config's settings with the benchmark's flags applied; --model is a DiT/SiT name
+  for imagenet_sit and a SongUNet architecture for cifar10_edm."""
+  spec = importlib.util.spec_from_file_location(
+      args.config, os.path.join(CONFIG_DIR, f'{args.config}.py'))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   config = module.get_config(f'variant={args.variant},steps={args.num_steps}')
-  config.model.name = args.model
-  config.model.dtype = args.dtype
+  if config.model.family == 'edm_unet':
+    if args.model and args.model not in UNET_ARCHS:
+      raise SystemExit(f'--model {args.model} is not a SongUNet: --config {args.config} '
+                       f'takes --model {" or ".join(UNET_ARCHS)}.')
+    config.model.arch = args.model or config.model.arch
+  else:
+    config.model.name = args.model or config.model.name
+  config.model.dtype = args.dtype or config.model.dtype
   config.model.attention = args.attention
   config.model.remat = args.remat
   config.batch_size = args.batch
@@ -191,16 +204,16 @@ def bench_sample(config, args, mesh):
                  flops_lib.sample_forward_equivalents(args.num_steps, classic_cfg))
 
 
-def report(args, program, memory, device_kind, device_count, seconds=None):
+def report(config, args, program, memory, device_kind, device_count, seconds=None):
   """The printed fields, as a dict (also returned for tests). `memory` is the compiled
   program's `traffic.summarize` (None on TPUs); `seconds` per call when it was timed."""
-  flop_per_image = program.forward_equivalents * flops_lib.dit_forward(
-      program.network.module)
+  flop_per_image = program.forward_equivalents * flops_lib.network_forward(program.network)
   peak = (args.peak_tflops * 1e12 if args.peak_tflops
           else flops_lib.peak_flops(device_kind))
   peak_total = None if peak is None else peak * device_count
   bandwidth = flops_lib.peak_bandwidth(device_kind)
-  fields = {'what': ('sample' if args.sample else 'train') + f' {args.variant} {args.model}',
+  what = 'sample' if args.sample else 'train'
+  fields = {'what': f'{what} {args.variant} {model_name(config)}',
             'device': f'{device_count} x {device_kind}', 'batch': args.batch}
   if seconds is not None:
     achieved = flop_per_image * args.batch / seconds
@@ -220,10 +233,17 @@ def report(args, program, memory, device_kind, device_count, seconds=None):
   return fields
 
 
-def _does_not_fit(args, mesh, why):
+def model_name(config):
+  """The benchmarked network as a person names it: 'SiT-XL/2', 'EDM ddpmpp'."""
+  if config.model.family == 'edm_unet':
+    return f'EDM {config.model.arch}'
+  return config.model.name
+
+
+def _does_not_fit(config, args, mesh, why):
   """The message that ends a run whose program does not fit in a device's memory."""
-  return (f'{args.model} {"sampling" if args.sample else args.variant}, batch {args.batch}, '
-          f'does not fit on {mesh.size} x {mesh.devices.flat[0].device_kind}: {why}\n'
+  return (f'{model_name(config)} {"sampling" if args.sample else args.variant}, '
+          f'batch {args.batch}, does not fit on {mesh.size} x {mesh.devices.flat[0].device_kind}: {why}\n'
           'Less memory per device: --remat (recompute activations), --fsdp N (shard '
           'parameters and optimizer state over N devices) or a smaller --batch.')
 
@@ -236,7 +256,7 @@ def _compile(config, args, mesh):
   except jax.errors.JaxRuntimeError as error:
     if 'RESOURCE_EXHAUSTED' not in str(error):
       raise
-    raise SystemExit(_does_not_fit(args, mesh, error)) from error
+    raise SystemExit(_does_not_fit(config, args, mesh, error)) from error
 
 
 def _target(name):
@@ -249,7 +269,9 @@ def _target(name):
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--model', default='SiT-XL/2')
+  parser.add_argument('--config', default='imagenet_sit', choices=CONFIGS)
+  parser.add_argument('--model', default='', help='a DiT/SiT name (imagenet_sit; default '
+                      f'SiT-XL/2) or {"/".join(UNET_ARCHS)} (cifar10_edm; default ddpmpp)')
   parser.add_argument('--variant', default='sdei',
                       choices=('sdei', 'stei', 'sdee', 'stee', 'diffusion'))
   parser.add_argument('--batch', type=int, default=64)
@@ -257,7 +279,8 @@ def parse_args(argv=None):
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--sample', action='store_true', help='time sampling, not training')
   parser.add_argument('--num-steps', type=int, default=4, help='sampling steps')
-  parser.add_argument('--dtype', default='bfloat16')
+  parser.add_argument('--dtype', default='', help="compute dtype; default the config's "
+                      '(bfloat16 for imagenet_sit, float32 for cifar10_edm)')
   parser.add_argument('--attention', default='', help="'' (XLA's choice), 'cudnn', 'xla'")
   parser.add_argument('--remat', action='store_true')
   parser.add_argument('--fsdp', type=int, default=1)
@@ -296,7 +319,7 @@ def main(argv=None):
   if args.target is None:
     run = program.start()
     seconds = _timed(run, args.warmup, args.steps)
-  fields = report(args, program, memory, device_kind, mesh.size, seconds)
+  fields = report(config, args, program, memory, device_kind, mesh.size, seconds)
   for key, value in fields.items():
     text = 'n/a' if value is None else (f'{value:.4g}' if isinstance(value, float) else value)
     print(f'{key:>18}: {text}')
@@ -311,7 +334,7 @@ def main(argv=None):
   if args.target is not None and needed is not None and needed > available:
     # XLA's TPU compiler refuses temporaries beyond the chip's memory but not temporaries
     # that fit only without the arguments (train state, batch) they share the chip with.
-    raise SystemExit(_does_not_fit(args, mesh, f'it needs {needed:.2f} GiB per device, '
+    raise SystemExit(_does_not_fit(config, args, mesh, f'it needs {needed:.2f} GiB per device, '
                                               f'the device has {available:.2f} GiB'))
   if args.profile:
     result = profile_lib.breakdown(run, hlo_text, args.profile, args.profile_dir or None)
