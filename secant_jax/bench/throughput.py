@@ -7,7 +7,7 @@
 Settings come from configs/imagenet_sit.py (optimizer, EMA, guidance range, label dropout,
 bf16 compute), or with --config cifar10_edm from EDM's DDPM++ config (--model ncsnpp for
 the other SongUNet), with the model, batch and the flags below overriding them; the step is
-`train.step.make_train_step` jitted over all devices by `train.parallel`, exactly as the
+`train.recipe.make_train_step` jitted over all devices by `train.parallel`, exactly as the
 trainer runs it, and sampling is `generate.sample`. Compiles once, runs --warmup untimed
 iterations, then times --steps with one device sync at the end. Prints img/s, time per
 step, peak device memory, achieved TFLOP/s (from `bench.flops`) and MFU against the
@@ -41,7 +41,6 @@ from secant_jax.models import registry
 from secant_jax.train import parallel
 from secant_jax.train import recipe
 from secant_jax.train import state as state_lib
-from secant_jax.train import step as step_lib
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), 'configs')
@@ -147,10 +146,7 @@ def bench_train(config, args, mesh):
   task = recipe.make_task(config, network)
   optimizer = recipe.make_optimizer(config.optimizer)
   teacher = registry.build(config.model, guided=False) if task.needs_teacher else None
-  train_step = step_lib.make_train_step(
-      task, parallel.fsdp_apply(network.apply, mesh),
-      None if teacher is None else parallel.fsdp_apply(teacher.apply, mesh),
-      optimizer, config.ema_decay, config.ema_warmup)
+  train_step = recipe.make_train_step(config, task, network, teacher, optimizer, mesh)
   k_init, k_teacher, k_state = jax.random.split(jax.random.key(0), 3)
   create = lambda: state_lib.create(network.init(k_init), optimizer, k_state)
   abstract_state = jax.eval_shape(create)
@@ -243,7 +239,8 @@ def model_name(config):
 def _does_not_fit(config, args, mesh, why):
   """The message that ends a run whose program does not fit in a device's memory."""
   return (f'{model_name(config)} {"sampling" if args.sample else args.variant}, '
-          f'batch {args.batch}, does not fit on {mesh.size} x {mesh.devices.flat[0].device_kind}: {why}\n'
+          f'batch {args.batch}, does not fit on {mesh.size} x '
+          f'{mesh.devices.flat[0].device_kind}: {why}\n'
           'Less memory per device: --remat (recompute activations), --fsdp N (shard '
           'parameters and optimizer state over N devices) or a smaller --batch.')
 
@@ -334,8 +331,9 @@ def main(argv=None):
   if args.target is not None and needed is not None and needed > available:
     # XLA's TPU compiler refuses temporaries beyond the chip's memory but not temporaries
     # that fit only without the arguments (train state, batch) they share the chip with.
-    raise SystemExit(_does_not_fit(config, args, mesh, f'it needs {needed:.2f} GiB per device, '
-                                              f'the device has {available:.2f} GiB'))
+    raise SystemExit(_does_not_fit(config, args, mesh,
+                                   f'it needs {needed:.2f} GiB per device, '
+                                   f'the device has {available:.2f} GiB'))
   if args.profile:
     result = profile_lib.breakdown(run, hlo_text, args.profile, args.profile_dir or None)
     print('\n'.join(profile_lib.format_breakdown(result, fields['step_ms'])))

@@ -28,7 +28,6 @@ from secant_jax.train import checkpoint
 from secant_jax.train import parallel
 from secant_jax.train import recipe
 from secant_jax.train import state as state_lib
-from secant_jax.train import step as step_lib
 
 
 def load_into(network, directory, key):
@@ -80,10 +79,7 @@ def train_and_evaluate(config, workdir):
   teacher, teacher_variables = (teacher_of(config, k_teacher) if task.needs_teacher
                                 else (None, None))
   optimizer = recipe.make_optimizer(config.optimizer)
-  train_step = step_lib.make_train_step(
-      task, parallel.fsdp_apply(network.apply, mesh),
-      None if teacher is None else parallel.fsdp_apply(teacher.apply, mesh),
-      optimizer, config.ema_decay, config.ema_warmup)
+  train_step = recipe.make_train_step(config, task, network, teacher, optimizer, mesh)
 
   data_iter, record_shape = pipeline.build(config.data, config.batch_size, config.seed)
   if tuple(record_shape) != tuple(network.image_shape):

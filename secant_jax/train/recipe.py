@@ -5,6 +5,7 @@ stack, so benchmarks and notebooks build exactly what the trainer builds."""
 import optax
 
 from secant_jax import paths as paths_lib
+from secant_jax.train import parallel
 from secant_jax.train import step as step_lib
 
 
@@ -25,6 +26,15 @@ def make_task(config, network):
       guidance_range=None if s.guidance is None else tuple(s.guidance),
       stei_lambda=s.stei_lambda, stei_target=s.stei_target,
       sigma_data=config.path.sigma_data)
+
+
+def make_train_step(config, task, network, teacher, optimizer, mesh):
+  """The trainer's train step for `task` (`step.make_train_step`), the student's and the
+  teacher's applies gathering FSDP-sharded variables on `mesh` (`parallel.fsdp_apply`);
+  `teacher` None for variants that need none."""
+  gathering = lambda net: None if net is None else parallel.fsdp_apply(net.apply, mesh)
+  return step_lib.make_train_step(task, gathering(network), gathering(teacher), optimizer,
+                                  config.ema_decay, config.ema_warmup)
 
 
 def learning_rate_schedule(opt_config):
