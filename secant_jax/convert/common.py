@@ -9,7 +9,6 @@ unexpected or mis-shaped key is an error that names it.
 """
 
 import argparse
-import io
 import os
 import re
 
@@ -29,7 +28,8 @@ class ConversionError(ValueError):
 
 def load_state_dict(path, key=None):
   """{name: float32 numpy array} from a .pt/.pth (torch), .safetensors or .npz file, local or
-  on a bucket (gs://, read whole into memory through epath).
+  on a bucket (gs://), read through epath. Torch and npz files stream tensor by tensor, so
+  the peak memory is about the checkpoint's size; safetensors files are read whole first.
 
   Checkpoints that hold several state dicts (the secant checkpoints' 'model' and 'ema',
   EDM exports, training checkpoints) are narrowed with `key`; by default 'ema' if present,
@@ -49,15 +49,15 @@ def load_state_dict(path, key=None):
     except ImportError as e:
       raise ImportError(f'Reading {path} needs PyTorch: pip install torch (CPU build is '
                         'enough), or export it to .safetensors/.npz elsewhere.') from e
-  raw = epath.Path(path).read_bytes()
-  if ext == '.safetensors':
-    from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
-    data = load(raw)
-  elif ext == '.npz':
-    with np.load(io.BytesIO(raw)) as f:
-      data = dict(f)
-  else:
-    data = torch.load(io.BytesIO(raw), map_location='cpu', weights_only=True)
+  with epath.Path(path).open('rb') as stream:
+    if ext == '.safetensors':
+      from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
+      data = load(stream.read())
+    elif ext == '.npz':
+      with np.load(stream) as f:
+        data = dict(f)
+    else:
+      data = torch.load(stream, map_location='cpu', weights_only=True)
   if key is None:
     key = next((k for k in ('ema', 'model') if k in data and isinstance(data[k], dict)), None)
   if key is not None:
