@@ -11,15 +11,15 @@ features are fed to the same statistics and Fréchet-distance code as FID
 """
 
 import argparse
-import json
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from etils import epath
 
+from secant_jax import files
 from secant_jax.convert import common
 from secant_jax.data import fashion_mnist
 from secant_jax.evaluation import features
@@ -52,7 +52,7 @@ def feature_network(path):
     raise ValueError('FD-FMNIST needs the Fashion-MNIST classifier: train it with `python -m '
                      'secant_jax.evaluation.fmnist_features --out DIR` and set '
                      'config.fid.fmnist to DIR.')
-  if not os.path.isdir(path):
+  if not epath.Path(path).is_dir():
     raise FileNotFoundError(f'Fashion-MNIST classifier {path} does not exist; train it with '
                             f'`python -m secant_jax.evaluation.fmnist_features --out {path}`.')
   return features.FeatureNetwork('fd_fmnist', FEATURE_DIM, _apply, common.load_variables(path))
@@ -121,9 +121,9 @@ def main(argv=None):
   variables, accuracies = train(train_data, test_data, steps=steps,
                                 batch_size=args.batch_size,
                                 learning_rate=args.learning_rate, seed=args.seed)
-  common.save(jax.tree_util.tree_map(np.asarray, variables), args.out, overwrite=True)
-  with open(os.path.join(args.out, 'accuracy.json'), 'w') as f:
-    json.dump({'test_accuracy': accuracies[-1], 'steps': steps}, f)
+  out = files.absolute(args.out)
+  common.save(jax.tree_util.tree_map(np.asarray, variables), out, overwrite=True)
+  files.write_json(f'{out}/accuracy.json', {'test_accuracy': accuracies[-1], 'steps': steps})
   print(f'Fashion-MNIST classifier: test accuracy {accuracies[-1]:.4f} → {args.out}')
 
 
