@@ -32,6 +32,13 @@ def write_text(path, text):
   epath.Path(path).write_text(text)
 
 
+def append_text(path, text):
+  """Adds `text` at the end of the file at `path` (created if missing). Object stores have no
+  append (gcsfs's 'a' mode silently overwrites), so the file is read and written whole."""
+  p = epath.Path(path)
+  write_text(path, (p.read_text() if p.exists() else '') + text)
+
+
 def write_json(path, value):
   write_text(path, json.dumps(value, indent=2) + '\n')
 

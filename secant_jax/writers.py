@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 from absl import logging
-from etils import epath
 
 from secant_jax import files
 
@@ -43,8 +42,8 @@ class FileWriter:
     values = {k: float(v) for k, v in scalars.items()}
     logging.info('[%d] %s', step, ', '.join(f'{k}={v:.6g}' for k, v in values.items()))
     if self.logdir:
-      with epath.Path(self.logdir, 'scalars.jsonl').open('a') as f:
-        f.write(json.dumps({'step': int(step), **values}) + '\n')
+      files.append_text(os.path.join(self.logdir, 'scalars.jsonl'),
+                        json.dumps({'step': int(step), **values}) + '\n')
 
   def write_images(self, step, images):
     """images: {name: [N, H, W, C] uint8 or float in [0, 1]}; the first of each is saved."""

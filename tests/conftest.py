@@ -27,3 +27,32 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if 'torch' in item.keywords:
       item.add_marker(skip)
+
+
+@pytest.fixture
+def gcs_bucket(monkeypatch):
+  """'gs://bucket', served for the duration of a test by a local emulator of Cloud Storage's
+  JSON API (gcp-storage-emulator, in memory). Tensorstore (Orbax's array writes) and epath's
+  fsspec backend (gcsfs: Orbax's metadata, the run's files) are pointed at it; TensorFlow's
+  GCS file system, which epath prefers where TensorFlow is installed, has no endpoint
+  setting, so it is switched off for the test."""
+  import socket
+  import gcsfs
+  from etils.epath import gpath
+  from gcp_storage_emulator.server import create_server
+  with socket.socket() as probe:
+    probe.bind(('localhost', 0))
+    port = probe.getsockname()[1]
+  server = create_server('localhost', port, in_memory=True, default_bucket='bucket')
+  server.start()
+  url = f'http://localhost:{port}'
+  monkeypatch.setenv('TENSORSTORE_GCS_HTTP_URL', url)
+  monkeypatch.setenv('GOOGLE_AUTH_TOKEN_FOR_TESTING', 'emulator')
+  monkeypatch.setenv('STORAGE_EMULATOR_HOST', url)
+  # gcsfs's default class first asks a gRPC API for the bucket's type (60 s timeouts here).
+  monkeypatch.setattr(gcsfs, 'GCSFileSystem', gcsfs.core.GCSFileSystem)
+  monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)
+  import fsspec
+  monkeypatch.setitem(fsspec.config.conf, 'gs', {'token': 'anon', 'skip_instance_cache': True})
+  yield 'gs://bucket'
+  server.stop()

@@ -74,3 +74,26 @@ def test_restore_without_checkpoints_is_none(tmp_path):
   ckpts = checkpoint.Checkpoints(tmp_path / 'fresh', every=10, keep=1)
   assert ckpts.restore_latest(None) is None
   ckpts.close()
+
+
+def test_checkpoints_on_a_bucket_keep_restore_and_survive_a_stop(gcs_bucket):
+  """A pod's workdir is gs://…: object stores have no atomic rename, so Orbax commits there
+  differently than on a local disk. Same schedule as above plus a SIGTERM, on an emulated
+  bucket: saves at 0, 2, 4 and the forced 5, the latest two kept, FSDP-sharded restore."""
+  from etils import epath
+  mesh = parallel.make_mesh(4)
+  directory = f'{gcs_bucket}/run/checkpoints'
+  ckpts = checkpoint.Checkpoints(directory, every=2, keep=2)
+  for step in range(6):
+    if step == 5:
+      os.kill(os.getpid(), signal.SIGTERM)
+    st, shardings = _sharded(step, mesh)
+    assert ckpts.save_if_due(step, st, _Iterator(step * 16)) == (step == 5)
+  ckpts.close()
+  assert sorted(p.name for p in epath.Path(directory).iterdir()) == ['4', '5']
+  reopened = checkpoint.Checkpoints(directory, every=2, keep=2)
+  restored, data = reopened.restore_latest(checkpoint.abstract_like(_state(0), shardings))
+  reopened.close()
+  assert int(restored.step) == 5 and data == {'position': 80}
+  np.testing.assert_array_equal(restored.params['params']['w'], _state(5).params['params']['w'])
+  assert 'fsdp' in restored.params['params']['w'].sharding.spec

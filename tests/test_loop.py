@@ -1,6 +1,7 @@
 """The trainer end to end: real steps on mock CIFAR-10 and tiny ArrayRecord latents, exact
 resume across a process exit, SIGTERM, and the one-line errors."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from etils import epath
 from flax import traverse_util
 from PIL import Image
 
@@ -17,6 +19,7 @@ from secant_jax import config as config_lib
 from secant_jax import generate
 from secant_jax import main as main_lib
 from secant_jax import sampling
+from secant_jax import writers
 from secant_jax.convert import common
 from secant_jax.data import latents
 from secant_jax.models import registry
@@ -206,6 +209,30 @@ def test_sigterm_leaves_a_checkpoint_the_run_continues_from(tmp_path):
   assert len(steps) == 1 and 0 < steps[0] < 100000
   state, history = loop.train_and_evaluate(_demo_train_config(steps[0] + 2), tmp_path)
   assert int(state.step) == steps[0] + 2 and history[0]['step'] == steps[0] + 1
+
+
+def test_a_run_on_a_bucket_resumes_exactly(gcs_bucket, tmp_path, monkeypatch):
+  """A pod's workdir is gs://…: config, scalars, checkpoints and the EMA export on an
+  emulated bucket, and a second run resumes there and goes on exactly as an uninterrupted
+  local run. (TensorBoard events go through TensorFlow's GCS file system, which cannot be
+  pointed at an emulator, so the writer here is the JSON-lines one.)"""
+  monkeypatch.setattr(writers, '_clu', lambda module: None)
+  _, straight = loop.train_and_evaluate(_demo_train_config(4), tmp_path)
+  workdir = f'{gcs_bucket}/run'
+  loop.train_and_evaluate(_demo_train_config(2), workdir)
+  state, resumed = loop.train_and_evaluate(_demo_train_config(4), workdir)
+  assert [h['step'] for h in resumed] == [3, 4]
+  np.testing.assert_array_equal([h['loss'] for h in resumed],
+                                [h['loss'] for h in straight[2:]])
+  assert {'config.json', 'checkpoints', 'ema', 'scalars.jsonl'} <= {
+      p.name for p in epath.Path(workdir).iterdir()}
+  assert [p.name for p in epath.Path(workdir, 'checkpoints').iterdir()] == ['4']
+  logged = [json.loads(line)['step'] for line in
+            epath.Path(workdir, 'scalars.jsonl').read_text().splitlines()]
+  assert logged == [1, 2, 3, 4]  # both runs' lines: an object store has no append mode
+  exported = traverse_util.flatten_dict(common.load_variables(f'{workdir}/ema'))
+  for path, value in traverse_util.flatten_dict(jax.device_get(state.ema_params)).items():
+    np.testing.assert_array_equal(exported[path], value, err_msg=str(path))
 
 
 def test_errors_are_one_line_and_name_the_fix(tmp_path, latent_dir):
