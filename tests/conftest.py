@@ -30,12 +30,15 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def gcs_bucket(monkeypatch):
-  """'gs://bucket', served for the duration of a test by a local emulator of Cloud Storage's
-  JSON API (gcp-storage-emulator, in memory). Tensorstore (Orbax's array writes) and epath's
-  fsspec backend (gcsfs: Orbax's metadata, the run's files) are pointed at it; TensorFlow's
-  GCS file system, which epath prefers where TensorFlow is installed, has no endpoint
-  setting, so it is switched off for the test."""
+def gcs_bucket(monkeypatch, request):
+  """'gs://bucket-…' (named after the test), served for the duration of a test by a local
+  emulator of Cloud Storage's JSON API (gcp-storage-emulator, in memory). Tensorstore
+  (Orbax's array writes) and epath's fsspec backend (gcsfs: Orbax's metadata, the run's
+  files) are pointed at it; TensorFlow's GCS file system, which epath prefers where
+  TensorFlow is installed, has no endpoint setting, so it is switched off for the test. The
+  name differs per test because the clients cache listings by path across tests: a second
+  test's gs://bucket/run/checkpoints listed the first test's steps."""
+  import hashlib
   import socket
   import gcsfs
   from etils.epath import gpath
@@ -43,7 +46,8 @@ def gcs_bucket(monkeypatch):
   with socket.socket() as probe:
     probe.bind(('localhost', 0))
     port = probe.getsockname()[1]
-  server = create_server('localhost', port, in_memory=True, default_bucket='bucket')
+  bucket = 'bucket-' + hashlib.sha1(request.node.nodeid.encode()).hexdigest()[:12]
+  server = create_server('localhost', port, in_memory=True, default_bucket=bucket)
   server.start()
   url = f'http://localhost:{port}'
   monkeypatch.setenv('TENSORSTORE_GCS_HTTP_URL', url)
@@ -54,5 +58,5 @@ def gcs_bucket(monkeypatch):
   monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)
   import fsspec
   monkeypatch.setitem(fsspec.config.conf, 'gs', {'token': 'anon', 'skip_instance_cache': True})
-  yield 'gs://bucket'
+  yield f'gs://{bucket}'
   server.stop()
