@@ -11,6 +11,7 @@ features are fed to the same statistics and Fréchet-distance code as FID
 """
 
 import argparse
+import os
 
 import flax.linen as nn
 import jax
@@ -121,9 +122,9 @@ def main(argv=None):
   variables, accuracies = train(train_data, test_data, steps=steps,
                                 batch_size=args.batch_size,
                                 learning_rate=args.learning_rate, seed=args.seed)
-  out = files.absolute(args.out)
-  common.save(jax.tree_util.tree_map(np.asarray, variables), out, overwrite=True)
-  files.write_json(f'{out}/accuracy.json', {'test_accuracy': accuracies[-1], 'steps': steps})
+  common.save(jax.tree_util.tree_map(np.asarray, variables), args.out, overwrite=True)
+  files.write_json(os.path.join(args.out, 'accuracy.json'),
+                   {'test_accuracy': accuracies[-1], 'steps': steps})
   print(f'Fashion-MNIST classifier: test accuracy {accuracies[-1]:.4f} → {args.out}')
 
 
