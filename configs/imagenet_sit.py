@@ -19,6 +19,7 @@ def get_config(arg=None):
   c.model.dtype = 'bfloat16'
   c.model.attention = ''  # '' = JAX's choice; 'cudnn' for the fused kernel on GPUs
   c.model.remat = False  # True: recompute block activations (large per-device batches)
+  c.model.split_qkv = False  # True: q, k, v as three products, no split copy (dit.QKVProjection)
   c.path.name = 'linear'
   c.secant = config_lib.secant_config(args['variant'], args['steps'], guidance=(1.0, 2.5))
   c.init_checkpoint = 'ckpt/sit-xl2'

@@ -1,19 +1,20 @@
 #!/usr/bin/env bash
 # The README's throughput table in one command: each of its rows (secant_jax.bench.throughput)
 # once with XLA's default GEMMs and once with --xla_gpu_enable_triton_gemm=false (cuBLASLt,
-# which fuses bias and GELU into its GEMMs' epilogues), each in its own process.
+# which fuses bias and GELU into its GEMMs' epilogues), each in its own process; with
+# QKV="fused split" also each with q, k and v as three products (--split-qkv).
 #
 #   launch/throughput_table.sh runs/throughput
 #
-# writes runs/throughput/<row>-<gemms>.txt (each run's whole output) and
+# writes runs/throughput/<row>-<gemms>-<qkv>.txt (each run's whole output) and
 # runs/throughput/table.md (img/s, step time, MFU, peak memory, the compiled program's
-# static bytes and memory, per row and GEMM setting; with EXTRA="--target h100" on a
+# static bytes and memory, per row, GEMM and qkv setting; with EXTRA="--target h100" on a
 # machine without a GPU, only the last two: the README's second table).
 # A run that fails is a row that says so and points at its output; the others go on.
 # Settings (environment): MODEL (SiT-XL/2), ATTENTION (cudnn), ROWS (sdei stee sample
-# remat), GEMMS (triton cublas), EXTRA (more benchmark flags, appended, so they override:
-# "--profile 3", "--target h100", or "--batch 2 --steps 1" to try the script on a CPU),
-# PYTHON (python3).
+# remat), GEMMS (triton cublas), QKV (fused; "fused split" for both), EXTRA (more benchmark
+# flags, appended, so they override: "--profile 3", "--target h100", or "--batch 2 --steps 1"
+# to try the script on a CPU), PYTHON (python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: launch/throughput_table.sh OUT_DIR}
@@ -36,13 +37,20 @@ gemm_flags() {
     *) echo "unknown setting '$1' in GEMMS; expected triton and/or cublas" >&2; return 1 ;;
   esac
 }
+qkv_flags() {
+  case $1 in
+    fused) echo "" ;;
+    split) echo --split-qkv ;;
+    *) echo "unknown setting '$1' in QKV; expected fused and/or split" >&2; return 1 ;;
+  esac
+}
 field() { awk -v key="$1" -F': *' '$1 ~ "^ *" key "$" {print $2}' "$2"; }
 
 table=$out/table.md
 {
-  echo "| run | GEMMs | img/s | step ms | MFU | peak memory GiB | bytes moved GB" \
+  echo "| run | GEMMs | qkv | img/s | step ms | MFU | peak memory GiB | bytes moved GB" \
     "| compiled memory GiB | command |"
-  echo "|---|---|---|---|---|---|---|---|---|"
+  echo "|---|---|---|---|---|---|---|---|---|---|"
 } > "$table"
 for row in ${ROWS:-sdei stee sample remat}; do
   flags="--model ${MODEL:-SiT-XL/2} $(row_flags "$row") --attention ${ATTENTION:-cudnn}"
@@ -51,23 +59,27 @@ for row in ${ROWS:-sdei stee sample remat}; do
     xla=$(echo ${XLA_FLAGS:-} $xla)  # the caller's XLA flags and this setting's, if any
     xla_env=(-u XLA_FLAGS)
     [ -n "$xla" ] && xla_env=(XLA_FLAGS="$xla")
-    log=$out/$row-$gemms.txt
-    echo "== $row, $gemms GEMMs"
-    # shellcheck disable=SC2086
-    if env "${xla_env[@]}" "$python" -m secant_jax.bench.throughput $flags \
-        ${EXTRA:-} > "$log" 2>&1; then
-      cells=""
-      for key in images_per_second step_ms mfu peak_memory_gib static_memory_gb \
-          compiled_memory_gib; do
-        cells+=" $(field "$key" "$log") |"
-      done
-      echo "| $row | $gemms |$cells" \
-        "\`${xla:+XLA_FLAGS=\"$xla\" }python -m secant_jax.bench.throughput $flags ${EXTRA:-}\` |" \
-        >> "$table"
-    else
-      echo "| $row | $gemms | failed: see $log | | | | | | |" >> "$table"
-      tail -3 "$log" >&2
-    fi
+    for qkv in ${QKV:-fused}; do
+      qkv_flag=$(qkv_flags "$qkv")
+      run_flags=$(echo $flags $qkv_flag ${EXTRA:-})
+      log=$out/$row-$gemms-$qkv.txt
+      echo "== $row, $gemms GEMMs, $qkv qkv"
+      # shellcheck disable=SC2086
+      if env "${xla_env[@]}" "$python" -m secant_jax.bench.throughput $run_flags \
+          > "$log" 2>&1; then
+        cells=""
+        for key in images_per_second step_ms mfu peak_memory_gib static_memory_gb \
+            compiled_memory_gib; do
+          cells+=" $(field "$key" "$log") |"
+        done
+        echo "| $row | $gemms | $qkv |$cells" \
+          "\`${xla:+XLA_FLAGS=\"$xla\" }python -m secant_jax.bench.throughput $run_flags\` |" \
+          >> "$table"
+      else
+        echo "| $row | $gemms | $qkv | failed: see $log | | | | | | |" >> "$table"
+        tail -3 "$log" >&2
+      fi
+    done
   done
 done
 cat "$table"

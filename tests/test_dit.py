@@ -112,6 +112,35 @@ def test_gelu_recomputed_keeps_only_its_input_for_the_backward_pass(capsys):
                              jax.grad(loss(plain))(h32), rtol=1e-6, atol=1e-7)
 
 
+def test_qkv_projection_is_timms_fused_linear_whether_split_or_not():
+  """Both forms hold nn.Dense(3·hidden)'s parameters, initialised as it initialises them,
+  and compute its q, k, v: the fused form bit for bit, the split one to rounding."""
+  x = jax.random.normal(jax.random.key(0), (2, 5, 12))
+  dense = nn.Dense(36, kernel_init=nn.initializers.xavier_uniform())
+  fused, split = (dit.QKVProjection(12, 3, split=s) for s in (False, True))
+  reference = dense.init(jax.random.key(1), x)
+  assert jax.tree_util.tree_all(jax.tree_util.tree_map(
+      np.array_equal, fused.init(jax.random.key(1), x), reference))
+  variables = jax.tree_util.tree_map(lambda a: a + 0.1, reference)  # a non-zero bias
+  expected = jnp.moveaxis(dense.apply(variables, x).reshape(2, 5, 3, 3, 4), 2, 0)
+  for got, want in zip(fused.apply(variables, x), expected):
+    np.testing.assert_array_equal(got, want)
+  for got, want in zip(split.apply(variables, x), expected):
+    assert got.shape == (2, 5, 3, 4)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_a_dit_with_split_qkv_takes_the_same_variables_and_gives_the_same_output():
+  kwargs = dict(CASES['reduced SiT/4'], num_classes=10, guidance_embed=True)
+  fused, split = (dit.DiT(split_qkv=s, **kwargs) for s in (False, True))
+  inp = _inputs(2, 16, 4)
+  variables = jax.tree_util.tree_map(
+      lambda a: a + 0.02 * jax.random.normal(jax.random.key(1), a.shape),
+      fused.init(jax.random.key(0), **inp))
+  np.testing.assert_allclose(jax.jit(split.apply)(variables, **inp),
+                             jax.jit(fused.apply)(variables, **inp), rtol=1e-5, atol=1e-5)
+
+
 def _torch_model(**kwargs):
   import torch
   import torch_dit

@@ -1,6 +1,10 @@
 """The throughput benchmark at CPU size: it runs the real step and sampler and prints its
 fields (a smoke test: no timing is asserted); the analytic FLOP count is checked."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from secant_jax import paths
@@ -34,7 +38,7 @@ def test_forward_equivalents_per_variant():
 
 
 @pytest.mark.parametrize('extra', [['--variant', 'sdei', '--traffic'],
-                                   ['--variant', 'stee', '--remat'],
+                                   ['--variant', 'stee', '--remat', '--split-qkv'],
                                    ['--sample', '--num-steps', '2', '--profile', '1']])
 def test_benchmark_runs_on_cpu_and_prints_its_fields(extra, capsys):
   argv = ['--model', 'DiT-S/8', '--batch', '8', '--steps', '2', '--warmup', '1', '--dtype',
@@ -89,4 +93,27 @@ def test_the_edm_config_benchmarks_the_unet(monkeypatch, capsys):
   with pytest.raises(SystemExit, match='--model SiT-XL/2 is not a SongUNet: --config '
                                        'cifar10_edm takes --model ddpmpp or ncsnpp'):
     throughput.main(['--config', 'cifar10_edm', '--model', 'SiT-XL/2'])
+  with pytest.raises(SystemExit, match='--split-qkv is a DiT option; --config cifar10_edm is '
+                                       'a SongUNet'):
+    throughput.main(['--config', 'cifar10_edm', '--split-qkv'])
 
+
+
+def test_the_table_script_runs_each_setting_in_its_own_process_into_one_table(tmp_path):
+  """launch/throughput_table.sh at CPU size: one row, both qkv forms; a bad setting is named."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  env = dict(os.environ, PYTHON=sys.executable, MODEL='DiT-S/8', ATTENTION='xla',
+             ROWS='sample', GEMMS='triton', QKV='fused split',
+             EXTRA='--batch 2 --steps 1 --warmup 1 --dtype float32 --num-steps 1')
+  env.pop('XLA_FLAGS', None)  # one CPU device, not the suite's eight
+  script = os.path.join(root, 'launch', 'throughput_table.sh')
+  subprocess.run(['bash', script, str(tmp_path)], env=env, check=True, capture_output=True)
+  rows = (tmp_path / 'table.md').read_text().splitlines()[2:]
+  assert [row.split(' | ')[:3] for row in rows] == [['| sample', 'triton', 'fused'],
+                                                    ['| sample', 'triton', 'split']]
+  assert '--split-qkv' in rows[1] and '--split-qkv' not in rows[0]
+  assert all(float(row.split(' | ')[3]) > 0 for row in rows)  # img/s
+  bad = subprocess.run(['bash', script, str(tmp_path)], env=dict(env, QKV='three'),
+                       capture_output=True, text=True)
+  assert bad.returncode != 0
+  assert "unknown setting 'three' in QKV; expected fused and/or split" in bad.stderr

@@ -60,12 +60,16 @@ def load_config(args):
     if args.model and args.model not in UNET_ARCHS:
       raise SystemExit(f'--model {args.model} is not a SongUNet: --config {args.config} '
                        f'takes --model {" or ".join(UNET_ARCHS)}.')
+    if args.split_qkv:
+      raise SystemExit(f'--split-qkv is a DiT option; --config {args.config} is a SongUNet, '
+                       'whose attention has no fused qkv product to split: drop the flag.')
     config.model.arch = args.model or config.model.arch
   else:
     config.model.name = args.model or config.model.name
   config.model.dtype = args.dtype or config.model.dtype
   config.model.attention = args.attention
   config.model.remat = args.remat
+  config.model.split_qkv = args.split_qkv
   config.batch_size = args.batch
   config.fsdp = args.fsdp
   return config
@@ -280,6 +284,8 @@ def parse_args(argv=None):
                       '(bfloat16 for imagenet_sit, float32 for cifar10_edm)')
   parser.add_argument('--attention', default='', help="'' (XLA's choice), 'cudnn', 'xla'")
   parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--split-qkv', action='store_true', help='DiT: q, k and v as three '
+                      'products of the qkv kernel, not one product and a split copy')
   parser.add_argument('--fsdp', type=int, default=1)
   parser.add_argument('--peak-tflops', type=float, default=0.0)
   parser.add_argument('--profile', type=int, default=0, metavar='N',

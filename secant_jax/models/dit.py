@@ -68,22 +68,48 @@ class TimestepEmbedder(nn.Module):
                     kernel_init=out_init)(nn.silu(h))
 
 
+class QKVProjection(nn.Module):
+  """timm's fused qkv Linear (key attn.qkv: kernel [hidden, 3·hidden], columns q | k | v),
+  returning q, k and v [B, T, heads, head_dim].
+
+  `split=False` computes the one product [B, T, 3·hidden] and copies q, k and v out of it;
+  `split=True` computes three products from the kernel's column blocks, which writes q, k
+  and v where attention reads them (no copy) but reads the input three times. The
+  parameters, and so checkpoints and conversion, are the same either way.
+  """
+  hidden_size: int
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+  split: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    b, n, d = x.shape
+    kernel = self.param('kernel', _xavier, (d, 3 * self.hidden_size), jnp.float32)
+    bias = self.param('bias', nn.initializers.zeros, (3 * self.hidden_size,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    heads = (self.num_heads, self.hidden_size // self.num_heads)
+    if self.split:
+      return tuple((x @ k + c).reshape(b, n, *heads)
+                   for k, c in zip(jnp.split(kernel, 3, 1), jnp.split(bias, 3)))
+    return tuple(jnp.moveaxis((x @ kernel + bias).reshape(b, n, 3, *heads), 2, 0))
+
+
 class Attention(nn.Module):
-  """timm's Attention: fused qkv projection, scaled dot-product attention, output proj."""
+  """timm's Attention: qkv projection, scaled dot-product attention, output projection."""
   hidden_size: int
   num_heads: int
   dtype: jnp.dtype = jnp.float32
   implementation: str | None = None
+  split_qkv: bool = False
 
   @nn.compact
   def __call__(self, x):
-    b, n, _ = x.shape
-    head_dim = self.hidden_size // self.num_heads
-    qkv = nn.Dense(3 * self.hidden_size, dtype=self.dtype, kernel_init=_xavier, name='qkv')(x)
-    q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, head_dim), 2, 0)
+    q, k, v = QKVProjection(self.hidden_size, self.num_heads, self.dtype, self.split_qkv,
+                            name='qkv')(x)
     out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
     return nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=_xavier,
-                    name='proj')(out.reshape(b, n, self.hidden_size))
+                    name='proj')(out.reshape(x.shape[:2] + (self.hidden_size,)))
 
 
 @jax.checkpoint
@@ -118,6 +144,7 @@ class DiTBlock(nn.Module):
   mlp_ratio: float = 4.0
   dtype: jnp.dtype = jnp.float32
   attention_implementation: str | None = None
+  split_qkv: bool = False
 
   @nn.compact
   def __call__(self, x, c):
@@ -127,7 +154,7 @@ class DiTBlock(nn.Module):
     norm = lambda name: nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False,
                                      dtype=self.dtype, name=name)
     h = Attention(self.hidden_size, self.num_heads, self.dtype,
-                  self.attention_implementation, name='attn')(
+                  self.attention_implementation, self.split_qkv, name='attn')(
                       modulate(norm('norm1')(x), shift_msa, scale_msa))
     x = x + gate_msa[:, None] * h
     h = modulate(norm('norm2')(x), shift_mlp, scale_mlp)
@@ -198,6 +225,7 @@ class DiT(nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention_implementation: str | None = None
   remat: bool = False  # recompute each block's activations in the backward pass
+  split_qkv: bool = False  # q, k, v as three products (QKVProjection)
 
   @property
   def null_class(self):
@@ -234,7 +262,7 @@ class DiT(nn.Module):
     block = nn.remat(DiTBlock) if self.remat else DiTBlock
     for i in range(self.depth):
       h = block(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
-                   self.attention_implementation, name=f'blocks_{i}')(h, c)
+                self.attention_implementation, self.split_qkv, name=f'blocks_{i}')(h, c)
 
     out_channels = self.in_channels * (2 if self.learn_sigma else 1)
     h = FinalLayer(self.hidden_size, p * p * out_channels, self.dtype, name='final_layer')(h, c)

@@ -75,7 +75,8 @@ def build(model_config, guided):
         in_channels=model_config.in_channels, num_classes=model_config.num_classes,
         learn_sigma=model_config.get('learn_sigma', True), guidance_embed=guided, dtype=dtype,
         attention_implementation=model_config.get('attention') or None,
-        remat=model_config.get('remat', False), **sizes)
+        remat=model_config.get('remat', False),
+        split_qkv=model_config.get('split_qkv', False), **sizes)
     shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
     return Network(module, guided, shape, module.null_class)
   if model_config.family == 'edm_unet':
