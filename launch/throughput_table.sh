@@ -2,7 +2,9 @@
 # The README's throughput table in one command: each of its rows (secant_jax.bench.throughput)
 # once with XLA's default GEMMs and once with --xla_gpu_enable_triton_gemm=false (cuBLASLt,
 # which fuses bias and GELU into its GEMMs' epilogues), each in its own process; with
-# QKV="fused split" also each with q, k and v as three products (--split-qkv).
+# QKV="fused split" also each with q, k and v as three products (--split-qkv); with
+# GEMMS=fusion-v2 (ROWS=sample only: train steps compile for too long) with Triton GEMMs
+# that take in LayerNorm, modulation and GELU (--xla_gpu_experimental_gemm_fusion_v2).
 #
 #   launch/throughput_table.sh runs/throughput
 #
@@ -34,7 +36,9 @@ gemm_flags() {
   case $1 in
     triton) echo "" ;;
     cublas) echo --xla_gpu_enable_triton_gemm=false ;;
-    *) echo "unknown setting '$1' in GEMMS; expected triton and/or cublas" >&2; return 1 ;;
+    fusion-v2) echo --xla_gpu_experimental_gemm_fusion_v2=true ;;
+    *) echo "unknown setting '$1' in GEMMS; expected any of: triton cublas fusion-v2" >&2
+       return 1 ;;
   esac
 }
 qkv_flags() {
