@@ -50,6 +50,11 @@ qkv_flags() {
 }
 field() { awk -v key="$1" -F': *' '$1 ~ "^ *" key "$" {print $2}' "$2"; }
 
+# Every setting is checked before the first run, so a typo costs no benchmark time.
+for row in ${ROWS:-sdei stee sample remat}; do row_flags "$row" > /dev/null; done
+for gemms in ${GEMMS:-triton cublas}; do gemm_flags "$gemms" > /dev/null; done
+for qkv in ${QKV:-fused}; do qkv_flags "$qkv" > /dev/null; done
+
 table=$out/table.md
 {
   echo "| run | GEMMs | qkv | img/s | step ms | MFU | peak memory GiB | bytes moved GB" \

@@ -15,6 +15,8 @@ from secant_jax.models import dit
 from secant_jax.models import registry
 from secant_jax.train import step
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_sit_xl2_forward_flops_match_the_published_count():
   # DiT/SiT-XL/2 at 256² is 118.6 GMACs (DiT paper, Table 4) for the one-time model.
@@ -98,22 +100,22 @@ def test_the_edm_config_benchmarks_the_unet(monkeypatch, capsys):
     throughput.main(['--config', 'cifar10_edm', '--split-qkv'])
 
 
-
 def test_the_table_script_runs_each_setting_in_its_own_process_into_one_table(tmp_path):
-  """launch/throughput_table.sh at CPU size: one row, both qkv forms; a bad setting is named."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  """launch/throughput_table.sh at CPU size: one row, both qkv forms; a bad setting is named
+  before anything runs."""
   env = dict(os.environ, PYTHON=sys.executable, MODEL='DiT-S/8', ATTENTION='xla',
              ROWS='sample', GEMMS='triton', QKV='fused split',
              EXTRA='--batch 2 --steps 1 --warmup 1 --dtype float32 --num-steps 1')
   env.pop('XLA_FLAGS', None)  # one CPU device, not the suite's eight
-  script = os.path.join(root, 'launch', 'throughput_table.sh')
+  script = os.path.join(REPO, 'launch', 'throughput_table.sh')
   subprocess.run(['bash', script, str(tmp_path)], env=env, check=True, capture_output=True)
   rows = (tmp_path / 'table.md').read_text().splitlines()[2:]
   assert [row.split(' | ')[:3] for row in rows] == [['| sample', 'triton', 'fused'],
                                                     ['| sample', 'triton', 'split']]
   assert '--split-qkv' in rows[1] and '--split-qkv' not in rows[0]
   assert all(float(row.split(' | ')[3]) > 0 for row in rows)  # img/s
-  bad = subprocess.run(['bash', script, str(tmp_path)], env=dict(env, QKV='three'),
-                       capture_output=True, text=True)
+  bad = subprocess.run(['bash', script, str(tmp_path / 'bad')],
+                       env=dict(env, QKV='fused three'), capture_output=True, text=True)
   assert bad.returncode != 0
   assert "unknown setting 'three' in QKV; expected fused and/or split" in bad.stderr
+  assert not list((tmp_path / 'bad').iterdir())  # refused before the first run
