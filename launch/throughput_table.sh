@@ -50,10 +50,13 @@ qkv_flags() {
 }
 field() { awk -v key="$1" -F': *' '$1 ~ "^ *" key "$" {print $2}' "$2"; }
 
+rows=${ROWS:-sdei stee sample remat}
+gemm_settings=${GEMMS:-triton cublas}
+qkv_settings=${QKV:-fused}
 # Every setting is checked before the first run, so a typo costs no benchmark time.
-for row in ${ROWS:-sdei stee sample remat}; do row_flags "$row" > /dev/null; done
-for gemms in ${GEMMS:-triton cublas}; do gemm_flags "$gemms" > /dev/null; done
-for qkv in ${QKV:-fused}; do qkv_flags "$qkv" > /dev/null; done
+for row in $rows; do row_flags "$row" > /dev/null; done
+for gemms in $gemm_settings; do gemm_flags "$gemms" > /dev/null; done
+for qkv in $qkv_settings; do qkv_flags "$qkv" > /dev/null; done
 
 table=$out/table.md
 {
@@ -61,14 +64,14 @@ table=$out/table.md
     "| compiled memory GiB | command |"
   echo "|---|---|---|---|---|---|---|---|---|---|"
 } > "$table"
-for row in ${ROWS:-sdei stee sample remat}; do
+for row in $rows; do
   flags="--model ${MODEL:-SiT-XL/2} $(row_flags "$row") --attention ${ATTENTION:-cudnn}"
-  for gemms in ${GEMMS:-triton cublas}; do
+  for gemms in $gemm_settings; do
     xla=$(gemm_flags "$gemms")
     xla=$(echo ${XLA_FLAGS:-} $xla)  # the caller's XLA flags and this setting's, if any
     xla_env=(-u XLA_FLAGS)
     [ -n "$xla" ] && xla_env=(XLA_FLAGS="$xla")
-    for qkv in ${QKV:-fused}; do
+    for qkv in $qkv_settings; do
       qkv_flag=$(qkv_flags "$qkv")
       run_flags=$(echo $flags $qkv_flag ${EXTRA:-})
       log=$out/$row-$gemms-$qkv.txt
