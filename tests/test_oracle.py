@@ -59,6 +59,30 @@ def test_samples_have_the_mixture_moments():
   np.testing.assert_allclose(x.mean(0), mean, atol=0.01)
 
 
+@pytest.mark.parametrize('path', PATHS, ids=['linear', 'edm'])
+def test_posterior_draws_are_consistent_with_the_joint(path):
+  """(x_data, ε) ~ p(· | x) puts the path back at x, averages to the velocity at x, and, with
+  x drawn from the joint, has the joint's moments (which a wrong posterior spread breaks)."""
+  mixture = _mixture()
+  k_data, k_noise, k_post = jax.random.split(jax.random.key(1), 3)
+  n = 200000
+  t = jnp.full((n,), path.time(0.6))
+  x_data = mixture.sample(k_data, n)
+  noise = jax.random.normal(k_noise, x_data.shape)
+  x = path.at(x_data, noise, t)
+  post_data, post_noise = mixture.posterior_sample(k_post, x, t, path)
+  np.testing.assert_allclose(path.at(post_data, post_noise, t), x, atol=1e-4)
+  for a, b in ((post_data, x_data), (post_noise, noise)):
+    np.testing.assert_allclose(jnp.mean(a, 0), jnp.mean(b, 0), atol=0.01)
+    np.testing.assert_allclose(jnp.mean(a ** 2, 0), jnp.mean(b ** 2, 0), rtol=0.02)
+    np.testing.assert_allclose(jnp.mean(a * x, 0), jnp.mean(b * x, 0), rtol=0.02, atol=0.01)
+  # One x, many draws: the conditional tangent averages to the velocity.
+  x1 = jnp.broadcast_to(x[:1], (n, mixture.dim))
+  d, e = mixture.posterior_sample(k_post, x1, t, path)
+  np.testing.assert_allclose(jnp.mean(path.tangent(d, e, t), 0),
+                             mixture.velocity(x[:1], t[:1], path)[0], atol=0.01)
+
+
 def test_bad_mixture_is_named():
   with pytest.raises(ValueError, match=r'stds and weights must be \[K\] = \[2\]'):
     oracle.GaussianMixture([[0.0], [1.0]], [1.0], [1.0, 1.0])
