@@ -64,7 +64,7 @@ def test_posterior_draws_are_consistent_with_the_joint(path):
   """(x_data, ε) ~ p(· | x) puts the path back at x, averages to the velocity at x, and, with
   x drawn from the joint, has the joint's moments (which a wrong posterior spread breaks)."""
   mixture = _mixture()
-  k_data, k_noise, k_post = jax.random.split(jax.random.key(1), 3)
+  k_data, k_noise, k_post, k_one = jax.random.split(jax.random.key(1), 4)
   n = 200000
   t = jnp.full((n,), path.time(0.6))
   x_data = mixture.sample(k_data, n)
@@ -78,7 +78,7 @@ def test_posterior_draws_are_consistent_with_the_joint(path):
     np.testing.assert_allclose(jnp.mean(a * x, 0), jnp.mean(b * x, 0), rtol=0.02, atol=0.01)
   # One x, many draws: the conditional tangent averages to the velocity.
   x1 = jnp.broadcast_to(x[:1], (n, mixture.dim))
-  d, e = mixture.posterior_sample(k_post, x1, t, path)
+  d, e = mixture.posterior_sample(k_one, x1, t, path)
   np.testing.assert_allclose(jnp.mean(path.tangent(d, e, t), 0),
                              mixture.velocity(x[:1], t[:1], path)[0], atol=0.01)
 
