@@ -24,8 +24,6 @@ model, teacher (the teacher's run directory). The secant runs the table compares
 Give the same model to all three stages of one table.
 """
 
-import ml_collections
-
 from secant_jax import config as config_lib
 
 STAGES = ('teacher', 'secant', 'compare')
@@ -96,8 +94,6 @@ def get_config(arg=None):
     c.num_train_steps = 10_000
   if args['stage'] == 'compare':
     c.mode = 'compare'
-    c.compare = ml_collections.ConfigDict(dict(
-        teacher=args['teacher'], secants='sdei=runs/fmnist-sdei,stee=runs/fmnist-stee',
-        teacher_nfe=(1, 2, 4, 8, 16, 35), secant_steps=(1, 2, 4, 8), num_samples=10_000,
-        batch_size=500, guidance_scale=1.0))
+    c.compare.update(dict(teacher=args['teacher'], batch_size=500,
+                          secants='sdei=runs/fmnist-sdei,stee=runs/fmnist-stee'))
   return c

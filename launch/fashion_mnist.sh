@@ -7,7 +7,8 @@
 #
 # writes runs/fmnist/{teacher,sdei,stee,features,table}; runs/fmnist/table/table.md is
 # the table. A finished stage is skipped and an interrupted one resumes from its last
-# checkpoint, so the same command continues after a preemption. Settings (environment):
+# checkpoint (the table: after its last saved batch), so the same command continues after
+# a preemption. Settings (environment):
 #   MODEL (SiT-S/2; unet for EDM's U-Net on the σ-path), STEPS (secant steps, 4),
 #   DATA_DIR (the IDX files; Debian's default),
 #   TEACHER_TRAIN_STEPS, SECANT_TRAIN_STEPS, NUM_SAMPLES (the config's unless set),

@@ -3,10 +3,14 @@ run and its secant runs, with the Fréchet distance of config.fid's feature netw
 weights are set (FD-FMNIST on Fashion-MNIST).
 
 config.compare: teacher (the teacher's run directory), secants ('name=run_dir,...'),
-teacher_nfe, secant_steps, num_samples, batch_size, guidance_scale. A run directory is one
-a training run wrote: its config.json says how to build and sample the model, its ema/ holds
-the weights. Writes workdir/table.md, table.json, samples/<row>.png, samples.png and CLU
-scalars.
+teacher_nfe, secant_steps, num_samples, batch_size, guidance_scale, save_every. A run
+directory is one a training run wrote: its config.json says how to build and sample the
+model, its ema/ holds the weights. Writes workdir/table.md, table.json, samples/<row>.png,
+samples.png and CLU scalars; while it runs, the running sums every save_every batches
+(evaluation.progress), so the same command resumes a preempted comparison. The saves are
+stamped with config.compare (but save_every), config.seed, config.fid and the process
+count: the run directories by path, so retraining a run into the same directory calls
+for a new workdir.
 """
 
 import os
@@ -19,6 +23,7 @@ from secant_jax import files
 from secant_jax import generate
 from secant_jax.evaluation import comparison
 from secant_jax.evaluation import features
+from secant_jax.evaluation import progress
 from secant_jax.evaluation import sample_quality
 from secant_jax.train import parallel
 
@@ -51,6 +56,10 @@ def parse_runs(spec):
 def compare(config, workdir):
   """Returns the table's rows."""
   c = config.compare
+  if not c.teacher:
+    raise ValueError('The comparison needs a teacher: set --config.compare.teacher to the '
+                     '--workdir of its training run (and --config.compare.secants to its '
+                     'secant runs, name=run_dir,...).')
   workdir = files.make_directory(workdir)
   teacher_config, teacher_ema = load_run(c.teacher)
   network, task, tangent_of = comparison.teacher(teacher_config, teacher_ema,
@@ -66,8 +75,11 @@ def compare(config, workdir):
   mesh = parallel.make_mesh(config.fsdp)
   quality = (sample_quality.SampleQuality(config, workdir, mesh)
              if features.configured(config.fid) else None)
+  stamp = {'compare': {k: v for k, v in c.to_dict().items() if k != 'save_every'},
+           'seed': config.seed, 'fid': config.fid.to_dict(), 'processes': jax.process_count()}
+  saves = progress.Progress(workdir, stamp) if c.save_every else None
   rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, c.batch_size,
-                                    mesh, quality)
+                                    mesh, quality, saves, c.save_every)
   table = comparison.format_table(rows)
   if jax.process_index() == 0:
     files.write_text(os.path.join(workdir, 'table.md'), table + '\n')

@@ -75,6 +75,12 @@ def base_config():
       reference_split='train',
       num_reference_images=0,  # images the computed reference uses (0: the whole split)
       num_samples=50_000, train_num_samples=5_000, batch_size=256))
+  c.compare = ml_collections.ConfigDict(dict(  # compare mode (compare_mode.py)
+      teacher='',  # the teacher's run directory (the --workdir it trained in)
+      secants='',  # its secant runs: 'name=run_dir,...'
+      teacher_nfe=(1, 2, 4, 8, 16, 35), secant_steps=(1, 2, 4, 8), num_samples=10_000,
+      batch_size=256, guidance_scale=1.0,
+      save_every=1))  # batches between saves of the running sums, to resume (0: never)
   c.fsdp = 1
   c.distributed = False  # jax.distributed.initialize() (multi-host TPU/GPU)
   # where JAX does not detect the cluster (TPU VMs, Slurm, Open MPI, Kubernetes it does):

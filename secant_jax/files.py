@@ -56,5 +56,12 @@ def write_png(pixels, path):
 
 
 def write_npz(path, **arrays):
-  with epath.Path(path).open('wb') as f:
+  """Writes the arrays whole or not at all: a local file under a temporary name, then
+  renamed (a stop mid-write leaves the previous file); an object store's upload is
+  already all-or-nothing (and its rename a slow copy), so a URL is written directly."""
+  local = '://' not in str(path)
+  written = epath.Path(f'{path}.tmp' if local else path)
+  with written.open('wb') as f:
     np.savez(f, **arrays)
+  if local:
+    written.replace(path)

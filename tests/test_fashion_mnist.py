@@ -191,6 +191,12 @@ def test_compare_errors_name_the_fix(tmp_path):
     fmnist_config.get_config('stage=distil')
   with pytest.raises(ValueError, match=r'FD-FMNIST needs the Fashion-MNIST classifier'):
     fmnist_features.feature_network('')
+  from configs import cifar10_edm  # pylint: disable=import-outside-toplevel
+  c = cifar10_edm.get_config()  # compare mode is any config's, the teacher its setting
+  c.mode = 'compare'
+  with pytest.raises(ValueError, match=r'The comparison needs a teacher: set '
+                                       r'--config.compare.teacher to the --workdir'):
+    main_lib.run(c, tmp_path / 'cifar-table')
 
 
 def test_compare_runs_parse_and_unfinished_runs_are_named(tmp_path):

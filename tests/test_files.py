@@ -31,3 +31,19 @@ def test_png_is_grey_or_rgb_from_the_first_three_channels(tmp_path, channels, mo
     assert image.mode == mode
     np.testing.assert_array_equal(np.asarray(image).reshape(5, 7, -1),
                                   pixels[..., :min(channels, 3)])
+
+
+def test_an_npz_write_stopped_midway_leaves_the_previous_file(tmp_path, monkeypatch):
+  path = tmp_path / 'stats.npz'
+  files.write_npz(path, mu=np.zeros(3))
+
+  def stopped_midway(file, **arrays):
+    del arrays
+    file.write(b'PK\x03\x04 cut off')
+    raise KeyboardInterrupt  # a preemption's signal
+
+  monkeypatch.setattr(files.np, 'savez', stopped_midway)
+  with pytest.raises(KeyboardInterrupt):
+    files.write_npz(path, mu=np.ones(3))
+  with np.load(path) as f:
+    np.testing.assert_array_equal(f['mu'], np.zeros(3))

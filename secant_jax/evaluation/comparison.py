@@ -6,7 +6,8 @@ Heun at each NFE, and each secant model at each step count. Columns: the RMS err
 reference solution (over pixels and samples, evaluation.reference_error), and, given a
 SampleQuality, the Fréchet distance of each row's samples to its reference statistics.
 One pass over the noise: each batch's reference is solved once and every sampler is
-scored against it, so every row sees exactly the same noise.
+scored against it, so every row sees exactly the same noise. The running sums can be
+saved as it goes (evaluation.progress), so a preempted comparison resumes where it was.
 """
 
 import dataclasses
@@ -73,20 +74,27 @@ def secant_samplers(name, run_config, ema_dir, steps, scale):
       network, task, variables, sample_config, noise, y, n)) for n in steps]
 
 
-def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality=None):
+def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality=None,
+            progress=None, save_every=1):
   """Rows {'sampler', 'nfe', 'error' (+ quality's metrics)} for the reference and each
   sampler, and {sampler index: its first batch of samples} (index −1: the reference).
-  `batch_size` must divide over the mesh; the number of samples need not."""
+  `batch_size` must divide over the mesh; the number of samples need not. With a
+  `progress` (evaluation.progress.Progress) the running sums are saved every `save_every`
+  batches and after the last, and a rerun resumes after the latest save."""
   parallel.check_batch_size(batch_size, mesh)
   sharding = parallel.batch_sharding(mesh)
   reference_fn = jax.jit(lambda n, y: sampling.reference_sample(tangent_of(y), n, task.path),
                          out_shardings=sharding)
   fns = [jax.jit(s.fn, out_shardings=sharding) for s in samplers]
   squared = np.zeros(len(samplers))
-  scores = [quality.scores() for _ in range(len(samplers) + 1)] if quality else None
+  scores = [quality.scores() for _ in range(len(samplers) + 1)] if quality else []
   firsts = {}
   total = noise.shape[0]
-  for start in range(0, total, batch_size):
+  done, saved = progress.load() if progress else (0, None)
+  if saved:
+    squared, firsts = _restore(saved, scores)
+    logging.info('comparison: resumed after %d / %d samples', done, total)
+  for start in range(done, total, batch_size):
     keep = min(batch_size, total - start)
     index = (start + np.arange(batch_size)) % total  # a last partial batch wraps around
     n, y = jax.device_put((noise[index], labels[index]), sharding)
@@ -99,16 +107,34 @@ def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality
         scores[i].add(x, keep)
       if i - 1 not in firsts:
         firsts[i - 1] = np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    logging.info('comparison: %d / %d samples, %d samplers', start + keep, total,
-                 len(samplers))
+    done = start + keep
+    logging.info('comparison: %d / %d samples, %d samplers', done, total, len(samplers))
+    if progress and (done == total or done // batch_size % save_every == 0):
+      progress.save(done, _state(squared, scores, firsts))
   per_value = total * int(np.prod(noise.shape[1:]))
   rows = [{'sampler': 'teacher adaptive reference', 'nfe': None, 'error': 0.0}]
   rows += [{'sampler': s.name, 'nfe': s.nfe, 'error': float(np.sqrt(e / per_value))}
            for s, e in zip(samplers, squared)]
-  if scores:
-    for row, score in zip(rows, scores):
-      row.update(score.result())
+  for row, score in zip(rows, scores):
+    row.update(score.result())
   return rows, firsts
+
+
+def _state(squared, scores, firsts):
+  """`compare`'s running sums as named arrays (evaluation.progress saves them)."""
+  state = {'squared': squared, **{f'first{i}': x for i, x in firsts.items()}}
+  for i, score in enumerate(scores):
+    state.update({f'scores{i}.{k}': v for k, v in score.state().items()})
+  return state
+
+
+def _restore(state, scores):
+  """Puts `_state`'s arrays back into `scores`; returns (squared, firsts)."""
+  for i, score in enumerate(scores):
+    prefix = f'scores{i}.'
+    score.restore({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+  firsts = {int(k[len('first'):]): v for k, v in state.items() if k.startswith('first')}
+  return np.array(state['squared'], np.float64), firsts
 
 
 def format_table(rows):

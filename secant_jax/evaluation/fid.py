@@ -71,6 +71,15 @@ class FeatureStats:
     self.total += f.sum(0)
     self.outer += f.T @ f
 
+  def state(self):
+    """This process's running sums as arrays, for `restore` in a resumed run."""
+    return {'rows': np.asarray(self.count), 'total': self.total, 'outer': self.outer}
+
+  def restore(self, state):
+    self.count = int(state['rows'])
+    self.total = np.array(state['total'], np.float64)
+    self.outer = np.array(state['outer'], np.float64)
+
   def mu_sigma(self):
     """(μ, Σ) over every process's features."""
     count = float(_allgather_sum_float64(np.asarray([self.count], np.float64))[0])

@@ -144,6 +144,18 @@ class Scores:
           out['logits'], tiled=True))[:num_valid])
     self.count += num_valid
 
+  def state(self):
+    """What `add` has accumulated, as arrays (this process's feature sums)."""
+    state = {'count': np.asarray(self.count), **self._stats.state()}
+    if self._logits:
+      state['logits'] = np.concatenate(self._logits)
+    return state
+
+  def restore(self, state):
+    self.count = int(state['count'])
+    self._stats.restore(state)
+    self._logits = [state['logits']] if 'logits' in state else []
+
   def statistics(self):
     return self._stats.mu_sigma()
 

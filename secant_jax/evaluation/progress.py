@@ -1,0 +1,88 @@
+"""A long evaluation's running sums kept on disk, so that a preempted run resumes after its
+last saved batch instead of starting over (the comparison table's adaptive reference
+solves take hours at ImageNet scale).
+
+Each process saves its own arrays (feature sums stay per process until the end) as
+`progress.process_<i>.<done>.npz` in the workdir, `done` being the samples processed so
+far, each written whole or not at all (files.write_npz) and the previous one kept, so a
+preemption during a write, or between two processes' writes, leaves a state every process
+has. A resumed run loads the largest `done` that all processes saved.
+
+Every file records a fingerprint, a JSON object of what is being evaluated; loading a
+file whose fingerprint differs is an error that names the file and the keys that differ,
+never a silent restart or a mix of two evaluations.
+"""
+
+import json
+import os
+import re
+
+import jax
+import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+
+from secant_jax import files
+
+KEEP = 2  # saves kept per process: the latest and the one before it
+
+
+def _flat(tree, prefix=''):
+  """{'a': {'b': 1}} → {'a.b': 1}."""
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value
+  return flat
+
+
+class Progress:
+  """Saves and loads {name: array} under `directory`, stamped with `fingerprint` (a
+  JSON-serialisable dict)."""
+
+  def __init__(self, directory, fingerprint):
+    self.directory = directory
+    self.fingerprint = json.dumps(fingerprint, sort_keys=True)
+    self._prefix = f'progress.process_{jax.process_index()}.'
+
+  def _path(self, done):
+    return os.path.join(self.directory, f'{self._prefix}{done}.npz')
+
+  def saved(self):
+    """The `done` counts this process has files for, ascending."""
+    pattern = re.compile(re.escape(self._prefix) + r'(\d+)\.npz')
+    return sorted(int(m.group(1)) for p in epath.Path(self.directory).glob(self._prefix + '*')
+                  if (m := pattern.fullmatch(p.name)))
+
+  def load(self):
+    """(done, {name: array}) of the latest save every process has, or (0, None)."""
+    latest = max(self.saved(), default=0)
+    if jax.process_count() > 1:
+      latest = int(np.min(multihost_utils.process_allgather(np.asarray(latest))))
+    if not latest:
+      return 0, None
+    path = self._path(latest)
+    if not epath.Path(path).exists():
+      raise FileNotFoundError(f'{path} is missing although every process saved {latest} '
+                              'samples; restore it, or delete the progress.process_* files '
+                              'in the workdir to start the evaluation over.')
+    with epath.Path(path).open('rb') as f, np.load(f) as saved:
+      arrays = {k: saved[k] for k in saved.files}
+    self._check(path, json.loads(str(arrays.pop('fingerprint'))))
+    return latest, arrays
+
+  def _check(self, path, saved):
+    saved, ours = _flat(saved), _flat(json.loads(self.fingerprint))
+    differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
+    if differ:
+      raise ValueError(f'{path} holds the progress of a different evaluation (it differs in '
+                       f'{", ".join(differ)}): pass another --workdir, or delete the '
+                       'progress.process_* files there to start this one over.')
+
+  def save(self, done, arrays):
+    """Writes the arrays after `done` samples and deletes all but the KEEP latest saves."""
+    files.write_npz(self._path(done), fingerprint=np.asarray(self.fingerprint), **arrays)
+    for old in self.saved()[:-KEEP]:
+      epath.Path(self._path(old)).unlink()

@@ -1,0 +1,99 @@
+"""A preempted comparison resumes: stopped after its first saved batch and run again, it
+gives exactly the table of a run never stopped, without redoing that batch; a workdir
+holding another comparison's progress is refused by name."""
+
+import types
+
+import jax
+import numpy as np
+import pytest
+from etils import epath
+
+from secant_jax import paths
+from secant_jax.evaluation import comparison
+from secant_jax.evaluation import features
+from secant_jax.evaluation import oracle
+from secant_jax.evaluation import progress
+from secant_jax.evaluation import sample_quality
+from secant_jax.train import parallel
+
+STAMP = {'compare': {'num_samples': 20, 'batch_size': 8}, 'seed': 0}
+
+
+class Preempted(Exception):
+  pass
+
+
+def _quality():
+  """SampleQuality's interface around the identity as feature network (the 2-d samples are
+  the features and the logits of an Inception Score), the standard normal as reference."""
+  quality = types.SimpleNamespace(
+      network=features.FeatureNetwork('fd_identity', 2, None, None), variables=None,
+      features_of=lambda variables, x: {'features': x, 'logits': x},
+      reference=(np.zeros(2), np.eye(2)))
+  quality.scores = lambda: sample_quality.Scores(quality)
+  return quality
+
+
+def _run(saves):
+  """A mixture's reference and Euler/Heun at 1 and 2 NFE: 20 samples in batches of 8 (the
+  last one partial)."""
+  path = paths.Linear()
+  mixture = oracle.GaussianMixture([[1.0, 0.0], [-1.0, 0.5]], [0.2, 0.3], [0.3, 0.7])
+  tangent_of = lambda y: lambda x, t: mixture.velocity(x, t, path)
+  task = types.SimpleNamespace(path=path)
+  noise = np.asarray(jax.random.normal(jax.random.key(0), (20, 2)))
+  return comparison.compare(comparison.teacher_samplers(task, tangent_of, (1, 2)), task,
+                            tangent_of, noise, np.zeros(20, np.int32), 8,
+                            parallel.make_mesh(), _quality(), saves)
+
+
+def test_a_preempted_comparison_resumes_to_the_same_table(tmp_path, monkeypatch):
+  rows, firsts = _run(None)
+  assert set(rows[0]) == {'sampler', 'nfe', 'error', 'fd_identity', 'inception_score',
+                          'inception_score_std'}
+  saved = []
+  save = progress.Progress.save
+
+  def save_then_stop_at_8(self, done, arrays):
+    save(self, done, arrays)
+    saved.append(done)
+    if done == 8:
+      raise Preempted
+
+  monkeypatch.setattr(progress.Progress, 'save', save_then_stop_at_8)
+  with pytest.raises(Preempted):
+    _run(progress.Progress(str(tmp_path), STAMP))
+  resumed, resumed_firsts = _run(progress.Progress(str(tmp_path), STAMP))
+  assert saved == [8, 16, 20]  # the resumed run started after the first batch
+  assert resumed == rows
+  assert sorted(firsts) == sorted(resumed_firsts) == [-1, 0, 1, 2, 3]
+  for i, first in firsts.items():
+    np.testing.assert_array_equal(resumed_firsts[i], first)
+  assert progress.Progress(str(tmp_path), STAMP).saved() == [16, 20]  # the latest two
+
+  assert _run(progress.Progress(str(tmp_path), STAMP))[0] == rows  # finished: only the table
+  assert saved == [8, 16, 20]
+
+  other = {'compare': {'num_samples': 40, 'batch_size': 8}, 'seed': 1}
+  with pytest.raises(ValueError, match=r'progress.process_0.20.npz holds the progress of a '
+                                       r'different evaluation \(it differs in '
+                                       r'compare.num_samples, seed\): pass another --workdir'):
+    _run(progress.Progress(str(tmp_path), other))
+
+
+@pytest.mark.parametrize('where', ['local', 'bucket'])
+def test_progress_loads_its_latest_whole_save(where, tmp_path, request):
+  """Saves are whole (locally a temporary file renamed, on a bucket one upload), the two
+  latest are kept, and a temporary file left by a stop mid-write is not taken for a save."""
+  directory = (f"{request.getfixturevalue('gcs_bucket')}/table" if where == 'bucket'
+               else str(tmp_path))
+  saves = progress.Progress(directory, STAMP)
+  assert saves.load() == (0, None)
+  for done in (8, 16, 20):
+    saves.save(done, {'squared': np.full(3, float(done))})
+  epath.Path(directory, 'progress.process_0.28.npz.tmp').write_text('cut off')
+  assert saves.saved() == [16, 20]
+  done, arrays = progress.Progress(directory, STAMP).load()
+  assert done == 20 and set(arrays) == {'squared'}
+  np.testing.assert_array_equal(arrays['squared'], [20.0, 20.0, 20.0])
