@@ -4,7 +4,8 @@ jax.distributed (gloo collectives) through `--config.distributed=True` and
 to one of them stops both at one step with one checkpoint; resumed, the run ends
 bit-identical to a straight one, and resumed on one process of four devices instead, equal
 to it up to the collectives' rounding. FID's feature statistics over batches whose rows
-are split between the processes."""
+are split between the processes; a comparison's saved progress, resumed where both
+processes saved."""
 
 import json
 import os
@@ -132,3 +133,12 @@ def test_feature_statistics_of_batches_split_over_processes_are_the_whole_batche
     np.testing.assert_allclose(r['mu'], features.mean(0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(r['sigma'], np.cov(features, rowvar=False), rtol=1e-6,
                                atol=1e-7)
+
+
+def test_a_comparison_resumes_where_every_process_saved(tmp_path):
+  """Progress files are per process; when one process stopped before a save the other
+  made, both resume after the last save they both have, each with its own arrays."""
+  outputs = _finish(_launch(lambda port, i: ['tests/multihost_progress_worker.py', str(port),
+                                             str(i), str(tmp_path)]))
+  results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+  assert results == [{'done': 8, 'rows': [0, 8]}, {'done': 8, 'rows': [1, 8]}]
