@@ -65,9 +65,9 @@ class Progress:
       return 0, None
     path = self._path(latest)
     if not epath.Path(path).exists():
-      raise FileNotFoundError(f'{path} is missing although every process saved {latest} '
-                              'samples; restore it, or delete the progress.process_* files '
-                              'in the workdir to start the evaluation over.')
+      raise FileNotFoundError(f'{path} is missing, though every process has saved after '
+                              f'{latest} samples: restore it, or delete the '
+                              'progress.process_* files in the workdir to start over.')
     with epath.Path(path).open('rb') as f, np.load(f) as saved:
       arrays = {k: saved[k] for k in saved.files}
     self._check(path, json.loads(str(arrays.pop('fingerprint'))))
