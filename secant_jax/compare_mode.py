@@ -3,12 +3,12 @@ run and its secant runs, with the Fréchet distance of config.fid's feature netw
 weights are set (FD-FMNIST on Fashion-MNIST).
 
 config.compare: teacher (the teacher's run directory), secants ('name=run_dir,...'),
-teacher_nfe, secant_steps, num_samples, batch_size, guidance_scale, save_every. A run
+teacher_nfe, secant_steps, num_samples, batch_size, guidance_scale, save_seconds. A run
 directory is one a training run wrote: its config.json says how to build and sample the
 model, its ema/ holds the weights. Writes workdir/table.md, table.json, samples/<row>.png,
-samples.png and CLU scalars; while it runs, the running sums every save_every batches
+samples.png and CLU scalars; while it runs, it saves the running sums every save_seconds
 (evaluation.progress), so the same command resumes a preempted comparison. The saves are
-stamped with config.compare (but save_every), config.seed, config.fid and the process
+stamped with config.compare (but save_seconds), config.seed, config.fid and the process
 count: the run directories by path, so retraining a run into the same directory calls
 for a new workdir.
 """
@@ -75,11 +75,11 @@ def compare(config, workdir):
   mesh = parallel.make_mesh(config.fsdp)
   quality = (sample_quality.SampleQuality(config, workdir, mesh)
              if features.configured(config.fid) else None)
-  stamp = {'compare': {k: v for k, v in c.to_dict().items() if k != 'save_every'},
+  stamp = {'compare': {k: v for k, v in c.to_dict().items() if k != 'save_seconds'},
            'seed': config.seed, 'fid': config.fid.to_dict(), 'processes': jax.process_count()}
-  saves = progress.Progress(workdir, stamp) if c.save_every else None
   rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, c.batch_size,
-                                    mesh, quality, saves, c.save_every)
+                                    mesh, quality, progress.Progress(workdir, stamp),
+                                    c.save_seconds)
   table = comparison.format_table(rows)
   if jax.process_index() == 0:
     files.write_text(os.path.join(workdir, 'table.md'), table + '\n')

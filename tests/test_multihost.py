@@ -138,7 +138,7 @@ def test_feature_statistics_of_batches_split_over_processes_are_the_whole_batche
 def test_a_comparison_resumes_where_every_process_saved(tmp_path):
   """Progress files are per process; when one process stopped before a save the other
   made, both resume after the last save they both have, each with its own arrays."""
-  outputs = _finish(_launch(lambda port, i: ['tests/multihost_progress_worker.py', str(port),
-                                             str(i), str(tmp_path)]))
-  results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
+  _finish(_launch(lambda port, i: ['tests/multihost_progress_worker.py', str(port), str(i),
+                                   str(tmp_path)]))
+  results = [json.loads((tmp_path / f'result_{i}.json').read_text()) for i in range(2)]
   assert results == [{'done': 8, 'rows': [0, 8]}, {'done': 8, 'rows': [1, 8]}]
