@@ -107,7 +107,7 @@ def test_teacher_secant_stages_and_the_table_on_cpu(tmp_path):
                     num_reference_images=64))
   c.compare.update(dict(secants=f'sdei={tmp_path / "sdei"},stee={tmp_path / "stee"}',
                         teacher_nfe=(1, 2, 3), secant_steps=(1, 2), num_samples=12,
-                        batch_size=8))
+                        batch_size=8, save_seconds=0.0))
   rows = main_lib.run(c, tmp_path / 'table')
   assert [(r['sampler'], r['nfe']) for r in rows] == [
       ('teacher adaptive reference', None),
@@ -123,6 +123,11 @@ def test_teacher_secant_stages_and_the_table_on_cpu(tmp_path):
   assert '| sampler | NFE | error to reference | FD-FMNIST |' in table and 'FID' not in table
   assert len(os.listdir(tmp_path / 'table' / 'samples')) == len(rows)
   assert os.path.isfile(tmp_path / 'table' / 'fd_fmnist_reference_test.npz')
+  assert sorted(f for f in os.listdir(tmp_path / 'table') if f.startswith('progress')) == [
+      'progress.process_0.12.npz', 'progress.process_0.8.npz']
+  mtime = os.path.getmtime(tmp_path / 'table' / 'progress.process_0.12.npz')
+  assert main_lib.run(c, tmp_path / 'table') == rows  # the config's stamp read back: resumed
+  assert os.path.getmtime(tmp_path / 'table' / 'progress.process_0.12.npz') == mtime
 
 
 def _fixed_sdei_loss(config, network, teacher_variables, variables, count=256):
