@@ -21,7 +21,7 @@ STAMP = {'compare': {'num_samples': 20, 'batch_size': 8}, 'seed': 0}
 
 
 class Preempted(Exception):
-  pass
+  """Raised right after a save, where a preemption would stop the run."""
 
 
 def _quality():
