@@ -5,10 +5,11 @@
 #
 #   launch/fashion_mnist.sh runs/fmnist
 #
-# writes runs/fmnist/{teacher,sdei,stee,features,table}; runs/fmnist/table/table.md is
-# the table. A finished stage is skipped and an interrupted one resumes from its last
-# checkpoint (the table: after its last saved batch), so the same command continues after
-# a preemption. Settings (environment):
+# writes runs/fmnist/{teacher,sdei,stee,features,table,references}: table/table.md is the
+# table, references/ the teacher's reference solutions, which a later table of the same
+# teacher reads instead of solving again. A finished stage is skipped and an interrupted
+# one resumes from its last checkpoint (the table: after its last saved batch), so the
+# same command continues after a preemption. Settings (environment):
 #   MODEL (SiT-S/2; unet for EDM's U-Net on the σ-path), STEPS (secant steps, 4),
 #   DATA_DIR (the IDX files; Debian's default),
 #   TEACHER_TRAIN_STEPS, SECANT_TRAIN_STEPS, NUM_SAMPLES (the config's unless set),
@@ -48,4 +49,5 @@ for pid in "${pids[@]}" ${classifier:-}; do wait "$pid"; done
 "$python" -m secant_jax.main --config="$config:stage=compare,$args" --workdir="$runs/table" \
   "${common[@]}" --config.fid.fmnist="$runs/features" \
   --config.compare.secants="sdei=$runs/sdei,stee=$runs/stee" \
+  --config.compare.references="$runs/references" \
   $(optional compare.num_samples "${NUM_SAMPLES:-}") ${COMPARE_FLAGS:-}

@@ -3,14 +3,16 @@ run and its secant runs, with the Fréchet distance of config.fid's feature netw
 weights are set (FD-FMNIST on Fashion-MNIST).
 
 config.compare: teacher (the teacher's run directory), secants ('name=run_dir,...'),
-teacher_nfe, secant_steps, num_samples, batch_size, guidance_scale, save_seconds. A run
-directory is one a training run wrote: its config.json says how to build and sample the
-model, its ema/ holds the weights. Writes workdir/table.md, table.json, samples/<row>.png,
-samples.png and CLU scalars; while it runs, it saves the running sums every save_seconds
-(evaluation.progress), so the same command resumes a preempted comparison. The saves are
-stamped with config.compare (but save_seconds), config.seed, config.fid and the process
-count: the run directories by path, so retraining a run into the same directory calls
-for a new workdir.
+teacher_nfe, secant_steps, num_samples, batch_size, guidance_scale, save_seconds,
+references. A run directory is one a training run wrote: its config.json says how to build
+and sample the model, its ema/ holds the weights. Writes workdir/table.md, table.json,
+samples/<row>.png, samples.png and CLU scalars; while it runs, it saves the running sums
+every save_seconds (evaluation.progress), so the same command resumes a preempted
+comparison. The saves are stamped with config.compare (but save_seconds and references),
+config.seed, config.fid and the process count: the run directories by path, so retraining
+a run into the same directory calls for a new workdir. With compare.references set, the
+teacher's reference solutions are kept there (evaluation.references) and read back by any
+later comparison with the same teacher, guidance_scale, seed, num_samples and batch_size.
 """
 
 import os
@@ -24,6 +26,7 @@ from secant_jax import generate
 from secant_jax.evaluation import comparison
 from secant_jax.evaluation import features
 from secant_jax.evaluation import progress
+from secant_jax.evaluation import references
 from secant_jax.evaluation import sample_quality
 from secant_jax.train import parallel
 
@@ -75,11 +78,15 @@ def compare(config, workdir):
   mesh = parallel.make_mesh(config.fsdp)
   quality = (sample_quality.SampleQuality(config, workdir, mesh)
              if features.configured(config.fid) else None)
-  stamp = {'compare': {k: v for k, v in c.to_dict().items() if k != 'save_seconds'},
+  stamp = {'compare': {k: v for k, v in c.to_dict().items()
+                       if k not in ('save_seconds', 'references')},
            'seed': config.seed, 'fid': config.fid.to_dict(), 'processes': jax.process_count()}
+  kept = (references.References(c.references, {
+      'teacher': files.absolute(c.teacher), 'guidance_scale': c.guidance_scale, 'seed': config.seed,
+      'num_samples': c.num_samples, 'batch_size': c.batch_size}) if c.references else None)
   rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, c.batch_size,
                                     mesh, quality, progress.Progress(workdir, stamp),
-                                    c.save_seconds)
+                                    c.save_seconds, kept)
   table = comparison.format_table(rows)
   if jax.process_index() == 0:
     files.write_text(os.path.join(workdir, 'table.md'), table + '\n')

@@ -80,7 +80,8 @@ def base_config():
       secants='',  # its secant runs: 'name=run_dir,...'
       teacher_nfe=(1, 2, 4, 8, 16, 35), secant_steps=(1, 2, 4, 8), num_samples=10_000,
       batch_size=256, guidance_scale=1.0,
-      save_seconds=300.0))  # between saves of the running sums, to resume (0: every batch)
+      save_seconds=300.0,  # between saves of the running sums, to resume (0: every batch)
+      references=''))  # a directory to keep the teacher's reference solutions in, for reuse
   c.fsdp = 1
   c.distributed = False  # jax.distributed.initialize() (multi-host TPU/GPU)
   # where JAX does not detect the cluster (TPU VMs, Slurm, Open MPI, Kubernetes it does):

@@ -1,7 +1,9 @@
 """A preempted comparison resumes: stopped after its first saved batch and run again, it
 gives exactly the table of a run never stopped, without redoing that batch; a workdir
-holding another comparison's progress is refused by name."""
+holding another comparison's progress is refused by name. Kept reference solutions are
+read back instead of solved, and another comparison's are refused by name."""
 
+import os
 import types
 
 import jax
@@ -10,10 +12,12 @@ import pytest
 from etils import epath
 
 from secant_jax import paths
+from secant_jax import sampling
 from secant_jax.evaluation import comparison
 from secant_jax.evaluation import features
 from secant_jax.evaluation import oracle
 from secant_jax.evaluation import progress
+from secant_jax.evaluation import references
 from secant_jax.evaluation import sample_quality
 from secant_jax.train import parallel
 
@@ -35,7 +39,7 @@ def _quality():
   return quality
 
 
-def _run(saves, save_seconds=0.0):
+def _run(saves, save_seconds=0.0, kept=None):
   """A mixture's reference and Euler/Heun at 1 and 2 NFE: 20 samples in batches of 8 (the
   last one partial), saved after every batch."""
   path = paths.Linear()
@@ -45,7 +49,7 @@ def _run(saves, save_seconds=0.0):
   noise = np.asarray(jax.random.normal(jax.random.key(0), (20, 2)))
   return comparison.compare(comparison.teacher_samplers(task, tangent_of, (1, 2)), task,
                             tangent_of, noise, np.zeros(20, np.int32), 8,
-                            parallel.make_mesh(), _quality(), saves, save_seconds)
+                            parallel.make_mesh(), _quality(), saves, save_seconds, kept)
 
 
 def test_a_preempted_comparison_resumes_to_the_same_table(tmp_path, monkeypatch):
@@ -100,3 +104,25 @@ def test_progress_loads_its_latest_whole_save(where, tmp_path, request):
   done, arrays = progress.Progress(directory, STAMP).load()
   assert done == 20 and set(arrays) == {'squared'}
   np.testing.assert_array_equal(arrays['squared'], [20.0, 20.0, 20.0])
+
+
+def test_kept_references_are_read_instead_of_solved(tmp_path, monkeypatch):
+  rows, firsts = _run(None)
+  stamp = {'teacher': '/runs/mixture', 'guidance_scale': 1.0, 'num_samples': 20}
+  assert _run(None, kept=references.References(str(tmp_path), stamp))[0] == rows
+  assert sorted(os.listdir(tmp_path)) == [f'reference.{s}.npz' for s in (0, 16, 8)]
+
+  def unsolvable(*args):
+    raise AssertionError('solved a reference that was kept')
+
+  monkeypatch.setattr(sampling, 'reference_sample', unsolvable)
+  read_rows, read_firsts = _run(None, kept=references.References(str(tmp_path), stamp))
+  assert read_rows == rows
+  np.testing.assert_array_equal(read_firsts[-1], firsts[-1])
+  other = dict(stamp, guidance_scale=1.5)
+  with pytest.raises(ValueError, match=r'reference.0.npz holds the reference solutions of '
+                                       r'another comparison \(it differs in guidance_scale\): '
+                                       r'pass another --config.compare.references'):
+    _run(None, kept=references.References(str(tmp_path), other))
+  with pytest.raises(AssertionError, match='solved a reference that was kept'):
+    _run(None, kept=references.References(str(tmp_path / 'elsewhere'), stamp))

@@ -12,6 +12,7 @@ import pytest
 
 from secant_jax import compare_mode
 from secant_jax import main as main_lib
+from secant_jax import sampling
 from secant_jax import secant
 from secant_jax.data import fashion_mnist
 from secant_jax.evaluation import fmnist_features
@@ -153,7 +154,7 @@ def _fixed_sdei_loss(config, network, teacher_variables, variables, count=256):
 
 
 @needs_real_data
-def test_edm_unet_teacher_and_secant_on_the_sigma_path(tmp_path):
+def test_edm_unet_teacher_and_secant_on_the_sigma_path(tmp_path, monkeypatch):
   teacher = _stage_config('teacher', tmp_path, model='unet-tiny')
   assert (teacher.model.family, teacher.path.name, teacher.model.num_classes) == (
       'edm_unet', 'edm', 10)
@@ -178,12 +179,17 @@ def test_edm_unet_teacher_and_secant_on_the_sigma_path(tmp_path):
   c = _stage_config('compare', tmp_path, model='unet-tiny')
   c.fid.fmnist = ''  # no FD column: the DiT test above covers it
   c.compare.update(dict(secants=f'sdei={tmp_path / "sdei"}', teacher_nfe=(2,),
-                        secant_steps=(1, 2), num_samples=8, batch_size=8))
+                        secant_steps=(1, 2), num_samples=8, batch_size=8,
+                        references=str(tmp_path / 'references')))
   rows = main_lib.run(c, tmp_path / 'table')
   assert [(r['sampler'], r['nfe']) for r in rows] == [
       ('teacher adaptive reference', None), ('teacher Euler', 2), ('teacher Heun', 2),
       ('secant sdei', 1), ('secant sdei', 2)]
   assert all(np.isfinite(r['error']) and r['error'] > 0 for r in rows[1:])
+  # The secant rows alone, elsewhere, against the kept reference: nothing solved again.
+  monkeypatch.setattr(sampling, 'reference_sample', lambda *a: pytest.fail('solved again'))
+  c.compare.teacher_nfe = ()
+  assert main_lib.run(c, tmp_path / 'secants-only') == [rows[0]] + rows[3:]
 
 
 def test_compare_errors_name_the_fix(tmp_path):

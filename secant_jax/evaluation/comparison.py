@@ -7,7 +7,9 @@ reference solution (over pixels and samples, evaluation.reference_error), and, g
 SampleQuality, the Fréchet distance of each row's samples to its reference statistics.
 One pass over the noise: each batch's reference is solved once and every sampler is
 scored against it, so every row sees exactly the same noise. The running sums can be
-saved as it goes (evaluation.progress), so a preempted comparison resumes where it was.
+saved as it goes (evaluation.progress), so a preempted comparison resumes where it was, and
+the reference solutions kept (evaluation.references), so a later comparison of the same
+teacher on the same noise skips its most expensive part.
 """
 
 import dataclasses
@@ -76,13 +78,14 @@ def secant_samplers(name, run_config, ema_dir, steps, scale):
 
 
 def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality=None,
-            progress=None, save_seconds=300.0):
+            progress=None, save_seconds=300.0, references=None):
   """Rows {'sampler', 'nfe', 'error' (+ quality's metrics)} for the reference and each
   sampler, and {sampler index: its first batch of samples} (index −1: the reference).
   `batch_size` must divide over the mesh; the number of samples need not. With a
   `progress` (evaluation.progress.Progress) the running sums are saved after the first
   batch to end `save_seconds` after the previous save, and after the last batch; a rerun
-  resumes after the latest save."""
+  resumes after the latest save. With `references` (evaluation.references.References)
+  each batch's reference solution is read where kept, and kept where solved."""
   parallel.check_batch_size(batch_size, mesh)
   sharding = parallel.batch_sharding(mesh)
   reference_fn = jax.jit(lambda n, y: sampling.reference_sample(tangent_of(y), n, task.path),
@@ -101,7 +104,7 @@ def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality
     keep = min(batch_size, total - start)
     index = (start + np.arange(batch_size)) % total  # a last partial batch wraps around
     n, y = jax.device_put((noise[index], labels[index]), sharding)
-    reference = reference_fn(n, y)
+    reference = _reference(references, start, reference_fn, n, y, sharding)
     outputs = [reference] + [fn(n, y) for fn in fns]
     for i, x in enumerate(outputs):
       if i:
@@ -122,6 +125,18 @@ def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality
   for row, score in zip(rows, scores):
     row.update(score.result())
   return rows, firsts
+
+
+def _reference(references, start, solve, n, y, sharding):
+  """The reference solution of the batch starting at sample `start`: `references`' copy
+  where it has one, else solved (and kept there)."""
+  kept = references.read(start) if references else None
+  if kept is not None:
+    return jax.device_put(kept, sharding)
+  reference = solve(n, y)
+  if references:
+    references.write(start, reference)
+  return reference
 
 
 def _due(since, seconds):

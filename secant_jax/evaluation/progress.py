@@ -38,6 +38,23 @@ def _flat(tree, prefix=''):
   return flat
 
 
+def write_stamped(path, fingerprint, arrays):
+  """Writes {name: array} and `fingerprint` (a JSON string) whole (files.write_npz)."""
+  files.write_npz(path, fingerprint=np.asarray(fingerprint), **arrays)
+
+
+def read_stamped(path, fingerprint, holds, fix):
+  """The arrays `write_stamped` wrote to `path`, if it was stamped with `fingerprint`;
+  otherwise an error that it holds `holds`, naming the keys that differ and saying `fix`."""
+  with epath.Path(path).open('rb') as f, np.load(f) as saved:
+    arrays = {k: saved[k] for k in saved.files}
+  theirs, ours = (_flat(json.loads(str(s))) for s in (arrays.pop('fingerprint'), fingerprint))
+  differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+  if differ:
+    raise ValueError(f'{path} holds {holds} (it differs in {", ".join(differ)}): {fix}.')
+  return arrays
+
+
 class Progress:
   """Saves and loads {name: array} under `directory`, stamped with `fingerprint` (a
   JSON-serialisable dict)."""
@@ -68,21 +85,12 @@ class Progress:
       raise FileNotFoundError(f'{path} is missing, though every process has saved after '
                               f'{latest} samples: restore it, or delete the '
                               'progress.process_* files in the workdir to start over.')
-    with epath.Path(path).open('rb') as f, np.load(f) as saved:
-      arrays = {k: saved[k] for k in saved.files}
-    self._check(path, json.loads(str(arrays.pop('fingerprint'))))
-    return latest, arrays
-
-  def _check(self, path, saved):
-    saved, ours = _flat(saved), _flat(json.loads(self.fingerprint))
-    differ = sorted(k for k in set(saved) | set(ours) if saved.get(k) != ours.get(k))
-    if differ:
-      raise ValueError(f'{path} holds the progress of a different evaluation (it differs in '
-                       f'{", ".join(differ)}): pass another --workdir, or delete the '
-                       'progress.process_* files there to start this one over.')
+    return latest, read_stamped(
+        path, self.fingerprint, 'the progress of a different evaluation', 'pass another '
+        '--workdir, or delete the progress.process_* files there to start this one over')
 
   def save(self, done, arrays):
     """Writes the arrays after `done` samples and deletes all but the KEEP latest saves."""
-    files.write_npz(self._path(done), fingerprint=np.asarray(self.fingerprint), **arrays)
+    write_stamped(self._path(done), self.fingerprint, arrays)
     for old in self.saved()[:-KEEP]:
       epath.Path(self._path(old)).unlink()
