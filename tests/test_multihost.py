@@ -5,7 +5,7 @@ to one of them stops both at one step with one checkpoint; resumed, the run ends
 bit-identical to a straight one, and resumed on one process of four devices instead, equal
 to it up to the collectives' rounding. FID's feature statistics over batches whose rows
 are split between the processes; a comparison's saved progress, resumed where both
-processes saved."""
+processes saved, and its kept reference solutions."""
 
 import json
 import os
@@ -135,10 +135,14 @@ def test_feature_statistics_of_batches_split_over_processes_are_the_whole_batche
                                atol=1e-7)
 
 
-def test_a_comparison_resumes_where_every_process_saved(tmp_path):
+def test_a_comparison_resumes_where_every_process_saved_and_shares_references(tmp_path):
   """Progress files are per process; when one process stopped before a save the other
-  made, both resume after the last save they both have, each with its own arrays."""
-  _finish(_launch(lambda port, i: ['tests/multihost_progress_worker.py', str(port), str(i),
+  made, both resume after the last save they both have, each with its own arrays. A kept
+  reference batch is the whole batch, its rows from both processes, read back by each."""
+  _finish(_launch(lambda port, i: ['tests/multihost_compare_worker.py', str(port), str(i),
                                    str(tmp_path)]))
   results = [json.loads((tmp_path / f'result_{i}.json').read_text()) for i in range(2)]
-  assert results == [{'done': 8, 'rows': [0, 8]}, {'done': 8, 'rows': [1, 8]}]
+  batch = [float(r) for r in range(8)]
+  assert results == [{'done': 8, 'rows': [0, 8], 'reference': batch, 'never_kept': None},
+                     {'done': 8, 'rows': [1, 8], 'reference': batch, 'never_kept': None}]
+  assert os.listdir(tmp_path / 'references') == ['reference.0.npz']
