@@ -30,6 +30,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
+def two_block_dit(monkeypatch):
+  """The benchmark's DiT (any --model) cut to two blocks: every path of the benchmark at a
+  fraction of the compilation (a DiT's blocks are unrolled: DiT-S/8 has twelve)."""
+  from secant_jax.bench import throughput  # pylint: disable=import-outside-toplevel
+  load = throughput.load_config
+
+  def two_blocks(args):
+    config = load(args)
+    config.model.depth = 2
+    return config
+
+  monkeypatch.setattr(throughput, 'load_config', two_blocks)
+
+
+@pytest.fixture
 def gcs_bucket(monkeypatch, request):
   """'gs://bucket-…' (named after the test), served for the duration of a test by a local
   emulator of Cloud Storage's JSON API (gcp-storage-emulator, in memory). Tensorstore

@@ -30,9 +30,10 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DIT = dict(family='dit', name='DiT-S/2', input_size=8, in_channels=4, num_classes=10,
                 learn_sigma=True, dtype='float32', attention='', hidden_size=32, depth=1,
                 num_heads=2)
+# One resolution: the U-Net's layers are test_edm_unet's; here, the trainer on the σ-path.
 TINY_UNET = dict(family='edm_unet', arch='ddpmpp', dtype='float32',
                  unet=dict(img_resolution=32, in_channels=3, out_channels=3, model_channels=8,
-                           channel_mult=(1, 2), num_blocks=1, attn_resolutions=(16,),
+                           channel_mult=(1,), num_blocks=1, attn_resolutions=(32,),
                            dropout=0.1))
 
 

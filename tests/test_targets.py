@@ -40,6 +40,7 @@ def test_the_benchmark_refuses_a_bad_target_before_compiling(capsys):
 
 
 @needs_libtpu
+@pytest.mark.usefixtures('two_block_dit')
 def test_the_train_step_compiles_for_a_tpu_slice_without_one(capsys):
   argv = ['--model', 'DiT-S/8', '--batch', '8', '--dtype', 'float32', '--target', 'v5e-4']
   fields = throughput.main(argv)
@@ -69,14 +70,16 @@ def test_a_step_whose_temporaries_do_not_fit_is_refused_with_what_to_change():
 
 
 @needs_libtpu
+@pytest.mark.usefixtures('two_block_dit')
 def test_a_step_whose_state_and_temporaries_together_do_not_fit_is_refused(monkeypatch):
-  # XLA only checks the temporaries; the benchmark adds the arguments. A v5e with 0.5 GiB
-  # cannot hold DiT-S/8's replicated train state and its step (0.84 GiB in all).
-  small = targets.TpuGeneration('v5e', 2, 1, 2 ** 29)
+  # XLA only checks the temporaries; the benchmark adds the arguments. A v5e with 0.125 GiB
+  # cannot hold two-block DiT-S/8's replicated train state (0.10 GiB) and its step
+  # (0.15 GiB in all), though XLA passes the step's temporaries alone.
+  small = targets.TpuGeneration('v5e', 2, 1, 2 ** 27)
   monkeypatch.setitem(targets.TPUS, 'v5e', small)
   argv = ['--model', 'DiT-S/8', '--batch', '8', '--dtype', 'float32', '--target', 'v5e-4']
   with pytest.raises(SystemExit) as refused:
     throughput.main(argv)
   assert str(refused.value).startswith(
-      'DiT-S/8 sdei, batch 8, does not fit on 4 x TPU v5 lite: it needs 0.8')
-  assert 'per device, the device has 0.50 GiB' in str(refused.value)
+      'DiT-S/8 sdei, batch 8, does not fit on 4 x TPU v5 lite: it needs 0.15')
+  assert 'per device, the device has 0.12 GiB' in str(refused.value)

@@ -39,6 +39,7 @@ def test_forward_equivalents_per_variant():
   assert flops.peak_bandwidth('cpu') is None
 
 
+@pytest.mark.usefixtures('two_block_dit')
 @pytest.mark.parametrize('extra', [['--variant', 'sdei', '--traffic'],
                                    ['--variant', 'stee', '--remat', '--split-qkv'],
                                    ['--sample', '--num-steps', '2', '--profile', '1']])
