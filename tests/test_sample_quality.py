@@ -30,7 +30,7 @@ def _demo_evaluate_config(inception_dir):
 
 def test_evaluate_mode_computes_fid_and_inception_score(tmp_path):
   inception_dir = tmp_path / 'inception'
-  common.save(jax.tree_util.tree_map(np.asarray, inception.InceptionV3().init(
+  common.save(jax.tree_util.tree_map(np.asarray, jax.jit(inception.InceptionV3().init)(
       jax.random.key(0), jnp.zeros((1, 8, 8, 3), jnp.uint8))), inception_dir)
   c = _demo_evaluate_config(inception_dir)
   network = registry.build(c.model, guided=False)
