@@ -81,10 +81,11 @@ def compare(config, workdir):
   stamp = {'compare': {k: v for k, v in c.to_dict().items()
                        if k not in ('save_seconds', 'references')},
            'seed': config.seed, 'fid': config.fid.to_dict(), 'processes': jax.process_count()}
-  kept = (references.References(c.references, {
-      'teacher': files.absolute(c.teacher), 'guidance_scale': c.guidance_scale,
-      'seed': config.seed, 'num_samples': c.num_samples, 'batch_size': c.batch_size})
-          if c.references else None)
+  kept = None
+  if c.references:
+    kept = references.References(c.references, {
+        'teacher': files.absolute(c.teacher), 'guidance_scale': c.guidance_scale,
+        'seed': config.seed, 'num_samples': c.num_samples, 'batch_size': c.batch_size})
   rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, c.batch_size,
                                     mesh, quality, progress.Progress(workdir, stamp),
                                     c.save_seconds, kept)

@@ -30,18 +30,29 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture
-def two_block_dit(monkeypatch):
-  """The benchmark's DiT (any --model) cut to two blocks: every path of the benchmark at a
-  fraction of the compilation (a DiT's blocks are unrolled: DiT-S/8 has twelve)."""
+def edit_benchmark_config(monkeypatch):
+  """edit(change): for the rest of the test the benchmark's configs pass through
+  change(config) (a model cut to CPU size); returns the edited loader."""
   from secant_jax.bench import throughput  # pylint: disable=import-outside-toplevel
   load = throughput.load_config
 
-  def two_blocks(args):
-    config = load(args)
-    config.model.depth = 2
-    return config
+  def edit(change):
+    def edited(args):
+      config = load(args)
+      change(config)
+      return config
 
-  monkeypatch.setattr(throughput, 'load_config', two_blocks)
+    monkeypatch.setattr(throughput, 'load_config', edited)
+    return edited
+
+  return edit
+
+
+@pytest.fixture
+def two_block_dit(edit_benchmark_config):
+  """The benchmark's DiT (any --model) cut to two blocks: every path of the benchmark at a
+  fraction of the compilation (a DiT's blocks are unrolled: DiT-S/8 has twelve)."""
+  edit_benchmark_config(lambda config: config.model.update(depth=2))
 
 
 @pytest.fixture

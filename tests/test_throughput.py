@@ -75,15 +75,10 @@ def test_xla_counts_a_dit_forward_as_the_formula_does():
                                                          rel=2e-2)
 
 
-def test_the_edm_config_benchmarks_the_unet(monkeypatch, capsys):
-  load = throughput.load_config
-
-  def small_unet(args):  # EDM's DDPM++ at CPU size: one resolution
-    config = load(args)
-    config.model.unet.update(model_channels=16, channel_mult=(1,), num_blocks=1)
-    return config
-
-  monkeypatch.setattr(throughput, 'load_config', small_unet)
+def test_the_edm_config_benchmarks_the_unet(edit_benchmark_config, capsys):
+  small_unet = edit_benchmark_config(  # EDM's DDPM++ at CPU size: one resolution
+      lambda config: config.model.unet.update(model_channels=16, channel_mult=(1,),
+                                              num_blocks=1))
   argv = ['--config', 'cifar10_edm', '--variant', 'stee', '--batch', '8', '--steps', '2',
           '--warmup', '1']
   fields = throughput.main(argv)
