@@ -23,6 +23,7 @@ from etils import epath
 
 from secant_jax import files
 from secant_jax import generate
+from secant_jax.convert import common
 from secant_jax.evaluation import comparison
 from secant_jax.evaluation import features
 from secant_jax.evaluation import progress
@@ -38,10 +39,8 @@ def load_run(run_dir):
   if not epath.Path(config_file).is_file():
     raise FileNotFoundError(f'{run_dir} has no config.json: pass the --workdir of a training '
                             'run (python -m secant_jax.main --config=... --workdir=DIR).')
-  if not epath.Path(ema_dir).is_dir():
-    raise FileNotFoundError(f'{ema_dir} does not exist: the run in {run_dir} has not '
-                            'finished; run its training to the end first.')
-  return ml_collections.ConfigDict(files.read_json(config_file)), ema_dir
+  return (ml_collections.ConfigDict(files.read_json(config_file)),
+          common.existing_checkpoint(ema_dir))
 
 
 def parse_runs(spec):

@@ -7,10 +7,20 @@ import jax.numpy as jnp
 from secant_jax import paths as paths_lib
 
 
+def check_drop_prob(drop_prob, what='label drop probability'):
+  if not 0.0 <= drop_prob <= 1.0:
+    raise ValueError(f'{what} must be in [0, 1], got {drop_prob}.')
+
+
+def check_scale_range(scale_range, what='guidance range'):
+  if len(scale_range) != 2 or not scale_range[0] <= scale_range[1]:
+    raise ValueError(f'{what} must be (w_min, w_max) with w_min <= w_max, got '
+                     f'{tuple(scale_range)}.')
+
+
 def drop_labels(key, labels, drop_prob, null_class):
   """Replaces each label by `null_class` with probability `drop_prob` (CFG training)."""
-  if not 0.0 <= drop_prob <= 1.0:
-    raise ValueError(f'label drop probability must be in [0, 1], got {drop_prob}.')
+  check_drop_prob(drop_prob)
   drop = jax.random.bernoulli(key, drop_prob, labels.shape)
   return jnp.where(drop, jnp.asarray(null_class, labels.dtype), labels)
 
@@ -41,8 +51,7 @@ def classifier_free(fn, null_class):
 
 def sample_scale(key, batch_size, scale_min, scale_max):
   """Per-example guidance scales w ~ U(w_min, w_max) for embedded-guidance distillation."""
-  if not scale_min <= scale_max:
-    raise ValueError(f'guidance range needs w_min <= w_max, got [{scale_min}, {scale_max}].')
+  check_scale_range((scale_min, scale_max))
   return jax.random.uniform(key, (batch_size,), minval=scale_min, maxval=scale_max)
 
 

@@ -17,6 +17,11 @@ import dataclasses
 import jax.numpy as jnp
 
 
+def check_num_steps(num_steps, what='num_steps'):
+  if int(num_steps) != num_steps or num_steps < 1:
+    raise ValueError(f'{what} must be a positive integer, got {num_steps!r}.')
+
+
 def expand_like(t, x):
   """Reshapes per-example times [B] (or a scalar) to broadcast against x [B, ...]."""
   t = jnp.asarray(t)
@@ -60,8 +65,7 @@ class AffinePath(abc.ABC):
 
   def grid(self, num_steps):
     """num_steps + 1 path times from noise to data, uniform in unit time."""
-    if int(num_steps) != num_steps or num_steps < 1:
-      raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}.')
+    check_num_steps(num_steps)
     return self.time(jnp.linspace(0.0, 1.0, int(num_steps) + 1))
 
   def prior(self, noise):

@@ -59,8 +59,7 @@ def sample_time_pairs(key, batch_size, variant, num_steps, path):
   that the average over r is the average of dx/d(path time) that the secant is.
   """
   check_variant(variant)
-  if int(num_steps) != num_steps or num_steps < 1:
-    raise ValueError(f'num_steps must be a positive integer, got {num_steps!r}.')
+  paths_lib.check_num_steps(num_steps)
   k_d, k_t, k_swap, k_r, k_tau = jax.random.split(key, 5)
   shape = (batch_size,)
   d = jax.random.uniform(k_d, shape) / num_steps
@@ -102,9 +101,14 @@ class _Spec:
   diffusion_weight: float
 
 
+def check_stei_target(stei_target, what='stei_target'):
+  if stei_target not in STEI_TARGETS:
+    raise ValueError(f'{what} must be one of {STEI_TARGETS}, got {stei_target!r}.')
+
+
 def _spec(variant, stei_lambda, stei_target):
-  if variant == 'stei' and stei_target not in STEI_TARGETS:
-    raise ValueError(f'stei_target must be one of {STEI_TARGETS}, got {stei_target!r}.')
+  if variant == 'stei':
+    check_stei_target(stei_target)
   return {
       'sdei': _Spec('interior', 'teacher', 0.0),
       'stei': _Spec('interior', stei_target, stei_lambda),

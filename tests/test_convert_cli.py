@@ -101,6 +101,15 @@ def test_missing_or_unknown_files_are_named(tmp_path):
     common.load_state_dict(tmp_path / 'w.ckpt')
   with pytest.raises(FileNotFoundError, match=r'Converted checkpoint .*nope does not exist'):
     common.load_variables(tmp_path / 'nope')
+  run = tmp_path / 'teacher-run'
+  with pytest.raises(FileNotFoundError, match=r'teacher-run/ema does not exist and .*teacher-run '
+                                              r'holds no training run; train one there'):
+    common.load_variables(run / 'ema')
+  run.mkdir()
+  (run / 'config.json').write_text('{}')
+  with pytest.raises(FileNotFoundError, match=r'teacher-run/ema does not exist: the run in '
+                                              r'.*teacher-run has not finished .* run it again'):
+    common.load_variables(run / 'ema')
 
 
 def test_edm_pickle_gets_the_export_instructions(tmp_path):

@@ -48,7 +48,7 @@ def test_scale_sampling_and_normalisation():
   np.testing.assert_allclose(w.mean(), 1.75, atol=0.02)
   norm = np.asarray(guidance.normalize_scale(jnp.array([1.0, 1.75, 2.5]), 1.0, 2.5))
   np.testing.assert_allclose(norm, [0.0, 0.5, 1.0])
-  with pytest.raises(ValueError, match=r'w_min <= w_max, got \[3.0, 1.0\]'):
+  with pytest.raises(ValueError, match=r'guidance range must be \(w_min, w_max\) with w_min <= w_max, got \(3.0, 1.0\)'):
     guidance.sample_scale(jax.random.key(0), 4, 3.0, 1.0)
 
 

@@ -135,6 +135,22 @@ def test_bad_setups_are_named():
     parallel.make_mesh(3)
   with pytest.raises(ValueError, match="Unknown secant variant 'sdie'"):
     step_lib.SecantTask(variant='sdie', path=paths.Linear(), num_steps=4, null_class=10)
+  bad_settings = [
+      (dict(num_steps=0), r'num_steps \(config.secant.steps\) must be a positive integer, '
+                          'got 0'),
+      (dict(label_dropout=1.5), r'label_dropout \(config.secant.label_dropout\) must be in '
+                                r'\[0, 1\], got 1.5'),
+      (dict(guidance_range=(2.5, 1.0)), r'guidance_range \(config.secant.guidance\) must be '
+                                        r'\(w_min, w_max\) with w_min <= w_max, got '
+                                        r'\(2.5, 1.0\)'),
+      (dict(guidance_range=(1.0,)), r'must be \(w_min, w_max\) .* got \(1.0,\)'),
+      (dict(variant='stei', stei_target='ema'), r"stei_target \(config.secant.stei_target\) "
+                                                r"must be one of \('teacher', 'self'\)"),
+  ]
+  for change, message in bad_settings:
+    settings = dict(variant='sdei', path=paths.Linear(), num_steps=4, null_class=10)
+    with pytest.raises(ValueError, match=message):
+      step_lib.SecantTask(**{**settings, **change})
   task = step_lib.SecantTask(variant='sdei', path=paths.Linear(), num_steps=4, null_class=10)
   with pytest.raises(ValueError, match="Variant 'sdei' needs a teacher"):
     step_lib.make_train_step(task, None, None, optax.sgd(0.1), 0.9)

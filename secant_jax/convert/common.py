@@ -194,7 +194,7 @@ def save(variables, directory, overwrite=False):
 def load_variables(directory):
   """A converted checkpoint's variables as saved (numpy), whatever model they fit."""
   from orbax.checkpoint import v1 as ocp  # pylint: disable=import-outside-toplevel
-  directory = _existing(directory)
+  directory = existing_checkpoint(directory)
   metadata = ocp.metadata(directory).metadata
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree_util.tree_map(
@@ -226,9 +226,22 @@ def weights_cli(description, convert_fn, what, url, argv=None):
   print(f'{what}: {parameter_count(variables):,} parameters → {args.out}')
 
 
-def _existing(directory):
+def existing_checkpoint(directory):
+  """`directory`, absolute, if it exists; else an error that says how it is made: RUN/ema
+  when the training run in RUN finishes, anything else by a converter."""
   directory = files.absolute(directory)
-  if not epath.Path(directory).is_dir():
+  if epath.Path(directory).is_dir():
+    return directory
+  run_dir = os.path.dirname(directory)
+  if os.path.basename(directory) != 'ema':
     raise FileNotFoundError(f'Converted checkpoint {directory} does not exist; make it with '
                             'python -m secant_jax.convert.sit (or .edm) --in WEIGHTS --out DIR.')
-  return directory
+  if epath.Path(run_dir, 'config.json').is_file():
+    raise FileNotFoundError(f'{directory} does not exist: the run in {run_dir} has not '
+                            'finished (a training run exports its EMA there when it reaches '
+                            'num_train_steps); run it again with the same --config and '
+                            f'--workdir={run_dir} to resume it to the end.')
+  raise FileNotFoundError(f'{directory} does not exist and {run_dir} holds no training run; '
+                          'train one there (python -m secant_jax.main --config=... '
+                          f'--workdir={run_dir}), or point the config at a converted '
+                          'checkpoint.')

@@ -40,7 +40,15 @@ class SecantTask:
   sigma_data: float = 0.5
 
   def __post_init__(self):
+    """Checks the settings when the task is made (the trainer makes it from the config
+    before loading a teacher or data), so that a bad value fails at once, naming its key."""
     secant.check_variant(self.variant)
+    paths_lib.check_num_steps(self.num_steps, 'num_steps (config.secant.steps)')
+    guidance.check_drop_prob(self.label_dropout, 'label_dropout (config.secant.label_dropout)')
+    if self.guidance_range is not None:
+      guidance.check_scale_range(self.guidance_range, 'guidance_range (config.secant.guidance)')
+    if self.variant == 'stei':
+      secant.check_stei_target(self.stei_target, 'stei_target (config.secant.stei_target)')
 
   @property
   def needs_teacher(self):
