@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 from secant_jax.train import checkpoint
 from secant_jax.train import parallel
@@ -68,6 +69,29 @@ def test_sigterm_forces_a_save_and_asks_to_stop(tmp_path):
   reopened.close()
   assert int(state.step) == 3 and data == {'position': 3}
   assert signal.getsignal(signal.SIGTERM) is not None
+
+
+def test_a_checkpoint_of_another_model_is_refused_naming_the_arrays_and_kept(tmp_path):
+  ckpts = checkpoint.Checkpoints(tmp_path, every=1, keep=3)
+  ckpts.save(1, _state(1), _Iterator(1))
+  ckpts.wait()
+  more = {'params': {'w': jnp.zeros((64, 64)), 'b': jnp.ones(3), 'extra': jnp.zeros(2)}}
+  other = state_lib.create(more, optax.adam(1e-3), jax.random.key(0))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  with pytest.raises(ValueError, match=(
+      r'checkpoint at step 1 in .* does not fit the configured run \(4 arrays differ: '
+      r'params/params/extra is not in the checkpoint; ema_params/params/extra is not in the '
+      r'checkpoint; opt_state/0/mu/extra is not in the checkpoint; ...\): the config changed')):
+    ckpts.restore_latest(checkpoint.abstract_like(other, device))
+  narrower = {'params': {'w': jnp.zeros((64, 32))}}
+  with pytest.raises(ValueError, match=(
+      r'\(8 arrays differ: params/params/w is \(64, 64\) float32 in the checkpoint, \(64, 32\) '
+      r'float32 in the run; ema_params/params/w is')):
+    ckpts.restore_latest(checkpoint.abstract_like(
+        state_lib.create(narrower, optax.adam(1e-3), jax.random.key(0)), device))
+  state, _ = ckpts.restore_latest(checkpoint.abstract_like(_state(0), device))
+  ckpts.close()
+  assert int(state.step) == 1 and sorted(os.listdir(tmp_path)) == ['1']
 
 
 def test_restore_without_checkpoints_is_none(tmp_path):

@@ -210,6 +210,13 @@ def test_sigterm_leaves_a_checkpoint_the_run_continues_from(tmp_path):
   assert len(steps) == 1 and 0 < steps[0] < 100000
   state, history = loop.train_and_evaluate(_demo_train_config(steps[0] + 2), tmp_path)
   assert int(state.step) == steps[0] + 2 and history[0]['step'] == steps[0] + 1
+  wider = _demo_train_config(steps[0] + 4)
+  wider.model.hidden_size = 64
+  with pytest.raises(ValueError, match=r'checkpoint at step \d+ in .* does not fit the '
+                                       r'configured run \(\d+ arrays differ: .*Resume with '
+                                       'the config it was saved with'):
+    loop.train_and_evaluate(wider, tmp_path)
+  assert json.loads((tmp_path / 'config.json').read_text())['model']['hidden_size'] == 32
 
 
 def test_a_run_on_a_bucket_resumes_exactly(gcs_bucket, tmp_path, monkeypatch):

@@ -69,10 +69,21 @@ class Checkpoints:
 
   def restore_latest(self, abstract_state):
     """(state, data_state) of the latest checkpoint, placed as `abstract_state`'s leaves
-    (ShapeDtypeStructs with shardings) say; None when there is none."""
+    (ShapeDtypeStructs with shardings) say; None when there is none. A checkpoint whose
+    arrays are not those of `abstract_state` (the run's config changed its model or
+    optimizer) is an error that lists the differences, and is left as it is."""
     step = self.latest_step
     if step is None:
       return None
+    saved = self._checkpointer.checkpointables_metadata(step).metadata['state']
+    differences = state_differences(saved, abstract_state)
+    if differences:
+      shown = '; '.join(differences[:3]) + ('; ...' if len(differences) > 3 else '')
+      raise ValueError(
+          f'The checkpoint at step {step} in {self._checkpointer.directory} does not fit the '
+          f'configured run ({len(differences)} arrays differ: {shown}): the config changed '
+          'since it was saved. Resume with the config it was saved with (config.json in '
+          "the run's --workdir), or start the changed run in a new --workdir.")
     restored = self._checkpointer.load_checkpointables(
         step, {'state': abstract_state, 'data': None})
     return restored['state'], restored['data']
@@ -85,6 +96,26 @@ class Checkpoints:
     self._checkpointer.close()
     if not self._multihost:
       signal.signal(signal.SIGTERM, self._previous_handler)
+
+
+def _flat_arrays(tree):
+  """{'a/b/0/c': (shape, dtype)} of a pytree's array leaves, whether its nodes are dicts,
+  lists, dataclasses or named tuples (a checkpoint's metadata has only dicts and lists)."""
+  def name(key):
+    return str(getattr(key, 'key', getattr(key, 'name', getattr(key, 'idx', key))))
+  return {'/'.join(name(k) for k in path): (tuple(leaf.shape), str(leaf.dtype))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def state_differences(saved, abstract_state):
+  """What differs between a checkpoint's arrays (its metadata) and `abstract_state`'s, as
+  readable lines: arrays of another shape or dtype, then missing ones, then unexpected ones."""
+  saved, wanted = _flat_arrays(saved), _flat_arrays(abstract_state)
+  lines = [f'{k} is {saved[k][0]} {saved[k][1]} in the checkpoint, {wanted[k][0]} '
+           f'{wanted[k][1]} in the run' for k in wanted if k in saved and saved[k] != wanted[k]]
+  lines += [f'{k} is not in the checkpoint' for k in wanted if k not in saved]
+  lines += [f'{k} is only in the checkpoint' for k in saved if k not in wanted]
+  return lines
 
 
 def abstract_like(state, shardings):

@@ -69,7 +69,6 @@ def train_and_evaluate(config, workdir):
   history being the logged metrics ({'step': ..., 'loss': ..., ...} per log step), each
   the mean over the steps since the previous log."""
   workdir = files.make_directory(workdir)
-  _save_config(config, workdir)
   mesh = parallel.make_mesh(config.fsdp)
   parallel.check_batch_size(config.batch_size, mesh)
 
@@ -99,6 +98,7 @@ def train_and_evaluate(config, workdir):
     variables = (load_into(network, config.init_checkpoint, k_init) if config.init_checkpoint
                  else network.init(k_init))
     state = jax.device_put(state_lib.create(variables, optimizer, k_state), state_sharding)
+  _save_config(config, workdir)  # after the restore, so a config that does not fit keeps it
   teacher_sharding = (parallel.tree_sharding(teacher_variables, mesh, config.fsdp > 1)
                       if teacher_variables is not None else parallel.replicated(mesh))
   teacher_variables = jax.device_put(teacher_variables, teacher_sharding)
