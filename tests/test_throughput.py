@@ -96,6 +96,14 @@ def test_the_edm_config_benchmarks_the_unet(edit_benchmark_config, capsys):
     throughput.main(['--config', 'cifar10_edm', '--split-qkv'])
 
 
+def test_counts_must_be_positive_integers(capsys):
+  for flag, value in (('--batch', '0'), ('--steps', '-1'), ('--num-steps', '2.5')):
+    with pytest.raises(SystemExit):
+      throughput.parse_args([flag, value])
+    assert f"argument {flag}: expected a positive integer, got '{value}'" in (
+        capsys.readouterr().err)
+
+
 def test_the_table_script_runs_each_setting_in_its_own_process_into_one_table(tmp_path):
   """launch/throughput_table.sh at CPU size: one row, both qkv forms; a bad setting is named
   before anything runs."""

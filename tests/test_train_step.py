@@ -129,8 +129,10 @@ def test_no_recompilation_after_the_first_step():
 
 
 def test_bad_setups_are_named():
-  with pytest.raises(ValueError, match=r'Global batch size 30 is not divisible by the 8 devices'):
-    parallel.check_batch_size(30, parallel.make_mesh(1))
+  for batch in (30, 0):
+    with pytest.raises(ValueError, match=rf'Global batch size {batch} is not a positive '
+                                         'multiple of the 8 devices'):
+      parallel.check_batch_size(batch, parallel.make_mesh(1))
   with pytest.raises(ValueError, match='fsdp=3 does not divide the 8 devices'):
     parallel.make_mesh(3)
   with pytest.raises(ValueError, match="Unknown secant variant 'sdie'"):

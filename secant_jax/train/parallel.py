@@ -34,9 +34,9 @@ def batch_sharding(mesh):
 
 
 def check_batch_size(batch_size, mesh):
-  if batch_size % mesh.size:
-    raise ValueError(f'Global batch size {batch_size} is not divisible by the {mesh.size} '
-                     "devices; set the config's batch_size to a multiple of "
+  if batch_size < 1 or batch_size % mesh.size:
+    raise ValueError(f'Global batch size {batch_size} is not a positive multiple of the '
+                     f"{mesh.size} devices; set the config's batch_size to a multiple of "
                      f'{mesh.size}.')
 
 
