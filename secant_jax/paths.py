@@ -13,6 +13,7 @@ u ∈ [0, 1] runs from noise (u = 0) to data (u = 1) on both, and `time(u)` maps
 
 import abc
 import dataclasses
+from typing import ClassVar
 
 import jax.numpy as jnp
 
@@ -32,6 +33,12 @@ def expand_like(t, x):
 
 class AffinePath(abc.ABC):
   """x(t) = α(t)·x_data + σ(t)·ε; subclasses define time, alpha, sigma and their slopes."""
+
+  # Whether the teacher's Heun on this path is always EDM's sampler (Karras et al. 2022,
+  # Algorithm 2, over `grid_to_data`), the sampler that users of EDM's models compare with,
+  # which spends odd counts of evaluations; else N Heun steps over `grid` for 2N, and EDM's
+  # form only for an odd count (sampling.solver_plan).
+  heun_is_edm_sampler: ClassVar[bool] = False
 
   @abc.abstractmethod
   def time(self, u):
@@ -68,6 +75,11 @@ class AffinePath(abc.ABC):
     check_num_steps(num_steps)
     return self.time(jnp.linspace(0.0, 1.0, int(num_steps) + 1))
 
+  def grid_to_data(self, num_steps):
+    """num_steps + 1 path times from noise to the path's data end: `grid`, which ends there.
+    (The EDM path's grid ends at σ_min and its data at σ = 0; see `EDM.grid_to_data`.)"""
+    return self.grid(num_steps)
+
   def prior(self, noise):
     """The sampler's starting point at unit time 0: σ(time(0))·ε (data term dropped)."""
     return self.sigma(self.time(jnp.float32(0.0))) * noise
@@ -100,6 +112,7 @@ class EDM(AffinePath):
   sigma_min: float = 0.002
   sigma_max: float = 80.0
   rho: float = 7.0
+  heun_is_edm_sampler: ClassVar[bool] = True
 
   def __post_init__(self):
     if not 0 < self.sigma_min < self.sigma_max:
@@ -111,6 +124,15 @@ class EDM(AffinePath):
     lo = self.sigma_min ** (1.0 / self.rho)
     hi = self.sigma_max ** (1.0 / self.rho)
     return (hi + u * (lo - hi)) ** self.rho
+
+  def grid_to_data(self, num_steps):
+    """EDM's discretization (Karras et al. 2022, eq. 5, with t_N = 0): the grid of
+    num_steps − 1 steps from σ_max to σ_min, then σ = 0, where the data is. The tangent
+    (x − D)/σ is not defined at σ = 0, so a solver's last step here is Euler's, which lands
+    on D(x; σ_min)."""
+    check_num_steps(num_steps)
+    head = self.grid(num_steps - 1) if num_steps > 1 else self.time(jnp.zeros(1))
+    return jnp.concatenate([head, jnp.zeros(1, head.dtype)])
 
   def alpha(self, t):
     return jnp.ones_like(t)

@@ -35,12 +35,15 @@ def secant_sample(secant_fn, noise, path, num_steps, y, w, guidance_interval=(0.
 
 
 def ode_sample(tangent_fn, noise, path, num_steps, method):
-  """Solves dx/dt = tangent_fn(x, t) over the path's grid with Euler (N evaluations),
-  Heun's second-order method (2N: Euler predictor, trapezoidal corrector) or EDM's Heun
-  (2N − 1: the last step is Euler's, so the tangent is never evaluated at the grid's end)."""
+  """Solves dx/dt = tangent_fn(x, t) over the path's grid with Euler (N evaluations) or
+  Heun's second-order method (2N: Euler predictor, trapezoidal corrector), or runs EDM's
+  sampler (Karras et al. 2022, Algorithm 2 without churn; 2N − 1): Heun over
+  `path.grid_to_data`, whose last step is Euler's, so the tangent is never evaluated at
+  the data end. On the EDM path that ends at σ = 0 (the grid of N − 1 steps to σ_min, then
+  D(x; σ_min)), as EDM's own sampler does; on the linear path at t = 1, after N steps."""
   if method not in ODE_METHODS:
     raise ValueError(f'Unknown ODE method {method!r}: expected one of {ODE_METHODS}.')
-  grid = path.grid(num_steps)
+  grid = path.grid_to_data(num_steps) if method == 'edm_heun' else path.grid(num_steps)
   batch = noise.shape[0]
 
   def step(x, k):
@@ -65,15 +68,29 @@ def nfe(method, num_steps):
   return {'euler': num_steps, 'heun': 2 * num_steps, 'edm_heun': 2 * num_steps - 1}[method]
 
 
-def solve_with_nfe(tangent_fn, noise, path, evaluations, method):
-  """`ode_sample` with exactly `evaluations` tangent evaluations: Euler takes that many
-  steps; Heun takes evaluations/2 steps, or (evaluations + 1)/2 steps of EDM's Heun when
-  the count is odd (35 = EDM's 18 steps); one evaluation is one Euler step."""
+def solver_plan(path, method, evaluations):
+  """(ode_sample method, steps) for a solver given `evaluations`: Euler takes that many
+  steps; one evaluation is one Euler step. Heun takes evaluations/2 steps when the count is
+  even, unless the path's Heun is EDM's sampler (`path.heun_is_edm_sampler`), and EDM's
+  sampler otherwise: (evaluations + 1)/2 steps for 2·steps − 1 evaluations, so on the EDM
+  path an even count spends one fewer (4 → EDM's 2 steps, 3 evaluations), and 35 is EDM's
+  18 steps."""
   if method == 'euler' or evaluations == 1:
-    return ode_sample(tangent_fn, noise, path, evaluations, 'euler')
-  if evaluations % 2 == 0:
-    return ode_sample(tangent_fn, noise, path, evaluations // 2, 'heun')
-  return ode_sample(tangent_fn, noise, path, (evaluations + 1) // 2, 'edm_heun')
+    return 'euler', evaluations
+  if evaluations % 2 == 0 and not path.heun_is_edm_sampler:
+    return 'heun', evaluations // 2
+  return 'edm_heun', (evaluations + 1) // 2
+
+
+def spent_evaluations(path, method, evaluations):
+  """The evaluations `solve_with_nfe` spends when given `evaluations` (see `solver_plan`)."""
+  return nfe(*solver_plan(path, method, evaluations))
+
+
+def solve_with_nfe(tangent_fn, noise, path, evaluations, method):
+  """`ode_sample` with `evaluations` tangent evaluations, spent as `solver_plan` says."""
+  ode_method, steps = solver_plan(path, method, evaluations)
+  return ode_sample(tangent_fn, noise, path, steps, ode_method)
 
 
 def reference_solve(tangent_fn, x, t0, t1, *, rtol=1e-6, atol=1e-6, max_steps=16384):

@@ -56,10 +56,59 @@ def test_edm_heun_takes_its_last_step_with_euler_and_spends_odd_evaluations():
   np.testing.assert_allclose(heun, 0.5, atol=1e-6)
   np.testing.assert_allclose(edm, 0.5 - 0.25 ** 2 / 2, atol=1e-6)
   assert sampling.nfe('edm_heun', 18) == 35
+  assert [sampling.spent_evaluations(path, 'heun', n) for n in (1, 4, 7)] == [1, 4, 7]
   np.testing.assert_array_equal(sampling.solve_with_nfe(tangent, noise, path, 7, 'heun'), edm)
   np.testing.assert_array_equal(sampling.solve_with_nfe(tangent, noise, path, 8, 'heun'), heun)
   np.testing.assert_array_equal(sampling.solve_with_nfe(tangent, noise, path, 1, 'heun'),
                                 sampling.ode_sample(tangent, noise, path, 1, 'euler'))
+
+
+def _edm_algorithm_2(mixture, noise, num_steps, sigma_min=0.002, sigma_max=80.0, rho=7.0):
+  """Karras et al. (2022), Algorithm 2 with S_churn = 0, as EDM's generate.py runs it: in
+  float64, on the mixture's exact denoiser E[x_data | x] (written out again in numpy)."""
+  means, stds, weights = (np.asarray(a, np.float64)
+                          for a in (mixture.means, mixture.stds, mixture.weights))
+
+  def denoise(x, sigma):
+    var = stds ** 2 + sigma ** 2
+    centered = x[:, None, :] - means[None]
+    log_p = np.log(weights) - 0.5 * x.shape[1] * np.log(var) - 0.5 * np.sum(
+        centered ** 2, axis=-1) / var
+    p = np.exp(log_p - log_p.max(axis=1, keepdims=True))
+    p /= p.sum(axis=1, keepdims=True)
+    return np.einsum('bk,bkd->bd', p, means[None] + (stds ** 2 / var)[None, :, None] * centered)
+
+  i = np.arange(num_steps)
+  t = (sigma_max ** (1 / rho) + i / max(num_steps - 1, 1) * (sigma_min ** (1 / rho)
+                                                            - sigma_max ** (1 / rho))) ** rho
+  t = np.append(t, 0.0)
+  x = np.asarray(noise, np.float64) * t[0]
+  for k in range(num_steps):
+    d = (x - denoise(x, t[k])) / t[k]
+    x_next = x + (t[k + 1] - t[k]) * d
+    if k < num_steps - 1:
+      d_next = (x_next - denoise(x_next, t[k + 1])) / t[k + 1]
+      x_next = x + (t[k + 1] - t[k]) * 0.5 * (d + d_next)
+    x = x_next
+  return x
+
+
+@pytest.mark.parametrize('evaluations,num_steps,spent', [(35, 18, 35), (7, 4, 7), (4, 2, 3),
+                                                         (2, 1, 1)])
+def test_heun_on_the_edm_path_is_edms_sampler(evaluations, num_steps, spent):
+  """35 evaluations are EDM's 18 steps: 17 Heun steps from σ_max to σ_min on its ρ-grid,
+  then one Euler step to σ = 0; an even count runs the sampler that spends one fewer. In
+  float64 as EDM runs it (in float32 a few steps this large differ by up to 5e-3 where the
+  mixture's posterior turns; the grid's times are float32 either way)."""
+  mixture, path = _mixture(), paths.EDM()
+  noise = jax.random.normal(jax.random.key(2), (64, 2))
+  with jax.enable_x64(True):
+    x = sampling.solve_with_nfe(lambda x, t: mixture.velocity(x, t, path),
+                                noise.astype(jnp.float64), path, evaluations, 'heun')
+  assert sampling.spent_evaluations(path, 'heun', evaluations) == spent
+  assert sampling.spent_evaluations(path, 'euler', evaluations) == evaluations
+  expected = _edm_algorithm_2(mixture, noise, num_steps)
+  np.testing.assert_allclose(x, expected, rtol=0, atol=1e-4)
 
 
 def test_reference_solve_of_exponential_decay():

@@ -56,11 +56,19 @@ def teacher(run_config, ema_dir, scale):
 
 
 def teacher_samplers(task, tangent_of, nfes):
-  """Euler and Heun (sampling.solve_with_nfe) at each NFE."""
-  return [Sampler(f'teacher {method.capitalize()}', nfe,
-                  lambda n, y, nfe=nfe, method=method: sampling.solve_with_nfe(
-                      tangent_of(y), n, task.path, nfe, method))
-          for method in ('euler', 'heun') for nfe in nfes]
+  """Euler and Heun (sampling.solve_with_nfe) at each NFE, each row named with the NFE it
+  spends (on the EDM path Heun is EDM's sampler, which spends odd counts: 4 → 3), and a
+  count that repeats another row is left out."""
+  samplers = []
+  for method in ('euler', 'heun'):
+    for nfe in nfes:
+      sampler = Sampler(f'teacher {method.capitalize()}',
+                        sampling.spent_evaluations(task.path, method, nfe),
+                        lambda n, y, nfe=nfe, method=method: sampling.solve_with_nfe(
+                            tangent_of(y), n, task.path, nfe, method))
+      if all((s.name, s.nfe) != (sampler.name, sampler.nfe) for s in samplers):
+        samplers.append(sampler)
+  return samplers
 
 
 def secant_samplers(name, run_config, ema_dir, steps, scale):

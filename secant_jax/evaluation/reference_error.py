@@ -39,8 +39,10 @@ def rms(x, reference):
 
 
 def teacher_solver_errors(tangent, noise, path, reference, nfe):
-  """{'teacher_euler', 'teacher_heun'}: errors at `nfe` evaluations (see
-  sampling.solve_with_nfe for how Heun spends them)."""
+  """{'teacher_euler', 'teacher_heun', 'teacher_heun_nfe'}: errors at `nfe` evaluations,
+  and the evaluations Heun spent (sampling.solver_plan: one fewer for an even count on the
+  EDM path, where Heun is EDM's sampler)."""
   euler = sampling.solve_with_nfe(tangent, noise, path, nfe, 'euler')
   heun = sampling.solve_with_nfe(tangent, noise, path, nfe, 'heun')
-  return {'teacher_euler': rms(euler, reference), 'teacher_heun': rms(heun, reference)}
+  return {'teacher_euler': rms(euler, reference), 'teacher_heun': rms(heun, reference),
+          'teacher_heun_nfe': sampling.spent_evaluations(path, 'heun', nfe)}
