@@ -2,10 +2,12 @@
 run and its secant runs, with the Fréchet distance of config.fid's feature network when its
 weights are set (FD-FMNIST on Fashion-MNIST).
 
-config.compare: teacher (the teacher's run directory), secants ('name=run_dir,...'),
-teacher_nfe, secant_steps, num_samples, batch_size, guidance_scale, save_seconds,
-references. A run directory is one a training run wrote: its config.json says how to build
-and sample the model, its ema/ holds the weights. Writes workdir/table.md, table.json,
+config.compare: teacher (the teacher's run directory; '' for this config's own teacher, a
+converted checkpoint: config.teacher_checkpoint or config.init_checkpoint, built as
+config.model on config.path, e.g. SiT-XL/2 from configs/imagenet_sit.py), secants
+('name=run_dir,...'), teacher_nfe, secant_steps, num_samples, batch_size, guidance_scale,
+save_seconds, references. A run directory is one a training run wrote: its config.json
+says how to build and sample the model, its ema/ holds the weights. Writes workdir/table.md, table.json,
 samples/<row>.png, samples.png and CLU scalars; while it runs, it saves the running sums
 every save_seconds (evaluation.progress), so the same command resumes a preempted
 comparison. The saves are stamped with config.compare (but save_seconds and references),
@@ -55,16 +57,26 @@ def parse_runs(spec):
   return runs
 
 
+def teacher_of(config):
+  """(config, weights directory) of the compared teacher: config.compare.teacher's run, or
+  the config's own converted teacher."""
+  if config.compare.teacher:
+    return load_run(config.compare.teacher)
+  converted = config.teacher_checkpoint or config.init_checkpoint
+  if not converted:
+    raise ValueError('The comparison needs a teacher: set --config.compare.teacher to the '
+                     '--workdir of its training run, or config.teacher_checkpoint to its '
+                     'converted weights (and --config.compare.secants to its secant runs, '
+                     'name=run_dir,...).')
+  return config, common.existing_checkpoint(converted)
+
+
 def compare(config, workdir):
   """Returns the table's rows."""
   c = config.compare
-  if not c.teacher:
-    raise ValueError('The comparison needs a teacher: set --config.compare.teacher to the '
-                     '--workdir of its training run (and --config.compare.secants to its '
-                     'secant runs, name=run_dir,...).')
+  teacher_config, teacher_weights = teacher_of(config)
   workdir = files.make_directory(workdir)
-  teacher_config, teacher_ema = load_run(c.teacher)
-  network, task, tangent_of = comparison.teacher(teacher_config, teacher_ema,
+  network, task, tangent_of = comparison.teacher(teacher_config, teacher_weights,
                                                  c.guidance_scale)
   samplers = comparison.teacher_samplers(task, tangent_of, c.teacher_nfe)
   for name, run_dir in parse_runs(c.secants):
@@ -80,10 +92,13 @@ def compare(config, workdir):
   stamp = {'compare': {k: v for k, v in c.to_dict().items()
                        if k not in ('save_seconds', 'references')},
            'seed': config.seed, 'fid': config.fid.to_dict(), 'processes': jax.process_count()}
+  if not c.teacher:
+    stamp['teacher_weights'] = teacher_weights
   kept = None
   if c.references:
     kept = references.References(c.references, {
-        'teacher': files.absolute(c.teacher), 'guidance_scale': c.guidance_scale,
+        'teacher': files.absolute(c.teacher or teacher_weights),
+        'guidance_scale': c.guidance_scale,
         'seed': config.seed, 'num_samples': c.num_samples, 'batch_size': c.batch_size})
   rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, c.batch_size,
                                     mesh, quality, progress.Progress(workdir, stamp),

@@ -1,7 +1,8 @@
 """A preempted comparison resumes: stopped after its first saved batch and run again, it
 gives exactly the table of a run never stopped, without redoing that batch; a workdir
 holding another comparison's progress is refused by name. Kept reference solutions are
-read back instead of solved, and another comparison's are refused by name."""
+read back instead of solved, and another comparison's are refused by name. A config's own
+converted teacher is compared without a training run."""
 
 import os
 import types
@@ -11,14 +12,17 @@ import numpy as np
 import pytest
 from etils import epath
 
+from secant_jax import compare_mode
 from secant_jax import paths
 from secant_jax import sampling
+from secant_jax.convert import common
 from secant_jax.evaluation import comparison
 from secant_jax.evaluation import features
 from secant_jax.evaluation import oracle
 from secant_jax.evaluation import progress
 from secant_jax.evaluation import references
 from secant_jax.evaluation import sample_quality
+from secant_jax.models import registry
 from secant_jax.train import parallel
 
 STAMP = {'compare': {'num_samples': 20, 'batch_size': 8}, 'seed': 0}
@@ -126,3 +130,29 @@ def test_kept_references_are_read_instead_of_solved(tmp_path, monkeypatch):
     _run(None, kept=references.References(str(tmp_path), other))
   with pytest.raises(AssertionError, match='solved a reference that was kept'):
     _run(None, kept=references.References(str(tmp_path / 'elsewhere'), stamp))
+
+
+def test_the_configs_own_converted_teacher_is_compared_without_a_run(tmp_path):
+  """ImageNet's and CIFAR-10's teachers are converted checkpoints, not training runs: with
+  compare.teacher empty the table is of config.teacher_checkpoint, built as config.model."""
+  from configs import fashion_mnist  # pylint: disable=import-outside-toplevel
+  c = fashion_mnist.get_config('stage=compare,model=tiny')
+  c.compare.update(dict(teacher='', secants='', teacher_nfe=(1, 2), num_samples=8,
+                        batch_size=8))
+  c.fid.fmnist = ''
+  with pytest.raises(ValueError, match=r'The comparison needs a teacher: set '
+                                       r'--config.compare.teacher .* or config.teacher_'):
+    c.teacher_checkpoint = c.init_checkpoint = ''
+    compare_mode.compare(c, tmp_path / 'none')
+  teacher = registry.build(c.model, guided=False)
+  rng = np.random.default_rng(0)  # off DiT's zero-initialised output layer: a non-zero tangent
+  common.save(jax.tree_util.tree_map(
+      lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(p.dtype),
+      teacher.init(jax.random.key(0))), tmp_path / 'converted')
+  c.teacher_checkpoint = str(tmp_path / 'converted')
+  rows = compare_mode.compare(c, tmp_path / 'table')
+  assert [(r['sampler'], r['nfe']) for r in rows] == [
+      ('teacher adaptive reference', None), ('teacher Euler', 1), ('teacher Euler', 2),
+      ('teacher Heun', 1), ('teacher Heun', 2)]
+  assert all(np.isfinite(r['error']) for r in rows) and rows[2]['error'] > 0
+  assert (tmp_path / 'table' / 'table.md').is_file()

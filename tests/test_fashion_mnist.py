@@ -205,10 +205,10 @@ def test_compare_errors_name_the_fix(tmp_path):
   with pytest.raises(ValueError, match=r'FD-FMNIST needs the Fashion-MNIST classifier'):
     fmnist_features.feature_network('')
   from configs import cifar10_edm  # pylint: disable=import-outside-toplevel
-  c = cifar10_edm.get_config()  # compare mode is any config's, the teacher its setting
+  c = cifar10_edm.get_config()  # compare mode is any config's: the teacher its own, converted
   c.mode = 'compare'
-  with pytest.raises(ValueError, match=r'The comparison needs a teacher: set '
-                                       r'--config.compare.teacher to the --workdir'):
+  with pytest.raises(FileNotFoundError, match=r'Converted checkpoint .*ckpt/edm-ddpmpp does '
+                                              r'not exist; make it with'):
     main_lib.run(c, tmp_path / 'cifar-table')
 
 
