@@ -217,6 +217,10 @@ def test_sigterm_leaves_a_checkpoint_the_run_continues_from(tmp_path):
                                        'the config it was saved with'):
     loop.train_and_evaluate(wider, tmp_path)
   assert json.loads((tmp_path / 'config.json').read_text())['model']['hidden_size'] == 32
+  with pytest.raises(ValueError, match=rf'is at step {steps[0] + 2}, past num_train_steps=2: '
+                                       rf'set num_train_steps to {steps[0] + 2} or more'):
+    loop.train_and_evaluate(_demo_train_config(2), tmp_path)
+  assert json.loads((tmp_path / 'config.json').read_text())['num_train_steps'] == steps[0] + 2
 
 
 def test_a_run_on_a_bucket_resumes_exactly(gcs_bucket, tmp_path, monkeypatch):

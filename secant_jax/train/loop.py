@@ -98,6 +98,11 @@ def train_and_evaluate(config, workdir):
     variables = (load_into(network, config.init_checkpoint, k_init) if config.init_checkpoint
                  else network.init(k_init))
     state = jax.device_put(state_lib.create(variables, optimizer, k_state), state_sharding)
+  if int(state.step) > config.num_train_steps:
+    raise ValueError(f'The run in {workdir} is at step {int(state.step)}, past '
+                     f'num_train_steps={config.num_train_steps}: set num_train_steps to '
+                     f'{int(state.step)} or more to go on (its EMA export is of the last step '
+                     'it trained), or start in a new --workdir.')
   _save_config(config, workdir)  # after the restore, so a config that does not fit keeps it
   teacher_sharding = (parallel.tree_sharding(teacher_variables, mesh, config.fsdp > 1)
                       if teacher_variables is not None else parallel.replicated(mesh))
