@@ -11,6 +11,7 @@ and guidance, scored by
 Written to workdir/eval.json and as CLU scalars under workdir/eval.
 """
 
+import contextlib
 import os
 
 import jax
@@ -67,8 +68,8 @@ def evaluate(config, workdir):
                   num_fid_samples=config.fid.num_samples)
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, 'eval.json'), result)
-  writer = writers.create(os.path.join(workdir, 'eval'), just_logging=jax.process_index() > 0)
-  writer.write_scalars(task.num_steps, {k: v for k, v in result.items()
-                                        if isinstance(v, float)})
-  writer.flush()
+  with contextlib.closing(writers.create(os.path.join(workdir, 'eval'),
+                                         just_logging=jax.process_index() > 0)) as writer:
+    writer.write_scalars(task.num_steps, {k: v for k, v in result.items()
+                                          if isinstance(v, float)})
   return result

@@ -10,6 +10,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from etils import epath
 from flax import traverse_util
@@ -221,6 +222,50 @@ def test_sigterm_leaves_a_checkpoint_the_run_continues_from(tmp_path):
                                        rf'set num_train_steps to {steps[0] + 2} or more'):
     loop.train_and_evaluate(_demo_train_config(2), tmp_path)
   assert json.loads((tmp_path / 'config.json').read_text())['num_train_steps'] == steps[0] + 2
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # each failed run gave it back
+
+
+def test_a_non_finite_loss_keeps_the_checkpoint_and_scalars_written_before_it(tmp_path,
+                                                                             monkeypatch):
+  """The run stops with FloatingPointError at step 2, one step after its async save of step
+  1: leaving the run commits that save (Orbax's step directory, not its temporary one),
+  closes its writer (CLU's writes asynchronously: step 1's scalars could be lost with the
+  process) and hands SIGTERM back."""
+  batches = loop._global_batch  # pylint: disable=protected-access
+  calls, closed = [], []
+
+  def poisoned_second(local, sharding):
+    calls.append(None)
+    if len(calls) == 2:
+      local = {**local, 'x': np.full_like(local['x'], np.nan)}
+    return batches(local, sharding)
+
+  create = writers.create
+
+  def recording_closes(*args, **kwargs):
+    writer = create(*args, **kwargs)
+    close = writer.close
+    writer.close = lambda: (closed.append(None), close())
+    return writer
+
+  monkeypatch.setattr(loop, '_global_batch', poisoned_second)
+  monkeypatch.setattr(writers, 'create', recording_closes)
+  c = _demo_train_config(6)
+  c.checkpoint_every = 1
+  with pytest.raises(FloatingPointError, match='Non-finite loss or gradient norm in the 1 '
+                                               'steps up to step 2'):
+    loop.train_and_evaluate(c, tmp_path)
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == ['1']
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  assert len(closed) == 1
+  logged = {}
+  for name in os.listdir(tmp_path):
+    if name.startswith('events.out.tfevents'):
+      for event in tf.compat.v1.train.summary_iterator(str(tmp_path / name)):
+        for value in event.summary.value:
+          logged[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
+  assert [step for tag, step in logged if tag == 'loss'] == [1]
+  assert np.isfinite(logged[('loss', 1)])
 
 
 def test_a_run_on_a_bucket_resumes_exactly(gcs_bucket, tmp_path, monkeypatch):

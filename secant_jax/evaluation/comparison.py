@@ -12,6 +12,7 @@ the reference solutions kept (evaluation.references), so a later comparison of t
 teacher on the same noise skips its most expensive part.
 """
 
+import contextlib
 import dataclasses
 import os
 import re
@@ -215,10 +216,10 @@ def write_results(rows, firsts, workdir):
   """Process 0 writes the sample grids (`write_grids`) and, under workdir/eval, each row's
   numbers as TensorBoard scalars at its NFE ('<sampler>/<column>') and the overview
   image; the other processes only log the scalars."""
-  writer = writers.create(os.path.join(workdir, 'eval'), just_logging=jax.process_index() > 0)
-  for row in rows[1:]:
-    writer.write_scalars(row['nfe'], {f"{row['sampler']}/{k}": v for k, v in row.items()
-                                      if isinstance(v, float)})
-  if jax.process_index() == 0:
-    writer.write_images(0, {'samples': write_grids(rows, firsts, workdir)[None]})
-  writer.flush()
+  with contextlib.closing(writers.create(os.path.join(workdir, 'eval'),
+                                         just_logging=jax.process_index() > 0)) as writer:
+    for row in rows[1:]:
+      writer.write_scalars(row['nfe'], {f"{row['sampler']}/{k}": v for k, v in row.items()
+                                        if isinstance(v, float)})
+    if jax.process_index() == 0:
+      writer.write_images(0, {'samples': write_grids(rows, firsts, workdir)[None]})

@@ -14,6 +14,10 @@ With several processes, hosts get SIGTERM at different steps; stopping on the lo
 would leave the others waiting in a collective. There JAX's preemption sync service
 (started by jax.distributed.initialize, which owns SIGTERM) picks one step at which every
 host saves and stops.
+
+Use it as a context manager: leaving the block, however (a finished run, a non-finite loss,
+a config that does not fit), waits for the save in flight to commit and gives SIGTERM back
+to its previous handler.
 """
 
 import os
@@ -36,6 +40,12 @@ class Checkpoints:
     self._multihost = jax.process_count() > 1
     if not self._multihost:
       self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc_info):
+    self.close()
 
   def _on_sigterm(self, signum, frame):
     del signum, frame

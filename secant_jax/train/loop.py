@@ -7,6 +7,7 @@ the run completes (not when it stops on a preemption) it exports the EMA variabl
 workdir/ema, a converted checkpoint that a later run can start from or use as its teacher.
 """
 
+import contextlib
 import os
 
 import jax
@@ -64,6 +65,23 @@ def _global_batch(local, sharding):
           for k, v in local.items()}
 
 
+def _start_state(config, workdir, ckpts, abstract_state, data_iter, init):
+  """The run's state: the latest checkpoint's (the data iterator set to its position), or
+  `init()` placed like `abstract_state`. A run already past num_train_steps is an error."""
+  restored = ckpts.restore_latest(abstract_state)
+  if restored is not None:
+    state, data_state = restored
+    data_iter.set_state(data_state)
+  else:
+    state = jax.device_put(init(), jax.tree_util.tree_map(lambda a: a.sharding, abstract_state))
+  if int(state.step) > config.num_train_steps:
+    raise ValueError(f'The run in {workdir} is at step {int(state.step)}, past '
+                     f'num_train_steps={config.num_train_steps}: set num_train_steps to '
+                     f'{int(state.step)} or more to go on (its EMA export is of the last step '
+                     'it trained), or start in a new --workdir.')
+  return state
+
+
 def train_and_evaluate(config, workdir):
   """Trains config.secant.variant for config.num_train_steps; returns (state, history),
   history being the logged metrics ({'step': ..., 'loss': ..., ...} per log step), each
@@ -85,67 +103,59 @@ def train_and_evaluate(config, workdir):
     raise ValueError(f'Dataset {config.data.name!r} gives records of shape {record_shape}, '
                      f'the model takes {network.image_shape}; fix config.model or config.data.')
 
-  ckpts = checkpoint.Checkpoints(os.path.join(workdir, 'checkpoints'),
-                                 config.checkpoint_every, config.keep_checkpoints)
+  def init():
+    variables = (load_into(network, config.init_checkpoint, k_init) if config.init_checkpoint
+                 else network.init(k_init))
+    return state_lib.create(variables, optimizer, k_state)
+
   abstract_state = jax.eval_shape(lambda: state_lib.create(
       network.init(k_init), optimizer, k_state))
   state_sharding = parallel.tree_sharding(abstract_state, mesh, config.fsdp > 1)
-  restored = ckpts.restore_latest(checkpoint.abstract_like(abstract_state, state_sharding))
-  if restored is not None:
-    state, data_state = restored
-    data_iter.set_state(data_state)
-  else:
-    variables = (load_into(network, config.init_checkpoint, k_init) if config.init_checkpoint
-                 else network.init(k_init))
-    state = jax.device_put(state_lib.create(variables, optimizer, k_state), state_sharding)
-  if int(state.step) > config.num_train_steps:
-    raise ValueError(f'The run in {workdir} is at step {int(state.step)}, past '
-                     f'num_train_steps={config.num_train_steps}: set num_train_steps to '
-                     f'{int(state.step)} or more to go on (its EMA export is of the last step '
-                     'it trained), or start in a new --workdir.')
-  _save_config(config, workdir)  # after the restore, so a config that does not fit keeps it
   teacher_sharding = (parallel.tree_sharding(teacher_variables, mesh, config.fsdp > 1)
                       if teacher_variables is not None else parallel.replicated(mesh))
   teacher_variables = jax.device_put(teacher_variables, teacher_sharding)
   step_fn = parallel.jit_train_step(train_step, state_sharding, teacher_sharding, mesh)
-
-  writer = writers.create(workdir, just_logging=jax.process_index() > 0)
-  report = writers.progress(config.num_train_steps, writer)
-  schedule = recipe.learning_rate_schedule(config.optimizer)
   batch_sharding = parallel.batch_sharding(mesh)
+  schedule = recipe.learning_rate_schedule(config.optimizer)
   quality = (sample_quality.SampleQuality(config, workdir, mesh) if config.eval_every
              else None)
+  writer = writers.create(workdir, just_logging=jax.process_index() > 0)
+  report = writers.progress(config.num_train_steps, writer)
   history = []
-  step = int(state.step)
-  window, window_steps = None, 0  # metrics summed on device since the last log
-  while step < config.num_train_steps:
-    state, metrics = step_fn(state, teacher_variables,
-                             _global_batch(next(data_iter), batch_sharding))
-    window = metrics if window is None else jax.tree_util.tree_map(jnp.add, window, metrics)
-    window_steps += 1
-    step += 1
-    report(step)
-    if step % config.log_every == 0 or step == config.num_train_steps:
-      values = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
-      if not all(np.isfinite(v) for v in values.values()):
-        raise FloatingPointError(f'Non-finite loss or gradient norm in the {window_steps} '
-                                 f'steps up to step {step}: {values}')
-      window, window_steps = None, 0
-      values['learning_rate'] = float(schedule(step))
-      writer.write_scalars(step, values)
-      history.append({'step': step, **values})
-    if quality is not None and step % config.eval_every == 0:
-      writer.write_scalars(step, quality(network, task, state.ema_params,
-                                         config.fid.train_num_samples, config.seed + 2))
-    if config.sample_every and step % config.sample_every == 0:
-      write_samples(config, network, task, state.ema_params, writer, step)
-    if ckpts.save_if_due(step, state, data_iter):
-      break
-  ckpts.save(step, state, data_iter)
-  ckpts.close()
+  with contextlib.closing(writer), checkpoint.Checkpoints(
+      os.path.join(workdir, 'checkpoints'), config.checkpoint_every,
+      config.keep_checkpoints) as ckpts:
+    state = _start_state(config, workdir, ckpts,
+                         checkpoint.abstract_like(abstract_state, state_sharding), data_iter, init)
+    _save_config(config, workdir)  # after the restore, so a config that does not fit keeps it
+    step = int(state.step)
+    window, window_steps = None, 0  # metrics summed on device since the last log
+    while step < config.num_train_steps:
+      state, metrics = step_fn(state, teacher_variables,
+                               _global_batch(next(data_iter), batch_sharding))
+      window = metrics if window is None else jax.tree_util.tree_map(jnp.add, window, metrics)
+      window_steps += 1
+      step += 1
+      report(step)
+      if step % config.log_every == 0 or step == config.num_train_steps:
+        values = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
+        if not all(np.isfinite(v) for v in values.values()):
+          raise FloatingPointError(f'Non-finite loss or gradient norm in the {window_steps} '
+                                   f'steps up to step {step}: {values}')
+        window, window_steps = None, 0
+        values['learning_rate'] = float(schedule(step))
+        writer.write_scalars(step, values)
+        history.append({'step': step, **values})
+      if quality is not None and step % config.eval_every == 0:
+        writer.write_scalars(step, quality(network, task, state.ema_params,
+                                           config.fid.train_num_samples, config.seed + 2))
+      if config.sample_every and step % config.sample_every == 0:
+        write_samples(config, network, task, state.ema_params, writer, step)
+      if ckpts.save_if_due(step, state, data_iter):
+        break
+    ckpts.save(step, state, data_iter)
   if step == config.num_train_steps:
     common.save(state.ema_params, os.path.join(workdir, 'ema'), overwrite=True)
-  writer.flush()
   return state, history
 
 
