@@ -68,7 +68,8 @@ def latent_dir(tmp_path_factory):
   for d in ('features', 'labels'):
     os.makedirs(root / d)
   for i in range(16):
-    np.save(root / 'features' / f'{i}.npy', rng.normal(size=(1, 4, 8, 8)).astype(np.float32))
+    np.save(root / 'features' / f'{i}.npy',
+            rng.normal(scale=1 / 0.18215, size=(1, 4, 8, 8)).astype(np.float32))
     np.save(root / 'labels' / f'{i}.npy', np.array([i % 10]))
   assert latents.import_npy(root / 'features', root / 'labels', root / 'records',
                             shard_size=10) == 16
@@ -82,6 +83,31 @@ def test_latent_import_keeps_raw_latents_and_scales_once(latent_dir, tmp_path):
   raw = np.load(os.path.join(os.path.dirname(latent_dir), 'features', '3.npy'))[0]
   np.testing.assert_allclose(src[3]['x'], raw.transpose(1, 2, 0) * 0.18215, rtol=1e-3,
                              atol=1e-4)
+
+
+def test_latent_import_refuses_a_scale_flag_the_latents_contradict(latent_dir, tmp_path):
+  """Raw latents imported as scaled, and scaled ones imported as raw, are refused with the
+  flag to change; scaled ones imported as scaled hold the raw latents."""
+  raw = os.path.join(os.path.dirname(latent_dir), 'features')
+  labels = os.path.join(os.path.dirname(latent_dir), 'labels')
+  with pytest.raises(ValueError, match=r'look raw: the first 16, read as ×0\.18215 '
+                                       r'\(--already-scaled\), have std 3\d\.\d .*; drop '
+                                       '--already-scaled'):
+    latents.import_npy(raw, labels, tmp_path / 'wrong', already_scaled=True)
+  os.makedirs(tmp_path / 'scaled')
+  for i in range(16):
+    np.save(tmp_path / 'scaled' / f'{i}.npy', np.load(os.path.join(raw, f'{i}.npy')) * 0.18215)
+  with pytest.raises(ValueError, match=r'look already multiplied by 0\.18215: the first 16, '
+                                       r'read as raw, have std [01]\.\d+ where .*; pass --already-scaled'):
+    latents.import_npy(tmp_path / 'scaled', labels, tmp_path / 'wrong')
+  assert not os.path.exists(tmp_path / 'wrong')
+  assert latents.import_npy(tmp_path / 'scaled', labels, tmp_path / 'records',
+                            already_scaled=True) == 16
+  again = latents.source(_config(TINY_DIT, dict(name='imagenet_latents',
+                                                dir=str(tmp_path / 'records')), 'stee').data)
+  np.testing.assert_allclose(again[3]['x'], latents.source(_config(
+      TINY_DIT, dict(name='imagenet_latents', dir=latent_dir), 'stee').data)[3]['x'],
+                             rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize('variant', ['sdei', 'stei', 'sdee', 'stee'])

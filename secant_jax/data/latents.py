@@ -11,7 +11,9 @@ latents [1, 4, 32, 32] or [4, 32, 32]):
         --out DIR/latents [--already-scaled] [--shard-size 10000]
 
 --already-scaled for features saved after ×0.18215 (as fast-DiT's extract_features does):
-they are divided back so that every ArrayRecord holds raw latents.
+they are divided back so that every ArrayRecord holds raw latents. Which of the two a set
+is shows in its spread (0.18215 is 1/std of raw SD-VAE latents), so the importer reads the
+first files and refuses, naming the flag, a set whose spread says the flag is wrong.
 """
 
 import argparse
@@ -69,6 +71,31 @@ def _natural_key(path):
   return [int(p) if p.isdigit() else p for p in re.split(r'(\d+)', os.path.basename(path))]
 
 
+def _raw_latent(path, already_scaled):
+  """The [C, H, W] raw latent in a [1, C, H, W] or [C, H, W] .npy file."""
+  latent = np.load(path).astype(np.float32)
+  latent = latent.reshape(latent.shape[-3:])
+  return latent / SD_VAE_SCALE if already_scaled else latent
+
+
+def check_scale(features, already_scaled, sample_size=64):
+  """Raises where the first `sample_size` features, read as raw (already_scaled False)
+  or as ×0.18215 latents, do not have the spread of raw SD-VAE latents: std ≈ 1/0.18215
+  ≈ 5.5, accepted within a factor √5.5, so that a set off by the factor 5.5 either way
+  is caught."""
+  std = float(np.std(np.stack([_raw_latent(p, already_scaled)
+                               for p in features[:sample_size]])))
+  expected = 1 / SD_VAE_SCALE
+  if np.sqrt(expected) <= std <= expected * np.sqrt(expected):
+    return
+  looks, fix = (('already multiplied by 0.18215', 'pass --already-scaled')
+                if std < expected else ('raw', 'drop --already-scaled'))
+  read_as = 'as ×0.18215 (--already-scaled)' if already_scaled else 'as raw'
+  raise ValueError(f'The latents in {os.path.dirname(features[0])} look {looks}: the first '
+                   f'{min(len(features), sample_size)}, read {read_as}, have std {std:.3g} '
+                   f'where raw SD-VAE latents have {expected:.3g}; {fix}.')
+
+
 def import_npy(features_dir, labels_dir, out_dir, already_scaled=False, shard_size=10000):
   """Writes ArrayRecord shards of raw NHWC latents; returns the number of records."""
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
@@ -76,6 +103,7 @@ def import_npy(features_dir, labels_dir, out_dir, already_scaled=False, shard_si
   if not features:
     raise FileNotFoundError(f'No .npy files in {features_dir}; expected one latent per '
                             'sample, e.g. features/0.npy with shape [1, 4, 32, 32].')
+  check_scale(features, already_scaled)
   os.makedirs(out_dir, exist_ok=True)
   writer = None
   for i, path in enumerate(features):
@@ -83,10 +111,7 @@ def import_npy(features_dir, labels_dir, out_dir, already_scaled=False, shard_si
     if not os.path.exists(label_path):
       raise FileNotFoundError(f'{label_path} is missing: every features/<name>.npy needs '
                               'labels/<name>.npy.')
-    latent = np.load(path).astype(np.float32)
-    latent = latent.reshape(latent.shape[-3:])  # [1, C, H, W] or [C, H, W] → [C, H, W]
-    if already_scaled:
-      latent = latent / SD_VAE_SCALE
+    latent = _raw_latent(path, already_scaled)
     if i % shard_size == 0:
       if writer is not None:
         writer.close()
