@@ -19,6 +19,10 @@ ACCELERATOR=${ACCELERATOR:-v4-8}
 RUNTIME=${RUNTIME:-tpu-ubuntu2204-base}
 REMOTE_DIR=${REMOTE_DIR:-secant-jax}
 HERE="$(cd "$(dirname "$0")/.." && pwd)"
+# JAX needs Python >= 3.11; the TPU runtimes are Ubuntu 22.04, whose python3 is 3.10, so
+# where python3 is older the venv gets a Python 3.11 that uv downloads.
+MAKE_VENV="{ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' && python3 -m venv .venv; } || \
+    { python3 -m pip install -q --user uv && ~/.local/bin/uv venv -q --seed --python 3.11 .venv; }"
 
 on_all_hosts() {
   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="$1"
@@ -33,8 +37,8 @@ case "${1:-}" in
     tar -C "$HERE" --exclude=.git --exclude=.venv -czf /tmp/secant-jax.tgz .
     gcloud compute tpus tpu-vm scp /tmp/secant-jax.tgz "$TPU_NAME":~/ --zone="$ZONE" --worker=all
     on_all_hosts "mkdir -p $REMOTE_DIR && tar -C $REMOTE_DIR -xzf secant-jax.tgz && \
-        cd $REMOTE_DIR && python3 -m venv .venv && . .venv/bin/activate && \
-        pip install -q -U pip && pip install -q -e '.[tpu]'"
+        cd $REMOTE_DIR && rm -rf .venv && $MAKE_VENV && . .venv/bin/activate && \
+        pip install -q -U pip && pip install -q -c constraints.txt -e '.[tpu]'"
     ;;
   run)
     shift

@@ -8,7 +8,11 @@ a URL is kept as given (os.path.abspath would turn gs://b/run into ./gs:/b/run, 
 directory on each host).
 """
 
+import contextlib
 import json
+import os
+import shutil
+import tempfile
 
 import numpy as np
 from etils import epath
@@ -55,13 +59,31 @@ def write_png(pixels, path):
     image.save(f, format='PNG')
 
 
+@contextlib.contextmanager
+def written_whole(path):
+  """Yields a local filename through which to write the file at `path` whole or not at all,
+  also for writers that take local filenames only (ArrayRecord's): a local `path` is
+  written under a temporary name beside it and renamed on success (a stop mid-write leaves
+  the previous file); a URL's file is written in a local temporary directory and uploaded
+  on success (an object store's upload is all-or-nothing). On an error the partial file is
+  removed and `path` is left as it was."""
+  path = str(path)
+  remote = '://' in path
+  with tempfile.TemporaryDirectory() as scratch:
+    staged = os.path.join(scratch, 'staged') if remote else f'{path}.tmp'
+    try:
+      yield staged
+      if remote:
+        with open(staged, 'rb') as src, epath.Path(path).open('wb') as dst:
+          shutil.copyfileobj(src, dst, 1 << 24)
+      else:
+        os.replace(staged, path)
+    finally:
+      if os.path.exists(staged):
+        os.remove(staged)
+
+
 def write_npz(path, **arrays):
-  """Writes the arrays whole or not at all: a local file under a temporary name, then
-  renamed (a stop mid-write leaves the previous file); an object store's upload is
-  already all-or-nothing (and its rename a slow copy), so a URL is written directly."""
-  local = '://' not in str(path)
-  written = epath.Path(f'{path}.tmp' if local else path)
-  with written.open('wb') as f:
+  """Writes the arrays whole or not at all (see `written_whole`)."""
+  with written_whole(path) as staged, open(staged, 'wb') as f:
     np.savez(f, **arrays)
-  if local:
-    written.replace(path)

@@ -59,8 +59,8 @@ def two_block_dit(edit_benchmark_config):
 def gcs_bucket(monkeypatch, request):
   """'gs://bucket-…' (named after the test), served for the duration of a test by a local
   emulator of Cloud Storage's JSON API (gcp-storage-emulator, in memory). Tensorstore
-  (Orbax's array writes) and epath's fsspec backend (gcsfs: Orbax's metadata, the run's
-  files) are pointed at it; TensorFlow's GCS file system, which epath prefers where
+  (Orbax's array writes), epath's fsspec backend (gcsfs: Orbax's metadata, the run's
+  files) and ArrayRecord's reader (google-cloud-cpp: the training data) are pointed at it; TensorFlow's GCS file system, which epath prefers where
   TensorFlow is installed, has no endpoint setting, so it is switched off for the test. The
   name differs per test because the clients cache listings by path across tests: a second
   test's gs://bucket/run/checkpoints listed the first test's steps."""
@@ -79,6 +79,7 @@ def gcs_bucket(monkeypatch, request):
   monkeypatch.setenv('TENSORSTORE_GCS_HTTP_URL', url)
   monkeypatch.setenv('GOOGLE_AUTH_TOKEN_FOR_TESTING', 'emulator')
   monkeypatch.setenv('STORAGE_EMULATOR_HOST', url)
+  monkeypatch.setenv('CLOUD_STORAGE_EMULATOR_ENDPOINT', url)
   # gcsfs's default class first asks a gRPC API for the bucket's type (60 s timeouts here).
   monkeypatch.setattr(gcsfs, 'GCSFileSystem', gcsfs.core.GCSFileSystem)
   monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)

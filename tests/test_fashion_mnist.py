@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from etils import epath
 
 from secant_jax import compare_mode
 from secant_jax import main as main_lib
@@ -28,17 +29,19 @@ needs_real_data = pytest.mark.skipif(
 
 def _write_idx(path, array, gzipped):
   header = bytes([0, 0, 0x08, array.ndim]) + np.asarray(array.shape, '>i4').tobytes()
-  opener = gzip.open if gzipped else open
-  with opener(path + ('.gz' if gzipped else ''), 'wb') as f:
-    f.write(header + array.astype(np.uint8).tobytes())
+  data = header + array.astype(np.uint8).tobytes()
+  epath.Path(path + ('.gz' if gzipped else '')).write_bytes(gzip.compress(data) if gzipped
+                                                            else data)
 
 
-def test_idx_files_gzipped_or_not_become_padded_records(tmp_path):
+@pytest.mark.parametrize('where', ['local', 'bucket'])
+def test_idx_files_gzipped_or_not_become_padded_records(where, tmp_path, request):
+  root = str(tmp_path) if where == 'local' else request.getfixturevalue('gcs_bucket')
   rng = np.random.default_rng(0)
   images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
-  _write_idx(str(tmp_path / 'train-images-idx3-ubyte'), images, gzipped=True)
-  _write_idx(str(tmp_path / 'train-labels-idx1-ubyte'), np.arange(5), gzipped=False)
-  source = fashion_mnist.FashionMnistSource(str(tmp_path), 'train')
+  _write_idx(f'{root}/train-images-idx3-ubyte', images, gzipped=True)
+  _write_idx(f'{root}/train-labels-idx1-ubyte', np.arange(5), gzipped=False)
+  source = fashion_mnist.FashionMnistSource(root, 'train')
   assert len(source) == 5
   record = source[3]
   assert record['x'].shape == (32, 32, 1) and record['y'] == 3

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from etils import epath
 from PIL import Image
 
 from secant_jax import files
@@ -33,8 +34,11 @@ def test_png_is_grey_or_rgb_from_the_first_three_channels(tmp_path, channels, mo
                                   pixels[..., :min(channels, 3)])
 
 
-def test_an_npz_write_stopped_midway_leaves_the_previous_file(tmp_path, monkeypatch):
-  path = tmp_path / 'stats.npz'
+@pytest.mark.parametrize('where', ['local', 'bucket'])
+def test_an_npz_write_stopped_midway_leaves_the_previous_file(where, tmp_path, monkeypatch,
+                                                               request):
+  root = str(tmp_path) if where == 'local' else request.getfixturevalue('gcs_bucket')
+  path = f'{root}/stats.npz'
   files.write_npz(path, mu=np.zeros(3))
 
   def stopped_midway(file, **arrays):
@@ -42,8 +46,13 @@ def test_an_npz_write_stopped_midway_leaves_the_previous_file(tmp_path, monkeypa
     file.write(b'PK\x03\x04 cut off')
     raise KeyboardInterrupt  # a preemption's signal
 
-  monkeypatch.setattr(files.np, 'savez', stopped_midway)
-  with pytest.raises(KeyboardInterrupt):
-    files.write_npz(path, mu=np.ones(3))
-  with np.load(path) as f:
-    np.testing.assert_array_equal(f['mu'], np.zeros(3))
+  with monkeypatch.context() as patch:
+    patch.setattr(files.np, 'savez', stopped_midway)
+    with pytest.raises(KeyboardInterrupt):
+      files.write_npz(path, mu=np.ones(3))
+  with epath.Path(path).open('rb') as f, np.load(f) as arrays:
+    np.testing.assert_array_equal(arrays['mu'], np.zeros(3))
+  assert [p.name for p in epath.Path(root).iterdir()] == ['stats.npz']
+  files.write_npz(path, mu=np.ones(3))
+  with epath.Path(path).open('rb') as f, np.load(f) as arrays:
+    np.testing.assert_array_equal(arrays['mu'], np.ones(3))

@@ -3,6 +3,7 @@ resume across a process exit, SIGTERM, and the one-line errors."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -108,6 +109,50 @@ def test_latent_import_refuses_a_scale_flag_the_latents_contradict(latent_dir, t
   np.testing.assert_allclose(again[3]['x'], latents.source(_config(
       TINY_DIT, dict(name='imagenet_latents', dir=latent_dir), 'stee').data)[3]['x'],
                              rtol=1e-3, atol=1e-3)
+
+
+def test_latents_imported_to_a_bucket_train_as_from_a_disk(gcs_bucket, latent_dir, tmp_path):
+  """A pod reads its latents from gs://… directly: imported there, the records and a
+  two-step run's losses equal those from the local import."""
+  root = os.path.dirname(latent_dir)
+  bucket = f'{gcs_bucket}/latents'
+  assert latents.import_npy(os.path.join(root, 'features'), os.path.join(root, 'labels'),
+                            bucket, shard_size=10) == 16
+  assert sorted(p.name for p in epath.Path(bucket).iterdir()) == [
+      'latents-00000.array_record', 'latents-00001.array_record', 'manifest.json']
+  local, remote = (latents.source(_config(TINY_DIT, dict(name='imagenet_latents', dir=d),
+                                          'stee').data) for d in (latent_dir, bucket))
+  assert len(remote) == 16
+  for i in range(16):
+    np.testing.assert_array_equal(remote[i]['x'], local[i]['x'])
+    assert remote[i]['y'] == local[i]['y']
+  runs = [loop.train_and_evaluate(_config(TINY_DIT, dict(name='imagenet_latents', dir=d),
+                                          'stee', steps=2), tmp_path / name)[1]
+          for d, name in ((latent_dir, 'local'), (bucket, 'bucket'))]
+  assert [h['loss'] for h in runs[0]] == [h['loss'] for h in runs[1]]
+
+
+def test_an_unfinished_or_altered_import_is_refused_not_trained_on_in_part(latent_dir,
+                                                                          tmp_path):
+  root = os.path.dirname(latent_dir)
+  labels = tmp_path / 'labels'
+  labels.mkdir()
+  for i in range(16):
+    if i != 12:
+      np.save(labels / f'{i}.npy', np.load(os.path.join(root, 'labels', f'{i}.npy')))
+  with pytest.raises(FileNotFoundError, match=r'labels/12.npy is missing'):
+    latents.import_npy(os.path.join(root, 'features'), labels, tmp_path / 'cut', shard_size=10)
+  assert os.listdir(tmp_path / 'cut') == ['latents-00000.array_record']  # no partial shard
+  with pytest.raises(FileNotFoundError, match=r'No finished latent import in .*cut'):
+    latents.source(_config(TINY_DIT, dict(name='imagenet_latents', dir=str(tmp_path / 'cut')),
+                           'stee').data)
+  altered = tmp_path / 'altered'
+  shutil.copytree(latent_dir, altered)
+  shutil.copy(altered / 'latents-00000.array_record', altered / 'latents-00001.array_record')
+  with pytest.raises(ValueError, match=r'altered holds 20 latents where its manifest.json '
+                                       r'lists 16: its shards changed after the import'):
+    latents.source(_config(TINY_DIT, dict(name='imagenet_latents', dir=str(altered)),
+                           'stee').data)
 
 
 @pytest.mark.parametrize('variant', ['sdei', 'stei', 'sdee', 'stee'])
@@ -321,8 +366,15 @@ def test_a_run_on_a_bucket_resumes_exactly(gcs_bucket, tmp_path, monkeypatch):
 def test_errors_are_one_line_and_name_the_fix(tmp_path, latent_dir):
   missing_data = _config(TINY_DIT, dict(name='imagenet_latents', dir=str(tmp_path / 'none')),
                          'stee')
-  with pytest.raises(FileNotFoundError, match=r'No \*.array_record files in .*none; import'):
+  with pytest.raises(FileNotFoundError, match=r'No finished latent import in .*none: '
+                                              r'manifest.json, written last by the importer, '
+                                              r'is missing .*; import the latents with'):
     loop.train_and_evaluate(missing_data, tmp_path / 'r1')
+  missing_cifar = _config(TINY_UNET, dict(name='cifar10', dir=str(tmp_path / 'tfds')), 'stee',
+                          path='edm')
+  with pytest.raises(FileNotFoundError, match=r'CIFAR-10 data dir .*tfds does not exist; '
+                                              r'prepare it with `tfds build cifar10'):
+    loop.train_and_evaluate(missing_cifar, tmp_path / 'r1')
   no_teacher = _config(TINY_DIT, dict(name='imagenet_latents', dir=latent_dir), 'sdei',
                        init_checkpoint=str(tmp_path / 'absent'))
   with pytest.raises(FileNotFoundError, match=r'Converted checkpoint .*absent does not exist'):

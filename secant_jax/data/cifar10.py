@@ -1,8 +1,7 @@
 """CIFAR-10 from TFDS's random-access data source: uint8 → [−1, 1], NHWC [32, 32, 3]."""
 
-import os
-
 import numpy as np
+from etils import epath
 
 
 class Cifar10Source:
@@ -23,7 +22,7 @@ class Cifar10Source:
 def source(data_config):
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   data_dir = data_config.get('dir') or None
-  if data_dir is not None and not os.path.isdir(data_dir):
+  if data_dir is not None and not epath.Path(data_dir).is_dir():
     raise FileNotFoundError(f'CIFAR-10 data dir {data_dir} does not exist; prepare it with '
                             f'`tfds build cifar10 --data_dir={data_dir}` on a machine with '
                             'internet access, or set config.data.dir.')

@@ -3,13 +3,14 @@
 uint8 → [−1, 1], NHWC [32, 32, 1]; labels 0..9 (the model's null class 10 is CFG's).
 
 IDX layout: two zero bytes, a type code (0x08 = uint8), the number of dimensions, then
-each dimension as a big-endian int32, then the data. Files may be gzipped.
+each dimension as a big-endian int32, then the data. Files may be gzipped, and may lie in
+a bucket (config.data.dir=gs://…).
 """
 
 import gzip
-import os
 
 import numpy as np
+from etils import epath
 
 DEFAULT_DIR = '/usr/share/datasets/fashion-mnist'
 FILES = {'train': ('train-images-idx3-ubyte', 'train-labels-idx1-ubyte'),
@@ -20,10 +21,9 @@ PAD = 2  # 28 + 2·2 = 32: patch sizes 2, 4, 8 divide it
 def read_idx(path):
   """The uint8 array in an IDX file (`path` or `path`.gz)."""
   for candidate in (path, path + '.gz'):
-    if os.path.exists(candidate):
-      opener = gzip.open if candidate.endswith('.gz') else open
-      with opener(candidate, 'rb') as f:
-        data = f.read()
+    if epath.Path(candidate).exists():
+      data = epath.Path(candidate).read_bytes()
+      data = gzip.decompress(data) if candidate.endswith('.gz') else data
       break
   else:
     raise FileNotFoundError(f'Fashion-MNIST file {path}(.gz) does not exist; install it with '
@@ -45,7 +45,7 @@ def load(directory, split):
   if split not in FILES:
     raise ValueError(f'Unknown Fashion-MNIST split {split!r}: expected one of '
                      f'{sorted(FILES)}; set config.data.split.')
-  image_file, label_file = (os.path.join(directory, name) for name in FILES[split])
+  image_file, label_file = (str(epath.Path(directory) / name) for name in FILES[split])
   images = read_idx(image_file)
   labels = read_idx(label_file).astype(np.int32)
   if images.ndim != 3 or len(images) != len(labels):

@@ -14,6 +14,11 @@ latents [1, 4, 32, 32] or [4, 32, 32]):
 they are divided back so that every ArrayRecord holds raw latents. Which of the two a set
 is shows in its spread (0.18215 is 1/std of raw SD-VAE latents), so the importer reads the
 first files and refuses, naming the flag, a set whose spread says the flag is wrong.
+
+--out may be a bucket (gs://…), which training then reads directly (ArrayRecord's reader
+opens gs:// paths). Each shard appears whole, and `manifest.json`, written last, lists
+them: a directory without it holds an import that did not finish, and is refused rather
+than trained on in part.
 """
 
 import argparse
@@ -22,9 +27,13 @@ import os
 import re
 
 import numpy as np
+from etils import epath
 from flax import serialization
 
+from secant_jax import files
+
 SD_VAE_SCALE = 0.18215
+MANIFEST = 'manifest.json'
 
 
 def encode(latent_nhwc, label):
@@ -53,18 +62,28 @@ class LatentSource:
             'y': np.int32(record['label'])}
 
 
-def record_paths(directory):
-  paths = sorted(glob.glob(os.path.join(directory, '*.array_record')))
-  if not os.path.isdir(directory) or not paths:
-    raise FileNotFoundError(f'No *.array_record files in {directory}; import the latents '
-                            'with python -m secant_jax.data.latents --features ... --labels '
-                            '... --out DIR, or set config.data.dir.')
-  return paths
+def read_manifest(directory):
+  """{'records': count, 'shards': [file names]} of the import in `directory` (local or a
+  bucket)."""
+  manifest = epath.Path(directory) / MANIFEST
+  if not manifest.exists():
+    raise FileNotFoundError(f'No finished latent import in {directory}: {MANIFEST}, written '
+                            'last by the importer, is missing (the import did not run there '
+                            'or was stopped); import the latents with python -m '
+                            'secant_jax.data.latents --features ... --labels ... --out DIR, '
+                            'or set config.data.dir.')
+  return files.read_json(manifest)
 
 
 def source(data_config):
-  return LatentSource(record_paths(data_config.dir), data_config.get('latent_scale',
-                                                                     SD_VAE_SCALE))
+  manifest = read_manifest(data_config.dir)
+  latents = LatentSource([str(epath.Path(data_config.dir) / name) for name in
+                          manifest['shards']], data_config.get('latent_scale', SD_VAE_SCALE))
+  if len(latents) != manifest['records']:
+    raise ValueError(f'{data_config.dir} holds {len(latents)} latents where its {MANIFEST} '
+                     f'lists {manifest["records"]}: its shards changed after the import; '
+                     'import again.')
+  return latents
 
 
 def _natural_key(path):
@@ -97,29 +116,37 @@ def check_scale(features, already_scaled, sample_size=64):
 
 
 def import_npy(features_dir, labels_dir, out_dir, already_scaled=False, shard_size=10000):
-  """Writes ArrayRecord shards of raw NHWC latents; returns the number of records."""
+  """Writes ArrayRecord shards of raw NHWC latents and their manifest into `out_dir` (a
+  local directory or a bucket); returns the number of records."""
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
   features = sorted(glob.glob(os.path.join(features_dir, '*.npy')), key=_natural_key)
   if not features:
     raise FileNotFoundError(f'No .npy files in {features_dir}; expected one latent per '
                             'sample, e.g. features/0.npy with shape [1, 4, 32, 32].')
   check_scale(features, already_scaled)
-  os.makedirs(out_dir, exist_ok=True)
-  writer = None
-  for i, path in enumerate(features):
-    label_path = os.path.join(labels_dir, os.path.basename(path))
-    if not os.path.exists(label_path):
-      raise FileNotFoundError(f'{label_path} is missing: every features/<name>.npy needs '
-                              'labels/<name>.npy.')
-    latent = _raw_latent(path, already_scaled)
-    if i % shard_size == 0:
-      if writer is not None:
+  out = epath.Path(files.make_directory(out_dir))
+  (out / MANIFEST).unlink(missing_ok=True)
+  shards = []
+  for start in range(0, len(features), shard_size):
+    shards.append(f'latents-{start // shard_size:05d}.array_record')
+    with files.written_whole(out / shards[-1]) as staged:
+      writer = array_record_module.ArrayRecordWriter(staged, 'group_size:1')
+      try:
+        for path in features[start:start + shard_size]:
+          writer.write(encode(_raw_latent(path, already_scaled).transpose(1, 2, 0),
+                              _label(path, labels_dir)))
+      finally:
         writer.close()
-      writer = array_record_module.ArrayRecordWriter(
-          os.path.join(out_dir, f'latents-{i // shard_size:05d}.array_record'), 'group_size:1')
-    writer.write(encode(latent.transpose(1, 2, 0), np.load(label_path).reshape(-1)[0]))
-  writer.close()
+  files.write_json(out / MANIFEST, {'records': len(features), 'shards': shards})
   return len(features)
+
+
+def _label(feature_path, labels_dir):
+  path = os.path.join(labels_dir, os.path.basename(feature_path))
+  if not os.path.exists(path):
+    raise FileNotFoundError(f'{path} is missing: every features/<name>.npy needs '
+                            'labels/<name>.npy.')
+  return np.load(path).reshape(-1)[0]
 
 
 def main(argv=None):
