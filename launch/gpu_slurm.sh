@@ -7,8 +7,9 @@
 # jax.distributed.initialize() (--config.distributed=True) reads the coordinator, process
 # count and rank from Slurm's environment. The workdir must be on a file system all nodes
 # see. Slurm sends SIGTERM before the time limit (--signal below) or on preemption; the
-# trainer saves a checkpoint and exits, and `--requeue` starts the job again, which resumes
-# from it.
+# trainer saves a checkpoint and exits with status 75, on which this script queues the job
+# again (`--requeue` alone covers node failure and preemption, not the time limit), and
+# the requeued job resumes from that checkpoint. A finished run exits 0 and is not requeued.
 #SBATCH --job-name=secant-jax
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
@@ -21,4 +22,9 @@ set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
 export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
 export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
-srun --kill-on-bad-exit=1 python -m secant_jax.main "$@" --config.distributed=True
+status=0
+srun --kill-on-bad-exit=1 python -m secant_jax.main "$@" --config.distributed=True || status=$?
+if [ "$status" -eq 75 ]; then
+  scontrol requeue "$SLURM_JOB_ID" && exit 0
+fi
+exit "$status"

@@ -5,7 +5,12 @@ an .npz from DIR's EMA export), evaluate (DIR's EMA export: error to the teacher
 reference ODE solution, FID and Inception Score), compare (a teacher run and its secant
 runs: the table of evaluation.comparison), demo (configs/demo.py: the whole method on
 digits).
+
+Exit status 75 (process 0 only): a training run, or a demo stage, stopped on SIGTERM after
+saving its checkpoint; the same command resumes it (see train.checkpoint).
 """
+
+import sys
 
 import jax
 from absl import app
@@ -50,7 +55,12 @@ def run(config, workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  run(flags.FLAGS.config, flags.FLAGS.workdir)
+  from secant_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
+  try:
+    run(flags.FLAGS.config, flags.FLAGS.workdir)
+  except checkpoint.Stopped as stopped:
+    print(stopped, flush=True)
+    sys.exit(checkpoint.STOPPED_EXIT_STATUS if jax.process_index() == 0 else 0)
 
 
 if __name__ == '__main__':  # flags defined here only, so importing this module defines none

@@ -277,9 +277,11 @@ def test_sigterm_leaves_a_checkpoint_the_run_continues_from(tmp_path):
       break
   proc.send_signal(signal.SIGTERM)
   output, _ = proc.communicate(timeout=300)
-  assert proc.returncode == 0, output[-3000:]
+  assert proc.returncode == 75, output[-3000:]  # a scheduler's cue to run it again
   steps = [int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 100000
+  assert (f'Stopped on SIGTERM at step {steps[0]} of 100000, with a checkpoint in '
+          f'{tmp_path}/checkpoints; the same command resumes the run.') in output
   state, history = loop.train_and_evaluate(_demo_train_config(steps[0] + 2), tmp_path)
   assert int(state.step) == steps[0] + 2 and history[0]['step'] == steps[0] + 1
   wider = _demo_train_config(steps[0] + 4)

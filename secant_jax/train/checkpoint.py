@@ -18,6 +18,12 @@ host saves and stops.
 Use it as a context manager: leaving the block, however (a finished run, a non-finite loss,
 a config that does not fit), waits for the save in flight to commit and gives SIGTERM back
 to its previous handler.
+
+A run that stopped on SIGTERM ends by raising `Stopped`, which `python -m secant_jax.main`
+turns into exit status 75 (sysexits' EX_TEMPFAIL: run again later), so that a scheduler
+can tell it from a finished run and queue it again. Process 0 alone exits 75, the others
+0: process 0 commits the checkpoint, so a launcher that kills the remaining processes when
+one exits non-zero (srun --kill-on-bad-exit) cannot cut a commit short.
 """
 
 import os
@@ -26,6 +32,12 @@ import signal
 import jax
 from jax.experimental import multihost_utils
 from orbax.checkpoint import v1 as ocp
+
+STOPPED_EXIT_STATUS = 75
+
+
+class Stopped(Exception):
+  """The run saved a checkpoint and stopped before its last step, on SIGTERM."""
 
 
 class Checkpoints:

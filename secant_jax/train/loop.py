@@ -3,8 +3,9 @@
 `train_and_evaluate(config, workdir)` resumes from the latest checkpoint in
 workdir/checkpoints when there is one (state, EMA, optimizer, rng and data position), and
 otherwise starts from config.init_checkpoint (a converted teacher) or a random init. When
-the run completes (not when it stops on a preemption) it exports the EMA variables to
-workdir/ema, a converted checkpoint that a later run can start from or use as its teacher.
+the run completes it exports the EMA variables to workdir/ema, a converted checkpoint that
+a later run can start from or use as its teacher; a run stopped on SIGTERM (a preemption, a
+scheduler's time limit) saves a checkpoint and raises checkpoint.Stopped instead.
 """
 
 import contextlib
@@ -85,7 +86,8 @@ def _start_state(config, workdir, ckpts, abstract_state, data_iter, init):
 def train_and_evaluate(config, workdir):
   """Trains config.secant.variant for config.num_train_steps; returns (state, history),
   history being the logged metrics ({'step': ..., 'loss': ..., ...} per log step), each
-  the mean over the steps since the previous log."""
+  the mean over the steps since the previous log. Raises checkpoint.Stopped when SIGTERM
+  stopped it before its last step."""
   workdir = files.make_directory(workdir)
   mesh = parallel.make_mesh(config.fsdp)
   parallel.check_batch_size(config.batch_size, mesh)
@@ -154,8 +156,11 @@ def train_and_evaluate(config, workdir):
       if ckpts.save_if_due(step, state, data_iter):
         break
     ckpts.save(step, state, data_iter)
-  if step == config.num_train_steps:
-    common.save(state.ema_params, os.path.join(workdir, 'ema'), overwrite=True)
+  if step < config.num_train_steps:
+    raise checkpoint.Stopped(f'Stopped on SIGTERM at step {step} of '
+                             f'{config.num_train_steps}, with a checkpoint in '
+                             f'{workdir}/checkpoints; the same command resumes the run.')
+  common.save(state.ema_params, os.path.join(workdir, 'ema'), overwrite=True)
   return state, history
 
 
