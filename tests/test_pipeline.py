@@ -1,6 +1,9 @@
 """The data pipeline's global stream: any number of processes read the same global
 batches, each its own slice, and a state saved with one process count resumes with
-another."""
+another; how many threads read them changes nothing but the speed."""
+
+import threading
+import time
 
 import jax
 import numpy as np
@@ -59,3 +62,29 @@ def test_a_global_batch_that_does_not_divide_over_the_processes_is_refused():
     with pytest.raises(ValueError, match=r'Global batch size 6 does not divide over the 4 '
                                          r'processes; set the config.s batch_size'):
       pipeline.batches(SOURCE, 6, seed=0)
+
+
+class _SlowSource:
+  """SOURCE, each read taking a millisecond (a record in a bucket: one request), noting
+  the threads that read it."""
+
+  def __init__(self):
+    self.threads = set()
+
+  def __len__(self):
+    return len(SOURCE)
+
+  def __getitem__(self, index):
+    self.threads.add(threading.get_ident())
+    time.sleep(1e-3)
+    return SOURCE[index]
+
+
+def test_the_read_threads_read_the_same_batches():
+  batches = {}
+  for threads in (1, 4):
+    source = _SlowSource()
+    it = pipeline.batches(source, 8, seed=5, augment=_jitter, read_threads=threads)
+    batches[threads] = np.stack([next(it)['x'] for _ in range(12)])
+    assert (len(source.threads) == 1) == (threads == 1), source.threads
+  np.testing.assert_array_equal(batches[4], batches[1])

@@ -15,9 +15,10 @@ import jax
 import numpy as np
 
 
-def batches(source, global_batch, seed, augment=None):
+def batches(source, global_batch, seed, augment=None, read_threads=16):
   """A resumable iterator of this process's slices {'x': [b, ...], 'y': [b]} of the global
-  batches (b = global_batch / process count)."""
+  batches (b = global_batch / process count), read ahead by `read_threads` threads (the
+  batches do not depend on how many)."""
   processes = jax.process_count()
   if global_batch % processes:
     raise ValueError(f'Global batch size {global_batch} does not divide over the '
@@ -27,7 +28,8 @@ def batches(source, global_batch, seed, augment=None):
   if augment is not None:
     ds = ds.random_map(augment, seed=seed + 1)
   ds = ds.batch(global_batch // processes, drop_remainder=True)
-  return iter(ds[jax.process_index()::processes].to_iter_dataset())
+  return iter(ds[jax.process_index()::processes].to_iter_dataset(
+      grain.ReadOptions(num_threads=read_threads)))
 
 
 def random_flip(record, rng: np.random.Generator):
@@ -54,4 +56,5 @@ def build(data_config, global_batch, seed):
   """(iterator, record shape) of this process's slices of config.data's global batches."""
   records = source(data_config)
   augment = random_flip if data_config.get('random_flip', False) else None
-  return batches(records, global_batch, seed, augment), records[0]['x'].shape
+  return (batches(records, global_batch, seed, augment, data_config.get('read_threads', 16)),
+          records[0]['x'].shape)
