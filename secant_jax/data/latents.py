@@ -77,13 +77,13 @@ def read_manifest(directory):
 
 def source(data_config):
   manifest = read_manifest(data_config.dir)
-  latents = LatentSource([str(epath.Path(data_config.dir) / name) for name in
+  records = LatentSource([str(epath.Path(data_config.dir) / name) for name in
                           manifest['shards']], data_config.get('latent_scale', SD_VAE_SCALE))
-  if len(latents) != manifest['records']:
-    raise ValueError(f'{data_config.dir} holds {len(latents)} latents where its {MANIFEST} '
+  if len(records) != manifest['records']:
+    raise ValueError(f'{data_config.dir} holds {len(records)} latents where its {MANIFEST} '
                      f'lists {manifest["records"]}: its shards changed after the import; '
                      'import again.')
-  return latents
+  return records
 
 
 def _natural_key(path):
