@@ -375,7 +375,16 @@ def test_errors_are_one_line_and_name_the_fix(tmp_path, latent_dir):
   missing_cifar = _config(TINY_UNET, dict(name='cifar10', dir=str(tmp_path / 'tfds')), 'stee',
                           path='edm')
   with pytest.raises(FileNotFoundError, match=r'CIFAR-10 data dir .*tfds does not exist; '
-                                              r'prepare it with `tfds build cifar10'):
+                                              r'prepare it with `tfds build cifar10 '
+                                              r'--file_format=array_record --data_dir='):
+    loop.train_and_evaluate(missing_cifar, tmp_path / 'r1')
+  # what plain `tfds build cifar10` leaves (TFRecord): its info files are what TFDS reads
+  tfrecord = tfds.builder('cifar10', data_dir=tmp_path / 'tfds', file_format='tfrecord')
+  os.makedirs(tfrecord.data_dir)
+  tfrecord.info.write_to_directory(tfrecord.data_dir)
+  with pytest.raises(ValueError, match=r'CIFAR-10 in .*tfds is prepared as TFRecord .*; '
+                                       r'prepare it again as ArrayRecord with `tfds build '
+                                       r'cifar10 --file_format=array_record --data_dir='):
     loop.train_and_evaluate(missing_cifar, tmp_path / 'r1')
   no_teacher = _config(TINY_DIT, dict(name='imagenet_latents', dir=latent_dir), 'sdei',
                        init_checkpoint=str(tmp_path / 'absent'))
