@@ -25,6 +25,7 @@ from secant_jax import writers
 from secant_jax.convert import common
 from secant_jax.data import latents
 from secant_jax.models import registry
+from secant_jax.train import checkpoint
 from secant_jax.train import loop
 from secant_jax.train import recipe
 
@@ -255,6 +256,28 @@ def test_demo_stages_and_evaluate_mode_agree(tmp_path):
   np.testing.assert_allclose(result['teacher_heun'], error['teacher Heun', 2], rtol=1e-5,
                              atol=1e-7)
   assert os.path.isfile(os.path.join(stage_dir, 'eval.json'))
+
+
+def test_sigterm_in_a_demo_stage_stops_the_demo_there(tmp_path, monkeypatch):
+  """The teacher stage stopped by SIGTERM ends the demo with checkpoint.Stopped (main's exit
+  status 75), instead of starting a secant stage from a teacher that was never exported."""
+  from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
+  c = demo_config.get_config()
+  c.model.hidden_size, c.model.depth, c.model.num_heads = 32, 1, 2
+  c.batch_size, c.demo.teacher_steps = 8, 40
+  save_if_due = checkpoint.Checkpoints.save_if_due
+
+  def sigterm_at_step_2(self, step, state, data_iter):
+    if step == 2:
+      os.kill(os.getpid(), signal.SIGTERM)  # to the handler the running stage installed
+    return save_if_due(self, step, state, data_iter)
+
+  monkeypatch.setattr(checkpoint.Checkpoints, 'save_if_due', sigterm_at_step_2)
+  with pytest.raises(checkpoint.Stopped, match=r'Stopped on SIGTERM at step 2 of 40, with a '
+                                               r'checkpoint in .*teacher/checkpoints'):
+    main_lib.run(c, tmp_path)
+  assert os.listdir(tmp_path) == ['teacher']
+  assert os.listdir(tmp_path / 'teacher' / 'checkpoints') == ['2']
 
 
 def test_exact_resume_across_a_process_exit(tmp_path):
