@@ -56,5 +56,5 @@ def build(data_config, global_batch, seed):
   """(iterator, record shape) of this process's slices of config.data's global batches."""
   records = source(data_config)
   augment = random_flip if data_config.get('random_flip', False) else None
-  return (batches(records, global_batch, seed, augment, data_config.get('read_threads', 16)),
+  return (batches(records, global_batch, seed, augment, data_config.read_threads),
           records[0]['x'].shape)
