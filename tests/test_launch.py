@@ -1,6 +1,7 @@
 """The launch scripts' own logic, with stand-ins for the cluster's commands on PATH."""
 
 import os
+import shutil
 import subprocess
 
 import pytest
@@ -38,13 +39,22 @@ def test_slurm_requeues_a_run_stopped_before_its_last_step(tmp_path, trainer_sta
   assert calls[1:] == (['scontrol requeue 123'] if requeued else [])
 
 
-@pytest.mark.parametrize('python_version, venv_calls', [
-    ('3.10', ['python3 -m pip install -q --user uv', 'uv venv -q --seed --python 3.11 .venv']),
-    ('3.11', ['python3 -m venv .venv'])])
-def test_tpu_setup_makes_a_python_3_11_venv_on_every_host(tmp_path, python_version,
-                                                          venv_calls):
-  """The TPU runtimes' python3 is 3.10, which JAX no longer supports: there the venv's
-  Python comes from uv; the package is installed with the tested versions."""
+def _checkout(tmp_path):
+  """A git checkout holding the TPU launcher and the constraints, as a user's clone does."""
+  checkout = tmp_path / 'checkout'
+  (checkout / 'launch').mkdir(parents=True)
+  for name in ('launch/tpu_pod.sh', 'constraints.txt', '.gitignore'):
+    shutil.copy(os.path.join(REPO, name), checkout / name)
+  git = lambda *args: subprocess.run(['git', '-C', str(checkout), *args], check=True,
+                                     capture_output=True)
+  git('init', '-q')
+  git('add', '.')
+  return checkout, git
+
+
+def _tpu_setup(tmp_path, checkout, python_version='3.11'):
+  """`tpu_pod.sh setup` from `checkout` onto one stand-in host (gcloud's scp copies to its
+  home, ssh runs the command there); returns the host's home, the calls and the result."""
   home, log = tmp_path / 'host', tmp_path / 'calls'
   home.mkdir()
   _stand_in(tmp_path, 'gcloud', f'''echo "gcloud $*" >> {log}
@@ -62,14 +72,57 @@ echo 'pip() {{ echo "pip $*" >> {log}; }}' > .venv/bin/activate
 esac
 ''')
   result = subprocess.run(
-      ['bash', os.path.join(REPO, 'launch', 'tpu_pod.sh'), 'setup'], capture_output=True,
+      ['bash', str(checkout / 'launch' / 'tpu_pod.sh'), 'setup'], capture_output=True,
       text=True, env={**os.environ, 'PATH': f'{tmp_path}:{os.environ["PATH"]}',
                       'HOME': str(home), 'TPU_NAME': 'secant', 'ZONE': 'us-central2-b'})
+  calls = log.read_text().splitlines() if log.exists() else []
+  return home, calls, result
+
+
+@pytest.mark.parametrize('python_version, venv_calls', [
+    ('3.10', ['python3 -m pip install -q --user uv', 'uv venv -q --seed --python 3.11 .venv']),
+    ('3.11', ['python3 -m venv .venv'])])
+def test_tpu_setup_makes_a_python_3_11_venv_on_every_host(tmp_path, python_version,
+                                                          venv_calls):
+  """The TPU runtimes' python3 is 3.10, which JAX no longer supports: there the venv's
+  Python comes from uv; the package is installed with the tested versions."""
+  home, calls, result = _tpu_setup(tmp_path, _checkout(tmp_path)[0], python_version)
   assert result.returncode == 0, result.stderr
-  calls = log.read_text().splitlines()
   assert calls[0].startswith('gcloud compute tpus tpu-vm scp /tmp/secant-jax.tgz secant:~/')
   assert calls[1].startswith('gcloud compute tpus tpu-vm ssh secant --zone=us-central2-b '
                              '--worker=all --command=')
   assert calls[2:] == venv_calls + ['pip install -q -U pip',
                                     "pip install -q -c constraints.txt -e .[tpu]"]
   assert (home / 'secant-jax' / 'constraints.txt').is_file()
+
+
+def test_tpu_setup_copies_the_source_as_on_disk_but_not_run_files(tmp_path):
+  """Local edits and new source files reach the hosts; a tracked file deleted on disk does
+  not break the copy; what git ignores (runs/, ckpt/, data/: README's examples keep
+  checkpoints and ImageNet's 10 GB of latents there) stays behind."""
+  checkout, git = _checkout(tmp_path)
+  (checkout / 'gone.py').write_text('')
+  git('add', 'gone.py')
+  git('-c', 'user.name=t', '-c', 'user.email=t@t', 'commit', '-q', '-m', 'tracked')
+  (checkout / 'gone.py').unlink()
+  (checkout / 'constraints.txt').write_text('jax==0.0.0  # edited\n')
+  (checkout / 'new_module.py').write_text('')
+  for run_file in ('runs/sdei4/checkpoints/1/x', 'ckpt/sit-xl2/x', 'data/latents/x'):
+    (checkout / run_file).parent.mkdir(parents=True)
+    (checkout / run_file).write_text('')
+  home, _, result = _tpu_setup(tmp_path, checkout)
+  assert result.returncode == 0, result.stderr
+  copied = sorted(str(p.relative_to(home / 'secant-jax'))
+                  for p in (home / 'secant-jax').rglob('*') if '.venv' not in p.parts)  # made there
+  assert copied == ['.gitignore', 'constraints.txt', 'launch', 'launch/tpu_pod.sh',
+                    'new_module.py']
+  assert (home / 'secant-jax' / 'constraints.txt').read_text() == 'jax==0.0.0  # edited\n'
+
+
+def test_tpu_setup_outside_a_git_checkout_says_to_clone(tmp_path):
+  checkout, _ = _checkout(tmp_path)
+  shutil.rmtree(checkout / '.git')
+  _, calls, result = _tpu_setup(tmp_path, checkout)
+  assert result.returncode == 2 and calls == []
+  assert 'is not a git checkout: clone the repository and run setup from the clone' in (
+      result.stderr)
