@@ -69,7 +69,7 @@ def written_whole(path):
   removed and `path` is left as it was."""
   path = str(path)
   remote = '://' in path
-  with tempfile.TemporaryDirectory() as scratch:
+  with (tempfile.TemporaryDirectory() if remote else contextlib.nullcontext()) as scratch:
     staged = os.path.join(scratch, 'staged') if remote else f'{path}.tmp'
     try:
       yield staged
