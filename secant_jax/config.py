@@ -10,6 +10,18 @@ from secant_jax import secant
 
 MODES = ('train', 'sample', 'evaluate', 'compare', 'demo')
 DISTILLATION = ('sdei', 'sdee')
+# What a resumed run may set otherwise than the config its checkpoints were trained with:
+# how long it runs, what it reports and when, the machines it runs on (a checkpoint
+# restores onto any mesh and process count) and how the same model is computed on them.
+# Every other setting decides the numbers trained, and a change to it on resume is refused
+# (train.loop) unless allow_config_change.
+RESUMABLE_CHANGES = ('mode', 'num_train_steps', 'log_every', 'checkpoint_every',
+                     'keep_checkpoints', 'sample_every', 'num_sample_images',
+                     'teacher_sample_nfe', 'num_eval_samples', 'eval_every', 'fid', 'compare',
+                     'fsdp', 'distributed', 'cluster', 'data.read_threads', 'model.attention',
+                     'model.remat', 'model.split_qkv',
+                     'secant.sample_cfg_scale', 'secant.sample_guidance_scale',
+                     'secant.guidance_interval', 'allow_config_change', 'demo')
 
 
 def parse_arg(arg, defaults):
@@ -22,6 +34,20 @@ def parse_arg(arg, defaults):
                        f'{sorted(defaults)}, e.g. variant=stee,steps=8.')
     values[key] = type(defaults[key])(value)
   return values
+
+
+def changed_settings(saved, current):
+  """'key: saved → current' for each setting (dotted key) that both configs (JSON dicts)
+  hold with different values, those in RESUMABLE_CHANGES aside. A key only one of them
+  holds (a setting added or removed between versions) is not a change."""
+  def flat(tree, prefix=''):
+    if not isinstance(tree, dict):
+      return {prefix[:-1]: tree}
+    return {k: v for key, sub in tree.items() for k, v in flat(sub, f'{prefix}{key}.').items()}
+  saved, current = flat(saved), flat(current)
+  free = lambda key: any(key == f or key.startswith(f + '.') for f in RESUMABLE_CHANGES)
+  return [f'{key}: {saved[key]!r} → {current[key]!r}' for key in current
+          if key in saved and saved[key] != current[key] and not free(key)]
 
 
 def secant_config(variant, steps, guidance=(1.0, 2.5), label_dropout=0.1):
@@ -82,6 +108,7 @@ def base_config():
       batch_size=256, guidance_scale=1.0,
       save_seconds=300.0,  # between saves of the running sums, to resume (0: every batch)
       references=''))  # a directory to keep the teacher's reference solutions in, for reuse
+  c.allow_config_change = False  # resume with settings not in RESUMABLE_CHANGES changed
   c.fsdp = 1
   c.distributed = False  # jax.distributed.initialize() (multi-host TPU/GPU)
   # where JAX does not detect the cluster (TPU VMs, Slurm, Open MPI, Kubernetes it does):

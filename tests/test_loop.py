@@ -309,6 +309,10 @@ def test_sigterm_leaves_a_checkpoint_the_run_continues_from(tmp_path):
   assert int(state.step) == steps[0] + 2 and history[0]['step'] == steps[0] + 1
   wider = _demo_train_config(steps[0] + 4)
   wider.model.hidden_size = 64
+  with pytest.raises(ValueError, match=r'settings differ from its config.json: '
+                                       r'model.hidden_size: 32 → 64\)'):
+    loop.train_and_evaluate(wider, tmp_path)
+  wider.allow_config_change = True  # its arrays are checked all the same
   with pytest.raises(ValueError, match=r'checkpoint at step \d+ in .* does not fit the '
                                        r'configured run \(\d+ arrays differ: .*Resume with '
                                        'the config it was saved with'):
@@ -319,6 +323,33 @@ def test_sigterm_leaves_a_checkpoint_the_run_continues_from(tmp_path):
     loop.train_and_evaluate(_demo_train_config(2), tmp_path)
   assert json.loads((tmp_path / 'config.json').read_text())['num_train_steps'] == steps[0] + 2
   assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # each failed run gave it back
+
+
+def test_a_resume_that_changes_what_is_trained_is_refused_unless_allowed(tmp_path):
+  """Settings that decide the numbers trained (here the learning rate and the EMA decay)
+  may not change silently on resume; how long the run goes on and how it logs may. Allowed,
+  the change goes on and the config of the earlier steps is kept beside the new one."""
+  loop.train_and_evaluate(_demo_train_config(2), tmp_path)
+  changed = _demo_train_config(3)
+  changed.optimizer.learning_rate, changed.ema_decay = 5e-4, 0.99
+  with pytest.raises(ValueError, match=r'The run in .* trained up to step 2 with another '
+                                       r'config \(2 settings differ from its config.json: '
+                                       r'optimizer.learning_rate: 0.001 → 0.0005; '
+                                       r'ema_decay: 0.995 → 0.99\)\. Resume with the config '
+                                       r'.*--config.allow_config_change=True'):
+    loop.train_and_evaluate(changed, tmp_path)
+  assert json.loads((tmp_path / 'config.json').read_text())['num_train_steps'] == 2
+  longer = _demo_train_config(3)
+  longer.log_every, longer.checkpoint_every = 3, 7
+  state, _ = loop.train_and_evaluate(longer, tmp_path)
+  assert int(state.step) == 3 and not list(tmp_path.glob('config.step_*.json'))
+  changed.num_train_steps, changed.allow_config_change = 4, True
+  state, _ = loop.train_and_evaluate(changed, tmp_path)
+  assert int(state.step) == 4
+  before = json.loads((tmp_path / 'config.step_3.json').read_text())
+  after = json.loads((tmp_path / 'config.json').read_text())
+  assert (before['optimizer']['learning_rate'], after['optimizer']['learning_rate']) == (
+      1e-3, 5e-4)
 
 
 def test_a_non_finite_loss_keeps_the_checkpoint_and_scalars_written_before_it(tmp_path,

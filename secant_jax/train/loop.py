@@ -9,13 +9,18 @@ scheduler's time limit) saves a checkpoint and raises checkpoint.Stopped instead
 """
 
 import contextlib
+import json
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
+from etils import epath
 from flax import traverse_util
+from jax.experimental import multihost_utils
 
+from secant_jax import config as config_lib
 from secant_jax import files
 from secant_jax import generate
 from secant_jax import sampling
@@ -56,9 +61,40 @@ def teacher_of(config, key):
   return teacher, teacher.inference_variables(load_into(teacher, path, key))
 
 
-def _save_config(config, workdir):
+def _config_changes(config, workdir, resumed_step):
+  """The settings outside config.RESUMABLE_CHANGES in which `config` differs from the
+  config.json of a run resumed from `resumed_step` (none for a new run). Such changes are
+  refused, listed, before anything is restored, unless config.allow_config_change."""
+  path = os.path.join(workdir, 'config.json')
+  if resumed_step is None or not epath.Path(path).exists():
+    return []
+  changes = config_lib.changed_settings(files.read_json(path),
+                                        json.loads(config.to_json_best_effort()))
+  if changes and not config.allow_config_change:
+    shown = '; '.join(changes[:4]) + ('; ...' if len(changes) > 4 else '')
+    raise ValueError(
+        f'The run in {workdir} trained up to step {resumed_step} with another config '
+        f'({len(changes)} settings differ from its config.json: {shown}). Resume with the '
+        'config it was saved with, start the changed run in a new --workdir, or go on with '
+        'the change on purpose with --config.allow_config_change=True (config.json of the '
+        f'steps before is then kept as config.step_{resumed_step}.json).')
+  return changes
+
+
+def _record_config(config, workdir, resumed_step, changes):
+  """Writes workdir/config.json, the config the run trains with; where `changes` (allowed
+  ones, `_config_changes`) were made on resume, the config.json of the steps up to
+  `resumed_step` is kept as config.step_<resumed_step>.json."""
+  path = os.path.join(workdir, 'config.json')
+  if jax.process_count() > 1:  # every process has read config.json before it is replaced
+    multihost_utils.sync_global_devices('config.json read')
   if jax.process_index() == 0:
-    files.write_text(os.path.join(workdir, 'config.json'), config.to_json_best_effort(indent=2))
+    if changes:
+      logging.warning('Resuming at step %d with changed settings: %s', resumed_step,
+                      '; '.join(changes))
+      files.write_text(os.path.join(workdir, f'config.step_{resumed_step}.json'),
+                       epath.Path(path).read_text())
+    files.write_text(path, config.to_json_best_effort(indent=2))
 
 
 def _global_batch(local, sharding):
@@ -127,9 +163,12 @@ def train_and_evaluate(config, workdir):
   with contextlib.closing(writer), checkpoint.Checkpoints(
       os.path.join(workdir, 'checkpoints'), config.checkpoint_every,
       config.keep_checkpoints) as ckpts:
+    resumed_step = ckpts.latest_step
+    changes = _config_changes(config, workdir, resumed_step)
     state = _start_state(config, workdir, ckpts,
                          checkpoint.abstract_like(abstract_state, state_sharding), data_iter, init)
-    _save_config(config, workdir)  # after the restore, so a config that does not fit keeps it
+    # after the restore, so that a checkpoint the config does not fit keeps its config.json
+    _record_config(config, workdir, resumed_step, changes)
     step = int(state.step)
     window, window_steps = None, 0  # metrics summed on device since the last log
     while step < config.num_train_steps:
