@@ -39,10 +39,13 @@ case "${1:-}" in
     git -C "$HERE" rev-parse --git-dir > /dev/null 2>&1 || {
       echo "setup copies the files git tracks or would track, but $HERE is not a git" \
            "checkout: clone the repository and run setup from the clone" >&2; exit 2; }
+    staging=$(mktemp -d)  # one per setup, so that setups of two TPUs at once do not clash
+    trap 'rm -rf "$staging"' EXIT
     git -C "$HERE" ls-files -z --cached --others --exclude-standard |
       while IFS= read -r -d '' f; do if [[ -e "$HERE/$f" ]]; then printf '%s\0' "$f"; fi; done |
-      tar -C "$HERE" --null -T - -czf /tmp/secant-jax.tgz
-    gcloud compute tpus tpu-vm scp /tmp/secant-jax.tgz "$TPU_NAME":~/ --zone="$ZONE" --worker=all
+      tar -C "$HERE" --null -T - -czf "$staging/secant-jax.tgz"
+    gcloud compute tpus tpu-vm scp "$staging/secant-jax.tgz" "$TPU_NAME":~/ --zone="$ZONE" \
+        --worker=all
     on_all_hosts "mkdir -p $REMOTE_DIR && tar -C $REMOTE_DIR -xzf secant-jax.tgz && \
         cd $REMOTE_DIR && rm -rf .venv && $MAKE_VENV && . .venv/bin/activate && \
         pip install -q -U pip && pip install -q -c constraints.txt -e '.[tpu]'"

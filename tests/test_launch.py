@@ -1,6 +1,7 @@
 """The launch scripts' own logic, with stand-ins for the cluster's commands on PATH."""
 
 import os
+import re
 import shutil
 import subprocess
 
@@ -88,7 +89,7 @@ def test_tpu_setup_makes_a_python_3_11_venv_on_every_host(tmp_path, python_versi
   Python comes from uv; the package is installed with the tested versions."""
   home, calls, result = _tpu_setup(tmp_path, _checkout(tmp_path)[0], python_version)
   assert result.returncode == 0, result.stderr
-  assert calls[0].startswith('gcloud compute tpus tpu-vm scp /tmp/secant-jax.tgz secant:~/')
+  assert re.match(r'gcloud compute tpus tpu-vm scp /\S+/secant-jax.tgz secant:~/ ', calls[0])
   assert calls[1].startswith('gcloud compute tpus tpu-vm ssh secant --zone=us-central2-b '
                              '--worker=all --command=')
   assert calls[2:] == venv_calls + ['pip install -q -U pip',
