@@ -352,6 +352,20 @@ def test_a_resume_that_changes_what_is_trained_is_refused_unless_allowed(tmp_pat
       1e-3, 5e-4)
 
 
+def test_changed_settings_are_those_that_decide_the_training_and_both_configs_hold():
+  saved = json.loads(config_lib.base_config().to_json_best_effort())
+  current = json.loads(config_lib.base_config().to_json_best_effort())
+  current['secant']['stei_lambda'] = 2.0  # decides the loss
+  current['fsdp'], current['model']['remat'], current['data']['read_threads'] = 4, True, 64
+  current['secant']['guidance_interval'] = [0.3, 1.0]  # sampling only
+  current['data']['added_in_a_later_version'] = 1
+  del current['ema_warmup']  # a setting this version does not have
+  current['model']['remat_policy'] = 'dots'  # not model.remat, which may change
+  saved['model']['remat_policy'] = 'none'
+  assert config_lib.changed_settings(saved, current) == [
+      "model.remat_policy: 'none' → 'dots'", 'secant.stei_lambda: 1.0 → 2.0']
+
+
 def test_a_non_finite_loss_keeps_the_checkpoint_and_scalars_written_before_it(tmp_path,
                                                                              monkeypatch):
   """The run stops with FloatingPointError at step 2, one step after its async save of step
