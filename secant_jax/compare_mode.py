@@ -6,11 +6,11 @@ config.compare: teacher (the teacher's run directory; '' for this config's own t
 converted checkpoint: config.teacher_checkpoint or config.init_checkpoint, built as
 config.model on config.path, e.g. SiT-XL/2 from configs/imagenet_sit.py), secants
 ('name=run_dir,...'), teacher_nfe, secant_steps, num_samples, batch_size, guidance_scale,
-save_seconds, references. A run directory is one a training run wrote: its config.json
+references. A run directory is one a training run wrote: its config.json
 says how to build and sample the model, its ema/ holds the weights. Writes workdir/table.md, table.json,
 samples/<row>.png, samples.png and CLU scalars; while it runs, it saves the running sums
-every save_seconds (evaluation.progress), so the same command resumes a preempted
-comparison. The saves are stamped with config.compare (but save_seconds and references),
+every config.eval_save_seconds (evaluation.progress), so the same command resumes a
+preempted comparison. The saves are stamped with config.compare (but references),
 config.seed, config.fid and the process count: the run directories by path, so retraining
 a run into the same directory calls for a new workdir. With compare.references set, the
 teacher's reference solutions are kept there (evaluation.references) and read back by any
@@ -90,7 +90,7 @@ def compare(config, workdir):
   quality = (sample_quality.SampleQuality(config, workdir, mesh)
              if features.configured(config.fid) else None)
   stamp = {'compare': {k: v for k, v in c.to_dict().items()
-                       if k not in ('save_seconds', 'references')},
+                       if k != 'references'},
            'seed': config.seed, 'fid': config.fid.to_dict(), 'processes': jax.process_count()}
   if not c.teacher:
     stamp['teacher_weights'] = teacher_weights
@@ -101,8 +101,9 @@ def compare(config, workdir):
         'guidance_scale': c.guidance_scale,
         'seed': config.seed, 'num_samples': c.num_samples, 'batch_size': c.batch_size})
   rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, c.batch_size,
-                                    mesh, quality, progress.Progress(workdir, stamp),
-                                    c.save_seconds, kept)
+                                    mesh, quality,
+                                    progress.Progress(workdir, stamp, config.eval_save_seconds),
+                                    kept)
   table = comparison.format_table(rows)
   if jax.process_index() == 0:
     files.write_text(os.path.join(workdir, 'table.md'), table + '\n')

@@ -17,7 +17,8 @@ DISTILLATION = ('sdei', 'sdee')
 # (train.loop) unless allow_config_change.
 RESUMABLE_CHANGES = ('mode', 'num_train_steps', 'log_every', 'checkpoint_every',
                      'keep_checkpoints', 'sample_every', 'num_sample_images',
-                     'teacher_sample_nfe', 'num_eval_samples', 'eval_every', 'fid', 'compare',
+                     'teacher_sample_nfe', 'num_eval_samples', 'eval_every',
+                     'eval_save_seconds', 'fid', 'compare',
                      'fsdp', 'distributed', 'cluster', 'data.read_threads', 'model.attention',
                      'model.remat', 'model.split_qkv',
                      'secant.sample_cfg_scale', 'secant.sample_guidance_scale',
@@ -91,6 +92,9 @@ def base_config():
   c.num_sample_images = 64
   c.teacher_sample_nfe = 35  # a diffusion (teacher) run's grid: its ODE by Heun at this NFE
   c.num_eval_samples = 256  # evaluate mode: samples scored against the teacher's reference
+  # evaluate and compare modes: seconds between saves of the running sums, from which the
+  # same command resumes a stopped evaluation (0: after every batch)
+  c.eval_save_seconds = 300.0
   c.eval_every = 0  # FID every K training steps (0: never), with fid.train_num_samples
   c.fid = ml_collections.ConfigDict(dict(
       features='inception',  # the feature network: 'inception' (FID) or 'fmnist' (FD-FMNIST)
@@ -106,7 +110,6 @@ def base_config():
       secants='',  # its secant runs: 'name=run_dir,...'
       teacher_nfe=(1, 2, 4, 8, 16, 35), secant_steps=(1, 2, 4, 8), num_samples=10_000,
       batch_size=256, guidance_scale=1.0,
-      save_seconds=300.0,  # between saves of the running sums, to resume (0: every batch)
       references=''))  # a directory to keep the teacher's reference solutions in, for reuse
   c.allow_config_change = False  # resume with settings not in RESUMABLE_CHANGES changed
   c.fsdp = 1

@@ -8,19 +8,26 @@ and guidance, scored by
   config.fid.num_samples samples, when config.fid names the network's weights (see
   evaluation.sample_quality).
 
-Written to workdir/eval.json and as CLU scalars under workdir/eval.
+Written to workdir/eval.json and as CLU scalars under workdir/eval. While the FID samples
+are scored, their running sums are saved to workdir/eval every config.eval_save_seconds
+(evaluation.progress), so the same command resumes a stopped evaluation; the saves are
+stamped with a digest of the weights and the settings that decide the samples and their
+scores, and deleted once eval.json is written (a later evaluation, e.g. after more
+training, starts afresh).
 """
 
 import contextlib
 import os
 
 import jax
+from jax.experimental import multihost_utils
 
 from secant_jax import files
 from secant_jax import generate
 from secant_jax import sampling
 from secant_jax import writers
 from secant_jax.evaluation import features
+from secant_jax.evaluation import progress
 from secant_jax.evaluation import reference_error
 from secant_jax.evaluation import sample_quality
 from secant_jax.models import registry
@@ -46,6 +53,16 @@ def integration_error(config, network, task, variables):
                                                   task.num_steps)}
 
 
+def fid_progress(config, workdir, variables):
+  """The Progress of the FID samples of `variables`, in workdir/eval."""
+  stamp = {'weights': progress.weights_digest(variables), 'seed': config.seed,
+           'model': config.model.to_dict(), 'path': config.path.to_dict(),
+           'secant': config.secant.to_dict(), 'fid': config.fid.to_dict(),
+           'processes': jax.process_count()}
+  return progress.Progress(files.make_directory(os.path.join(workdir, 'eval')), stamp,
+                           config.eval_save_seconds)
+
+
 def evaluate(config, workdir):
   """Returns the result dict that it writes."""
   has_teacher = bool(config.teacher_checkpoint or config.init_checkpoint)
@@ -64,7 +81,9 @@ def evaluate(config, workdir):
   if scored:
     mesh = parallel.make_mesh(config.fsdp)
     quality = sample_quality.SampleQuality(config, workdir, mesh)
-    result.update(quality(network, task, variables, config.fid.num_samples, config.seed + 2),
+    saves = fid_progress(config, workdir, variables)
+    result.update(quality(network, task, variables, config.fid.num_samples, config.seed + 2,
+                          saves),
                   num_fid_samples=config.fid.num_samples)
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, 'eval.json'), result)
@@ -72,4 +91,8 @@ def evaluate(config, workdir):
                                          just_logging=jax.process_index() > 0)) as writer:
     writer.write_scalars(task.num_steps, {k: v for k, v in result.items()
                                           if isinstance(v, float)})
+  if scored:
+    if jax.process_count() > 1:  # no process deletes its saves before eval.json is written
+      multihost_utils.sync_global_devices('eval.json written')
+    saves.clear()
   return result

@@ -43,9 +43,9 @@ def _quality():
   return quality
 
 
-def _run(saves, save_seconds=0.0, kept=None):
+def _run(saves, kept=None):
   """A mixture's reference and Euler/Heun at 1 and 2 NFE: 20 samples in batches of 8 (the
-  last one partial), saved after every batch."""
+  last one partial), saved as `saves` says."""
   path = paths.Linear()
   mixture = oracle.GaussianMixture([[1.0, 0.0], [-1.0, 0.5]], [0.2, 0.3], [0.3, 0.7])
   tangent_of = lambda y: lambda x, t: mixture.velocity(x, t, path)
@@ -53,7 +53,7 @@ def _run(saves, save_seconds=0.0, kept=None):
   noise = np.asarray(jax.random.normal(jax.random.key(0), (20, 2)))
   return comparison.compare(comparison.teacher_samplers(task, tangent_of, (1, 2)), task,
                             tangent_of, noise, np.zeros(20, np.int32), 8,
-                            parallel.make_mesh(), _quality(), saves, save_seconds, kept)
+                            parallel.make_mesh(), _quality(), saves, kept)
 
 
 def test_a_preempted_comparison_resumes_to_the_same_table(tmp_path, monkeypatch):
@@ -83,13 +83,13 @@ def test_a_preempted_comparison_resumes_to_the_same_table(tmp_path, monkeypatch)
   assert _run(progress.Progress(str(tmp_path), STAMP))[0] == rows  # finished: only the table
   assert saved == [8, 16, 20]
   (tmp_path / 'hourly').mkdir()
-  assert _run(progress.Progress(str(tmp_path / 'hourly'), STAMP), 3600.0)[0] == rows
+  assert _run(progress.Progress(str(tmp_path / 'hourly'), STAMP, 3600.0))[0] == rows
   assert saved == [8, 16, 20, 20]  # none due before the end
 
   other = {'compare': {'num_samples': 40, 'batch_size': 8}, 'seed': 1}
   with pytest.raises(ValueError, match=r'progress.process_0.20.npz holds the progress of a '
                                        r'different evaluation \(it differs in '
-                                       r'compare.num_samples, seed\): pass another --workdir'):
+                                       r'compare.num_samples, seed\): finish that one'):
     _run(progress.Progress(str(tmp_path), other))
 
 

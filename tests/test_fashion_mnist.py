@@ -111,7 +111,8 @@ def test_teacher_secant_stages_and_the_table_on_cpu(tmp_path):
                     num_reference_images=64))
   c.compare.update(dict(secants=f'sdei={tmp_path / "sdei"},stee={tmp_path / "stee"}',
                         teacher_nfe=(1, 2, 3), secant_steps=(1, 2), num_samples=12,
-                        batch_size=8, save_seconds=0.0))
+                        batch_size=8))
+  c.eval_save_seconds = 0.0
   rows = main_lib.run(c, tmp_path / 'table')
   assert [(r['sampler'], r['nfe']) for r in rows] == [
       ('teacher adaptive reference', None),

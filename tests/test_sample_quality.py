@@ -1,5 +1,6 @@
 """FID and Inception Score end to end on CPU: evaluate mode on the demo config with a
-randomly initialised Inception (no weights ship), the reference computed once and cached."""
+randomly initialised Inception (no weights ship), the reference computed once and cached;
+an evaluation stopped after a save resumes to the result of one never stopped."""
 
 import json
 import os
@@ -11,6 +12,7 @@ import pytest
 
 from secant_jax import main as main_lib
 from secant_jax.convert import common
+from secant_jax.evaluation import progress
 from secant_jax.evaluation import sample_quality
 from secant_jax.models import inception
 from secant_jax.models import registry
@@ -28,14 +30,43 @@ def _demo_evaluate_config(inception_dir):
   return c
 
 
-def test_evaluate_mode_computes_fid_and_inception_score(tmp_path):
+class Preempted(Exception):
+  """Raised right after a save, where a preemption would stop the run."""
+
+
+def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, monkeypatch):
   inception_dir = tmp_path / 'inception'
   common.save(jax.tree_util.tree_map(np.asarray, jax.jit(inception.InceptionV3().init)(
       jax.random.key(0), jnp.zeros((1, 8, 8, 3), jnp.uint8))), inception_dir)
   c = _demo_evaluate_config(inception_dir)
+  c.eval_save_seconds = 0.0
   network = registry.build(c.model, guided=False)
   common.save(network.init(jax.random.key(1)), tmp_path / 'run' / 'ema')
-  result = main_lib.run(c, tmp_path / 'run')
+  saved, stops = [], [8]
+  save = progress.Progress.save
+
+  def save_then_stop(self, done, arrays):
+    save(self, done, arrays)
+    saved.append(done)
+    if done in stops:
+      stops.remove(done)
+      raise Preempted
+
+  monkeypatch.setattr(progress.Progress, 'save', save_then_stop)
+  with pytest.raises(Preempted):
+    main_lib.run(c, tmp_path / 'run')
+  assert sorted(os.listdir(tmp_path / 'run' / 'eval')) == ['progress.process_0.8.npz']
+  common.save(network.init(jax.random.key(2)), tmp_path / 'run' / 'ema', overwrite=True)
+  with pytest.raises(ValueError, match=r'progress.process_0.8.npz holds the progress of a '
+                                       r'different evaluation \(it differs in weights\): '
+                                       r'finish that one with its settings, or delete'):
+    main_lib.run(c, tmp_path / 'run')
+  common.save(network.init(jax.random.key(1)), tmp_path / 'run' / 'ema', overwrite=True)
+  resumed = main_lib.run(c, tmp_path / 'run')
+  assert saved == [8, 12]  # resumed after the first batch
+  assert not any(f.startswith('progress') for f in os.listdir(tmp_path / 'run' / 'eval'))
+  result = main_lib.run(c, tmp_path / 'run')  # its saves deleted: evaluated afresh
+  assert saved == [8, 12, 8, 12] and resumed == result
   assert np.isfinite(result['fid']) and result['fid'] > 0
   assert 1.0 <= result['inception_score'] <= 1008 and result['num_fid_samples'] == 12
   with open(tmp_path / 'run' / 'eval.json') as f:

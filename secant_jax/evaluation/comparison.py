@@ -16,7 +16,6 @@ import contextlib
 import dataclasses
 import os
 import re
-import time
 from typing import Callable, Optional
 
 import jax
@@ -87,14 +86,14 @@ def secant_samplers(name, run_config, ema_dir, steps, scale):
 
 
 def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality=None,
-            progress=None, save_seconds=300.0, references=None):
+            progress=None, references=None):
   """Rows {'sampler', 'nfe', 'error' (+ quality's metrics)} for the reference and each
   sampler, and {sampler index: its first batch of samples} (index −1: the reference).
   `batch_size` must divide over the mesh; the number of samples need not. With a
-  `progress` (evaluation.progress.Progress) the running sums are saved after the first
-  batch to end `save_seconds` after the previous save, and after the last batch; a rerun
-  resumes after the latest save. With `references` (evaluation.references.References)
-  each batch's reference solution is read where kept, and kept where solved."""
+  `progress` (evaluation.progress.Progress) the running sums are saved as it goes
+  (`Progress.save_if_due`) and a rerun resumes after the latest save. With `references`
+  (evaluation.references.References) each batch's reference solution is read where kept,
+  and kept where solved."""
   parallel.check_batch_size(batch_size, mesh)
   sharding = parallel.batch_sharding(mesh)
   reference_fn = jax.jit(lambda n, y: sampling.reference_sample(tangent_of(y), n, task.path),
@@ -105,7 +104,6 @@ def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality
   firsts = {}
   total = noise.shape[0]
   done, saved = progress.load() if progress else (0, None)
-  last_save = time.monotonic()
   if saved:
     squared, firsts = _restore(saved, scores)
     logging.info('comparison: resumed after %d / %d samples', done, total)
@@ -124,9 +122,8 @@ def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality
         firsts[i - 1] = np.asarray(multihost_utils.process_allgather(x, tiled=True))
     done = start + keep
     logging.info('comparison: %d / %d samples, %d samplers', done, total, len(samplers))
-    if progress and (done == total or _due(last_save, save_seconds)):
-      progress.save(done, _state(squared, scores, firsts))
-      last_save = time.monotonic()
+    if progress:
+      progress.save_if_due(done, total, lambda: _state(squared, scores, firsts))
   per_value = total * int(np.prod(noise.shape[1:]))
   rows = [{'sampler': 'teacher adaptive reference', 'nfe': None, 'error': 0.0}]
   rows += [{'sampler': s.name, 'nfe': s.nfe, 'error': float(np.sqrt(e / per_value))}
@@ -146,15 +143,6 @@ def _reference(references, start, solve, n, y, sharding):
   if references:
     references.write(start, reference)
   return reference
-
-
-def _due(since, seconds):
-  """Whether `seconds` have passed since `since` (time.monotonic) on process 0, told to
-  every process so that all save after the same batch."""
-  due = np.asarray(time.monotonic() - since >= seconds)
-  if jax.process_count() > 1:
-    due = multihost_utils.broadcast_one_to_all(due)
-  return bool(due)
 
 
 def _state(squared, scores, firsts):

@@ -1,21 +1,26 @@
 """A long evaluation's running sums kept on disk, so that a preempted run resumes after its
 last saved batch instead of starting over (the comparison table's adaptive reference
-solves take hours at ImageNet scale).
+solves take hours at ImageNet scale, evaluate mode's FID over 50,000 samples long enough to
+meet a preemption).
 
 Each process saves its own arrays (feature sums stay per process until the end) as
-`progress.process_<i>.<done>.npz` in the workdir, `done` being the samples processed so
-far, each written whole or not at all (files.write_npz) and the previous one kept, so a
-preemption during a write, or between two processes' writes, leaves a state every process
-has. A resumed run loads the largest `done` that all processes saved.
+`progress.process_<i>.<done>.npz` in its directory (compare mode's workdir, evaluate mode's
+workdir/eval), `done` being the samples processed so far, each written whole or not at all
+(files.write_npz) and the previous one kept, so a preemption during a write, or between two
+processes' writes, leaves a state every process has. A resumed run loads the largest `done`
+that all processes saved. Saves are taken every `save_seconds` (timed on process 0, so
+that all processes save after the same batch) and after the last batch.
 
 Every file records a fingerprint, a JSON object of what is being evaluated; loading a
 file whose fingerprint differs is an error that names the file and the keys that differ,
 never a silent restart or a mix of two evaluations.
 """
 
+import hashlib
 import json
 import os
 import re
+import time
 
 import jax
 import numpy as np
@@ -38,6 +43,17 @@ def _flat(tree, prefix=''):
   return flat
 
 
+def weights_digest(variables):
+  """A SHA-256 hex digest of a tree of arrays (paths, dtypes, shapes and values): what
+  stamps an evaluation of these weights and no others."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+    array = np.ascontiguousarray(leaf)
+    digest.update(f'{jax.tree_util.keystr(path)}:{array.dtype}:{array.shape};'.encode())
+    digest.update(array.reshape(-1).view(np.uint8))
+  return digest.hexdigest()
+
+
 def write_stamped(path, fingerprint, arrays):
   """Writes {name: array} and `fingerprint` (a JSON string) whole (files.write_npz)."""
   files.write_npz(path, fingerprint=np.asarray(fingerprint), **arrays)
@@ -57,12 +73,14 @@ def read_stamped(path, fingerprint, holds, fix):
 
 class Progress:
   """Saves and loads {name: array} under `directory`, stamped with `fingerprint` (a
-  JSON-serialisable dict)."""
+  JSON-serialisable dict); `save_if_due` saves every `save_seconds` (0: every call)."""
 
-  def __init__(self, directory, fingerprint):
+  def __init__(self, directory, fingerprint, save_seconds=0.0):
     self.directory = directory
     self.fingerprint = json.dumps(fingerprint, sort_keys=True)
+    self.save_seconds = save_seconds
     self._prefix = f'progress.process_{jax.process_index()}.'
+    self._last_save = time.monotonic()
 
   def _path(self, done):
     return os.path.join(self.directory, f'{self._prefix}{done}.npz')
@@ -75,6 +93,7 @@ class Progress:
 
   def load(self):
     """(done, {name: array}) of the latest save every process has, or (0, None)."""
+    self._last_save = time.monotonic()
     latest = max(self.saved(), default=0)
     if jax.process_count() > 1:
       latest = int(np.min(multihost_utils.process_allgather(np.asarray(latest))))
@@ -84,13 +103,35 @@ class Progress:
     if not epath.Path(path).exists():
       raise FileNotFoundError(f'{path} is missing, though every process has saved after '
                               f'{latest} samples: restore it, or delete the '
-                              'progress.process_* files in the workdir to start over.')
+                              f'progress.process_* files in {self.directory} to start '
+                              'over.')
     return latest, read_stamped(
-        path, self.fingerprint, 'the progress of a different evaluation', 'pass another '
-        '--workdir, or delete the progress.process_* files there to start this one over')
+        path, self.fingerprint, 'the progress of a different evaluation', 'finish that one '
+        'with its settings, or delete the progress.process_* files in '
+        f'{self.directory} to start this one over')
 
   def save(self, done, arrays):
     """Writes the arrays after `done` samples and deletes all but the KEEP latest saves."""
     write_stamped(self._path(done), self.fingerprint, arrays)
+    self._last_save = time.monotonic()
     for old in self.saved()[:-KEEP]:
       epath.Path(self._path(old)).unlink()
+
+  def save_if_due(self, done, total, arrays_of):
+    """`save`s arrays_of() after `done` of `total` samples if it is the last batch or
+    save_seconds have passed since the last save (or the load)."""
+    if done == total or self._due():
+      self.save(done, arrays_of())
+
+  def _due(self):
+    """Whether save_seconds have passed on process 0, told to every process so that all
+    save after the same batch."""
+    due = np.asarray(time.monotonic() - self._last_save >= self.save_seconds)
+    if jax.process_count() > 1:
+      due = multihost_utils.broadcast_one_to_all(due)
+    return bool(due)
+
+  def clear(self):
+    """Deletes this process's saves: the evaluation is over and its result written."""
+    for done in self.saved():
+      epath.Path(self._path(done)).unlink()

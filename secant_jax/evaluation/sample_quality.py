@@ -42,7 +42,7 @@ def _features_fn(mesh, network, decoder_variables):
 
 class SampleQuality:
   """Loads the feature network (and the VAE for latent data) and the reference statistics
-  once; `score` batches of samples, or call it with a model's variables."""
+  once; add batches of samples to its `scores`, or call it with a model's variables."""
 
   def __init__(self, config, workdir, mesh):
     self.config, self.mesh = config, mesh
@@ -95,21 +95,24 @@ class SampleQuality:
     """An empty Scores to `add` batches to."""
     return Scores(self)
 
-  def _accumulate(self, batches, total, what):
-    scores = self.scores()
+  def _accumulate(self, batches, total, what, scores=None, progress=None):
+    """`scores` (a new Scores by default) with the batches added, saved to `progress`
+    (evaluation.progress.Progress) as it goes where given."""
+    scores = self.scores() if scores is None else scores
     every = max(1, total // 10 // self.config.fid.batch_size) * self.config.fid.batch_size
     for x, keep in batches:
       scores.add(x, keep)
       if scores.count % every < keep or scores.count == total:
         logging.info('%s %s: %d / %d', self.network.metric, what, scores.count, total)
+      if progress:
+        progress.save_if_due(scores.count, total, scores.state)
     return scores
 
-  def score(self, batches, total):
-    """Scores.result of `total` samples given as (x, num_valid) batches."""
-    return self._accumulate(batches, total, 'samples').result()
-
-  def __call__(self, network, task, variables, num_samples, seed):
-    """`score` of `num_samples` samples of the config's sampler, seeded."""
+  def __call__(self, network, task, variables, num_samples, seed, progress=None):
+    """Scores.result of `num_samples` samples of the config's sampler, batch i drawn from
+    fold_in(key(seed), i). With a `progress` (evaluation.progress.Progress) the running
+    sums are saved as it goes, and a rerun resumes after the latest save with the batches
+    it had not scored, so that its result is the one of a run never stopped."""
     batch = self.config.fid.batch_size
     parallel.check_batch_size(batch, self.mesh)
     num_classes = self.config.model.get('num_classes', 0)
@@ -121,9 +124,16 @@ class SampleQuality:
       return generate.sample(network, task, v, self.config.secant, noise, labels)
 
     sample = jax.jit(draw, out_shardings=parallel.batch_sharding(self.mesh))
+    scores = self.scores()
+    done, saved = progress.load() if progress else (0, None)
+    if saved:
+      scores.restore(saved)
+      logging.info('%s samples: resumed after %d / %d', self.network.metric, done,
+                   num_samples)
     batches = ((sample(variables, jax.random.fold_in(jax.random.key(seed), i)),
-                min(batch, num_samples - i * batch)) for i in range(-(-num_samples // batch)))
-    return self.score(batches, num_samples)
+                min(batch, num_samples - i * batch))
+               for i in range(-(-done // batch), -(-num_samples // batch)))
+    return self._accumulate(batches, num_samples, 'samples', scores, progress).result()
 
 
 class Scores:
