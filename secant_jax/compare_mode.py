@@ -11,10 +11,12 @@ says how to build and sample the model, its ema/ holds the weights. Writes workd
 samples/<row>.png, samples.png and CLU scalars; while it runs, it saves the running sums
 every config.eval_save_seconds (evaluation.progress), so the same command resumes a
 preempted comparison. The saves are stamped with config.compare (but references),
-config.seed, config.fid and the process count: the run directories by path, so retraining
-a run into the same directory calls for a new workdir. With compare.references set, the
+config.seed, config.fid, the process count and a digest of each model's weights
+(evaluation.progress.weights_digest), so that a run retrained into the same directory is
+not taken for the one compared before. With compare.references set, the
 teacher's reference solutions are kept there (evaluation.references) and read back by any
-later comparison with the same teacher, guidance_scale, seed, num_samples and batch_size.
+later comparison with the same teacher (path and weights), guidance_scale, seed,
+num_samples and batch_size.
 """
 
 import os
@@ -76,8 +78,8 @@ def compare(config, workdir):
   c = config.compare
   teacher_config, teacher_weights = teacher_of(config)
   workdir = files.make_directory(workdir)
-  network, task, tangent_of = comparison.teacher(teacher_config, teacher_weights,
-                                                 c.guidance_scale)
+  network, task, tangent_of, teacher_digest = comparison.teacher(
+      teacher_config, teacher_weights, c.guidance_scale)
   samplers = comparison.teacher_samplers(task, tangent_of, c.teacher_nfe)
   for name, run_dir in parse_runs(c.secants):
     run_config, ema_dir = load_run(run_dir)
@@ -89,16 +91,17 @@ def compare(config, workdir):
   mesh = parallel.make_mesh(config.fsdp)
   quality = (sample_quality.SampleQuality(config, workdir, mesh)
              if features.configured(config.fid) else None)
-  stamp = {'compare': {k: v for k, v in c.to_dict().items()
-                       if k != 'references'},
-           'seed': config.seed, 'fid': config.fid.to_dict(), 'processes': jax.process_count()}
+  stamp = {'compare': {k: v for k, v in c.to_dict().items() if k != 'references'},
+           'seed': config.seed, 'fid': config.fid.to_dict(), 'processes': jax.process_count(),
+           'weights': {'teacher': teacher_digest,
+                       **{s.name: s.weights for s in samplers if s.weights}}}
   if not c.teacher:
     stamp['teacher_weights'] = teacher_weights
   kept = None
   if c.references:
     kept = references.References(c.references, {
         'teacher': files.absolute(c.teacher or teacher_weights),
-        'guidance_scale': c.guidance_scale,
+        'teacher_digest': teacher_digest, 'guidance_scale': c.guidance_scale,
         'seed': config.seed, 'num_samples': c.num_samples, 'batch_size': c.batch_size})
   rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, c.batch_size,
                                     mesh, quality,

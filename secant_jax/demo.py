@@ -46,7 +46,8 @@ def evaluate(config, workdir, teacher_dir, secant_runs):
   scalars, returns the rows."""
   d = config.demo
   teacher_config, _ = stage_config(config, workdir, 'teacher', 'diffusion', 1, 1)
-  network, task, tangent_of = comparison.teacher(teacher_config, teacher_dir, d.eval_scale)
+  network, task, tangent_of, _ = comparison.teacher(teacher_config, teacher_dir,
+                                                     d.eval_scale)
   noise, labels = generate.fixed_noise_and_labels(config.seed + 1, d.num_eval,
                                                   network.image_shape, 10)
   samplers = comparison.teacher_samplers(task, tangent_of, d.eval_step_counts)

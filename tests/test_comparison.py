@@ -2,7 +2,8 @@
 gives exactly the table of a run never stopped, without redoing that batch; a workdir
 holding another comparison's progress is refused by name. Kept reference solutions are
 read back instead of solved, and another comparison's are refused by name. A config's own
-converted teacher is compared without a training run."""
+converted teacher is compared without a training run, and its weights replaced in place are
+not taken for the ones compared before."""
 
 import os
 import types
@@ -146,9 +147,10 @@ def test_the_configs_own_converted_teacher_is_compared_without_a_run(tmp_path):
     compare_mode.compare(c, tmp_path / 'none')
   teacher = registry.build(c.model, guided=False)
   rng = np.random.default_rng(0)  # off DiT's zero-initialised output layer: a non-zero tangent
-  common.save(jax.tree_util.tree_map(
+  perturbed = lambda: jax.tree_util.tree_map(
       lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(p.dtype),
-      teacher.init(jax.random.key(0))), tmp_path / 'converted')
+      teacher.init(jax.random.key(0)))
+  common.save(perturbed(), tmp_path / 'converted')
   c.teacher_checkpoint = str(tmp_path / 'converted')
   rows = compare_mode.compare(c, tmp_path / 'table')
   assert [(r['sampler'], r['nfe']) for r in rows] == [
@@ -156,3 +158,7 @@ def test_the_configs_own_converted_teacher_is_compared_without_a_run(tmp_path):
       ('teacher Heun', 1), ('teacher Heun', 2)]
   assert all(np.isfinite(r['error']) for r in rows) and rows[2]['error'] > 0
   assert (tmp_path / 'table' / 'table.md').is_file()
+  common.save(perturbed(), tmp_path / 'converted', overwrite=True)  # replaced in place
+  with pytest.raises(ValueError, match=r'holds the progress of a different evaluation '
+                                       r'\(it differs in weights.teacher\)'):
+    compare_mode.compare(c, tmp_path / 'table')

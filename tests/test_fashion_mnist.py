@@ -15,6 +15,7 @@ from secant_jax import compare_mode
 from secant_jax import main as main_lib
 from secant_jax import sampling
 from secant_jax import secant
+from secant_jax.convert import common
 from secant_jax.data import fashion_mnist
 from secant_jax.evaluation import fmnist_features
 from secant_jax.models import precond
@@ -104,7 +105,7 @@ def test_teacher_secant_stages_and_the_table_on_cpu(tmp_path):
       (train_images[:4096], train_labels[:4096]), (test_images[:1000], test_labels[:1000]),
       steps=64, batch_size=32, log=lambda _: None)
   assert accuracies[-1] > 0.6, accuracies  # 10 classes: chance is 0.1
-  fmnist_features.common.save(variables, tmp_path / 'classifier')
+  common.save(variables, tmp_path / 'classifier')
 
   c = _stage_config('compare', tmp_path)
   c.fid.update(dict(fmnist=str(tmp_path / 'classifier'), batch_size=8,
@@ -133,6 +134,13 @@ def test_teacher_secant_stages_and_the_table_on_cpu(tmp_path):
   mtime = os.path.getmtime(tmp_path / 'table' / 'progress.process_0.12.npz')
   assert main_lib.run(c, tmp_path / 'table') == rows  # the config's stamp read back: resumed
   assert os.path.getmtime(tmp_path / 'table' / 'progress.process_0.12.npz') == mtime
+  retrained = jax.tree_util.tree_map(lambda p: p * 1.01,
+                                     common.load_variables(tmp_path / 'sdei' / 'ema'))
+  common.save(retrained, tmp_path / 'sdei' / 'ema', overwrite=True)
+  with pytest.raises(ValueError, match=r'progress.process_0.12.npz holds the progress of a '
+                                       r'different evaluation \(it differs in '
+                                       r'weights.secant sdei\)'):
+    main_lib.run(c, tmp_path / 'table')
 
 
 def _fixed_sdei_losses(config, network, teacher_variables, variables_list, count=256):

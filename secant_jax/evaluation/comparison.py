@@ -28,6 +28,7 @@ from secant_jax import files
 from secant_jax import generate
 from secant_jax import sampling
 from secant_jax import writers
+from secant_jax.evaluation import progress as progress_lib
 from secant_jax.evaluation import reference_error
 from secant_jax.models import registry
 from secant_jax.train import loop
@@ -40,11 +41,14 @@ class Sampler:
   name: str  # 'teacher Heun', 'secant SDEI (sdei-4)'
   nfe: Optional[int]  # network evaluations per sample (None: adaptive)
   fn: Callable  # (noise, labels) → samples; jitted by `compare`
+  # a secant model's: the digest of its weights (evaluation.progress.weights_digest)
+  weights: str = ''
 
 
 def teacher(run_config, ema_dir, scale):
-  """(teacher network, task, guided tangent of labels: y → v(x, t)) of a trained teacher
-  run, CFG-guided at `scale` (None: the plain conditional tangent)."""
+  """(teacher network, task, guided tangent of labels: y → v(x, t), digest of its weights
+  (evaluation.progress.weights_digest)) of a trained teacher run, CFG-guided at `scale`
+  (None: the plain conditional tangent)."""
   network = registry.build(run_config.model, guided=False)
   variables = loop.load_into(network, ema_dir, jax.random.key(0))
   task = recipe.make_task(run_config, network)
@@ -52,7 +56,7 @@ def teacher(run_config, ema_dir, scale):
   def tangent_of(labels):
     return reference_error.teacher_tangent(network, variables, task, labels, scale)
 
-  return network, task, tangent_of
+  return network, task, tangent_of, progress_lib.weights_digest(variables)
 
 
 def teacher_samplers(task, tangent_of, nfes):
@@ -81,8 +85,9 @@ def secant_samplers(name, run_config, ema_dir, steps, scale):
   with sample_config.unlocked():
     sample_config.sample_guidance_scale = scale
     sample_config.sample_cfg_scale = scale
+  digest = progress_lib.weights_digest(variables)
   return [Sampler(name, n, lambda noise, y, n=n: generate.sample(
-      network, task, variables, sample_config, noise, y, n)) for n in steps]
+      network, task, variables, sample_config, noise, y, n), digest) for n in steps]
 
 
 def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality=None,
