@@ -104,7 +104,10 @@ def base_config():
       reference='',  # mu/sigma .npz ('' = computed from the data's reference_split, cached)
       reference_split='train',
       num_reference_images=0,  # images the computed reference uses (0: the whole split)
-      num_samples=50_000, train_num_samples=5_000, batch_size=256))
+      num_samples=50_000, train_num_samples=5_000, batch_size=256,
+      # evaluate mode: also write its num_samples samples here as PNGs (<index>.png), a
+      # folder torch-fidelity (the official evaluation) reads ('' = none)
+      image_dir=''))
   c.compare = ml_collections.ConfigDict(dict(  # compare mode (compare_mode.py)
       teacher='',  # the teacher's run directory (the --workdir it trained in)
       secants='',  # its secant runs: 'name=run_dir,...'

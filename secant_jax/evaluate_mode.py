@@ -6,7 +6,8 @@ and guidance, scored by
   config names a teacher), and
 - FID and Inception Score (or the Fréchet distance of another feature network) over
   config.fid.num_samples samples, when config.fid names the network's weights (see
-  evaluation.sample_quality).
+  evaluation.sample_quality); with config.fid.image_dir set, these samples are also
+  written there as PNG images, for an evaluator of one's own (torch-fidelity, ADM's).
 
 Written to workdir/eval.json and as CLU scalars under workdir/eval. While the FID samples
 are scored, their running sums are saved to workdir/eval every config.eval_save_seconds
@@ -83,7 +84,7 @@ def evaluate(config, workdir):
     quality = sample_quality.SampleQuality(config, workdir, mesh)
     saves = fid_progress(config, workdir, variables)
     result.update(quality(network, task, variables, config.fid.num_samples, config.seed + 2,
-                          saves),
+                          saves, config.fid.image_dir),
                   num_fid_samples=config.fid.num_samples)
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, 'eval.json'), result)

@@ -51,14 +51,6 @@ def read_json(path):
   return json.loads(epath.Path(path).read_text())
 
 
-def write_png(pixels, path):
-  """uint8 pixels [H, W, C] as a PNG file: grey for C = 1, else RGB from the first three
-  channels (a grid of 4-channel latents shows three of them)."""
-  image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3])
-  with epath.Path(path).open('wb') as f:
-    image.save(f, format='PNG')
-
-
 @contextlib.contextmanager
 def written_whole(path):
   """Yields a local filename through which to write the file at `path` whole or not at all,
@@ -81,6 +73,14 @@ def written_whole(path):
     finally:
       if os.path.exists(staged):
         os.remove(staged)
+
+
+def write_png(pixels, path):
+  """uint8 pixels [H, W, C] as a PNG file, written whole (`written_whole`): grey for C = 1,
+  else RGB from the first three channels (a grid of 4-channel latents shows three)."""
+  image = Image.fromarray(pixels[..., 0] if pixels.shape[-1] == 1 else pixels[..., :3])
+  with written_whole(path) as staged:
+    image.save(staged, format='PNG')
 
 
 def write_npz(path, **arrays):

@@ -4,8 +4,8 @@ jax.distributed (gloo collectives) through `--config.distributed=True` and
 to one of them stops both at one step with one checkpoint; resumed, the run ends
 bit-identical to a straight one, and resumed on one process of four devices instead, equal
 to it up to the collectives' rounding. FID's feature statistics over batches whose rows
-are split between the processes; a comparison's saved progress, resumed where both
-processes saved, and its kept reference solutions."""
+are split between the processes, and those rows' images; a comparison's saved progress,
+resumed where both processes saved, and its kept reference solutions."""
 
 import json
 import os
@@ -19,6 +19,7 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
+from PIL import Image
 
 from secant_jax import config as config_lib
 from secant_jax import main as main_lib
@@ -120,12 +121,13 @@ def test_unset_cluster_settings_are_left_to_jax_and_process_zero_is_set(monkeypa
                    dict(coordinator_address='10.0.0.1:1234', num_processes=4, process_id=0)]
 
 
-def test_feature_statistics_of_batches_split_over_processes_are_the_whole_batches():
+def test_feature_statistics_of_batches_split_over_processes_are_the_whole_batches(tmp_path):
   """FID's streamed sums when each process holds only its rows of every batch (and a last
-  batch is trimmed): each process counts its own rows, μ and Σ are over all of them."""
+  batch is trimmed): each process counts its own rows, μ and Σ are over all of them; the
+  images of those rows are written once each, by the process that holds them."""
   import multihost_fid_worker as worker  # pylint: disable=import-outside-toplevel
   outputs = _finish(_launch(lambda port, i: ['tests/multihost_fid_worker.py', str(port),
-                                             str(i)]))
+                                             str(i), str(tmp_path)]))
   results = [json.loads(out.strip().splitlines()[-1]) for out in outputs]
   assert [r['count'] for r in results] == [12, 7]  # rows 0-5, 6-11; then 0-5, 6
   features = np.concatenate([b[:n] for b, n in zip(worker.BATCHES, worker.NUM_VALID)]
@@ -134,6 +136,10 @@ def test_feature_statistics_of_batches_split_over_processes_are_the_whole_batche
     np.testing.assert_allclose(r['mu'], features.mean(0), rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(r['sigma'], np.cov(features, rowvar=False), rtol=1e-6,
                                atol=1e-7)
+  assert sorted(os.listdir(tmp_path)) == [f'{i:06d}.png' for i in range(19)]
+  for i, expected in enumerate(worker.pixels(features.astype(np.float32))):
+    with Image.open(tmp_path / f'{i:06d}.png') as image:
+      np.testing.assert_array_equal(np.asarray(image), expected[..., 0])
 
 
 def test_a_comparison_resumes_where_every_process_saved_and_shares_references(tmp_path):

@@ -9,13 +9,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
+from secant_jax import generate
 from secant_jax import main as main_lib
 from secant_jax.convert import common
+from secant_jax.evaluation import fid
 from secant_jax.evaluation import progress
 from secant_jax.evaluation import sample_quality
 from secant_jax.models import inception
 from secant_jax.models import registry
+from secant_jax.train import loop
+from secant_jax.train import recipe
 
 
 def _demo_evaluate_config(inception_dir):
@@ -30,6 +35,25 @@ def _demo_evaluate_config(inception_dir):
   return c
 
 
+def _images(directory):
+  names = sorted(os.listdir(directory))
+  assert names == [f'{i:06d}.png' for i in range(len(names))]
+  return np.stack([np.asarray(Image.open(os.path.join(directory, n))) for n in names])
+
+
+def _first_batch(c, ema_dir):
+  """The first 8 FID samples of evaluate mode (batch 0: key fold_in(key(seed + 2), 0)) as
+  uint8 images [8, H, W]."""
+  network = registry.build(c.model, guided=c.secant.guidance is not None)
+  variables = loop.load_into(network, ema_dir, jax.random.key(0))
+  k_noise, k_label = jax.random.split(jax.random.fold_in(jax.random.key(c.seed + 2), 0))
+  noise = jax.random.normal(k_noise, (8, *network.image_shape))
+  labels = jax.random.randint(k_label, (8,), 0, c.model.num_classes)
+  samples = generate.sample(network, recipe.make_task(c, network), variables, c.secant,
+                            noise, labels)
+  return np.asarray(fid.to_uint8(samples))[..., 0]
+
+
 class Preempted(Exception):
   """Raised right after a save, where a preemption would stop the run."""
 
@@ -40,6 +64,7 @@ def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, monkeypatch):
       jax.random.key(0), jnp.zeros((1, 8, 8, 3), jnp.uint8))), inception_dir)
   c = _demo_evaluate_config(inception_dir)
   c.eval_save_seconds = 0.0
+  c.fid.image_dir = str(tmp_path / 'images')
   network = registry.build(c.model, guided=False)
   common.save(network.init(jax.random.key(1)), tmp_path / 'run' / 'ema')
   saved, stops = [], [8]
@@ -56,6 +81,7 @@ def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, monkeypatch):
   with pytest.raises(Preempted):
     main_lib.run(c, tmp_path / 'run')
   assert sorted(os.listdir(tmp_path / 'run' / 'eval')) == ['progress.process_0.8.npz']
+  assert sorted(os.listdir(tmp_path / 'images')) == [f'{i:06d}.png' for i in range(8)]
   common.save(network.init(jax.random.key(2)), tmp_path / 'run' / 'ema', overwrite=True)
   with pytest.raises(ValueError, match=r'progress.process_0.8.npz holds the progress of a '
                                        r'different evaluation \(it differs in weights\): '
@@ -65,8 +91,14 @@ def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, monkeypatch):
   resumed = main_lib.run(c, tmp_path / 'run')
   assert saved == [8, 12]  # resumed after the first batch
   assert not any(f.startswith('progress') for f in os.listdir(tmp_path / 'run' / 'eval'))
+  resumed_images = _images(tmp_path / 'images')
   result = main_lib.run(c, tmp_path / 'run')  # its saves deleted: evaluated afresh
   assert saved == [8, 12, 8, 12] and resumed == result
+  images = _images(tmp_path / 'images')
+  assert images.shape == (12, 8, 8)  # the digits' grey 8 × 8 images
+  assert len({image.tobytes() for image in images}) == 12  # so an image in the wrong file shows
+  np.testing.assert_array_equal(resumed_images, images)
+  np.testing.assert_allclose(images[:8], _first_batch(c, tmp_path / 'run' / 'ema'), atol=1)
   assert np.isfinite(result['fid']) and result['fid'] > 0
   assert 1.0 <= result['inception_score'] <= 1008 and result['num_fid_samples'] == 12
   with open(tmp_path / 'run' / 'eval.json') as f:

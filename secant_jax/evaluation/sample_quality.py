@@ -29,15 +29,28 @@ REFERENCE_FILE = '{metric}_reference_{split}.npz'
 
 
 def _features_fn(mesh, network, decoder_variables):
-  """images or latents [B, ...] (batch-sharded) → the network's outputs, float32."""
+  """images or latents [B, ...] (batch-sharded) → the network's outputs, float32, and
+  'pixels': the uint8 images it scored."""
   decoder = vae.VAEDecoder() if decoder_variables is not None else None
 
   def features(variables, x):
     if decoder is not None:
       x = decoder.apply(decoder_variables, x)
-    return network.apply(variables, fid.to_uint8(x))
+    pixels = fid.to_uint8(x)
+    return {**network.apply(variables, pixels), 'pixels': pixels}
 
   return jax.jit(features, out_shardings=parallel.batch_sharding(mesh))
+
+
+def write_images(pixels, start, keep, directory):
+  """Rows [0, keep) of a batch-sharded uint8 batch [B, H, W, C] as PNG files
+  directory/<start + row, 6 digits>.png, each process writing the rows it holds."""
+  for shard in pixels.addressable_shards:
+    if shard.replica_id == 0:
+      first = shard.index[0].start or 0
+      for row, image in enumerate(np.asarray(shard.data), first):
+        if row < keep:
+          files.write_png(image, os.path.join(directory, f'{start + row:06d}.png'))
 
 
 class SampleQuality:
@@ -95,24 +108,31 @@ class SampleQuality:
     """An empty Scores to `add` batches to."""
     return Scores(self)
 
-  def _accumulate(self, batches, total, what, scores=None, progress=None):
-    """`scores` (a new Scores by default) with the batches added, saved to `progress`
+  def _accumulate(self, batches, total, what, scores=None, progress=None, image_dir=''):
+    """`scores` (a new Scores by default) with the batches added, their images written to
+    `image_dir` (`write_images`) and the sums saved to `progress`
     (evaluation.progress.Progress) as it goes where given."""
     scores = self.scores() if scores is None else scores
     every = max(1, total // 10 // self.config.fid.batch_size) * self.config.fid.batch_size
     for x, keep in batches:
-      scores.add(x, keep)
+      start = scores.count
+      pixels = scores.add(x, keep)
+      if image_dir:
+        write_images(pixels, start, keep, image_dir)
       if scores.count % every < keep or scores.count == total:
         logging.info('%s %s: %d / %d', self.network.metric, what, scores.count, total)
       if progress:
         progress.save_if_due(scores.count, total, scores.state)
     return scores
 
-  def __call__(self, network, task, variables, num_samples, seed, progress=None):
+  def __call__(self, network, task, variables, num_samples, seed, progress=None,
+               image_dir=''):
     """Scores.result of `num_samples` samples of the config's sampler, batch i drawn from
     fold_in(key(seed), i). With a `progress` (evaluation.progress.Progress) the running
     sums are saved as it goes, and a rerun resumes after the latest save with the batches
-    it had not scored, so that its result is the one of a run never stopped."""
+    it had not scored, so that its result is the one of a run never stopped. With an
+    `image_dir` each sample is also written there as the PNG it was scored as, sample i as
+    <i, 6 digits>.png (before the save that counts it)."""
     batch = self.config.fid.batch_size
     parallel.check_batch_size(batch, self.mesh)
     num_classes = self.config.model.get('num_classes', 0)
@@ -133,7 +153,9 @@ class SampleQuality:
     batches = ((sample(variables, jax.random.fold_in(jax.random.key(seed), i)),
                 min(batch, num_samples - i * batch))
                for i in range(-(-done // batch), -(-num_samples // batch)))
-    return self._accumulate(batches, num_samples, 'samples', scores, progress).result()
+    image_dir = image_dir and files.make_directory(image_dir)
+    return self._accumulate(batches, num_samples, 'samples', scores, progress,
+                            image_dir).result()
 
 
 class Scores:
@@ -147,12 +169,15 @@ class Scores:
     self.count = 0
 
   def add(self, x, num_valid):
+    """Adds the first `num_valid` rows of `x`; returns the uint8 images they were scored as
+    (batch-sharded, all rows)."""
     out = self._quality.features_of(self._quality.variables, x)
     self._stats.add(out['features'], num_valid)
     if 'logits' in out:
       self._logits.append(np.asarray(multihost_utils.process_allgather(
           out['logits'], tiled=True))[:num_valid])
     self.count += num_valid
+    return out['pixels']
 
   def state(self):
     """What `add` has accumulated, as arrays (this process's feature sums)."""
