@@ -7,7 +7,7 @@ and guidance, scored by
 - FID and Inception Score (or the Fréchet distance of another feature network) over
   config.fid.num_samples samples, when config.fid names the network's weights (see
   evaluation.sample_quality); with config.fid.image_dir set, these samples are also
-  written there as PNG images, for an evaluator of one's own (torch-fidelity, ADM's).
+  written there as PNG images, for another evaluator (torch-fidelity reads the folder).
 
 Written to workdir/eval.json and as CLU scalars under workdir/eval. While the FID samples
 are scored, their running sums are saved to workdir/eval every config.eval_save_seconds

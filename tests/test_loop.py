@@ -120,7 +120,8 @@ def test_latents_imported_to_a_bucket_train_as_from_a_disk(gcs_bucket, latent_di
   assert latents.import_npy(os.path.join(root, 'features'), os.path.join(root, 'labels'),
                             bucket, shard_size=10) == 16
   assert sorted(p.name for p in epath.Path(bucket).iterdir()) == [
-      'latents-00000.array_record', 'latents-00001.array_record', 'manifest.json']
+      'import.json', 'latents-00000.array_record', 'latents-00001.array_record',
+      'manifest.json']
   local, remote = (latents.source(_config(TINY_DIT, dict(name='imagenet_latents', dir=d),
                                           'stee').data) for d in (latent_dir, bucket))
   assert len(remote) == 16
@@ -135,6 +136,8 @@ def test_latents_imported_to_a_bucket_train_as_from_a_disk(gcs_bucket, latent_di
 
 def test_an_unfinished_or_altered_import_is_refused_not_trained_on_in_part(latent_dir,
                                                                           tmp_path):
+  """An import stopped between shards is refused, and the same import run again writes
+only the missing shards; another import into the same directory writes all of its own."""
   root = os.path.dirname(latent_dir)
   labels = tmp_path / 'labels'
   labels.mkdir()
@@ -143,10 +146,28 @@ def test_an_unfinished_or_altered_import_is_refused_not_trained_on_in_part(laten
       np.save(labels / f'{i}.npy', np.load(os.path.join(root, 'labels', f'{i}.npy')))
   with pytest.raises(FileNotFoundError, match=r'labels/12.npy is missing'):
     latents.import_npy(os.path.join(root, 'features'), labels, tmp_path / 'cut', shard_size=10)
-  assert os.listdir(tmp_path / 'cut') == ['latents-00000.array_record']  # no partial shard
+  assert sorted(os.listdir(tmp_path / 'cut')) == ['import.json',
+                                                  'latents-00000.array_record']  # no partial
+  cut = _config(TINY_DIT, dict(name='imagenet_latents', dir=str(tmp_path / 'cut')), 'stee')
   with pytest.raises(FileNotFoundError, match=r'No finished latent import in .*cut'):
-    latents.source(_config(TINY_DIT, dict(name='imagenet_latents', dir=str(tmp_path / 'cut')),
-                           'stee').data)
+    latents.source(cut.data)
+
+  np.save(labels / '12.npy', np.load(os.path.join(root, 'labels', '12.npy')))
+  first_shard = tmp_path / 'cut' / 'latents-00000.array_record'
+  mtime = os.stat(first_shard).st_mtime_ns
+  assert latents.import_npy(os.path.join(root, 'features'), labels, tmp_path / 'cut',
+                            shard_size=10) == 16  # the same import again: goes on
+  assert os.stat(first_shard).st_mtime_ns == mtime
+  whole = latents.source(_config(TINY_DIT, dict(name='imagenet_latents', dir=latent_dir),
+                                 'stee').data)
+  resumed = latents.source(cut.data)
+  for i in range(16):
+    np.testing.assert_array_equal(resumed[i]['x'], whole[i]['x'])
+  latents.import_npy(os.path.join(root, 'features'), labels, tmp_path / 'cut', shard_size=8)
+  assert os.stat(first_shard).st_mtime_ns != mtime  # another import: written anew
+  assert latents.read_manifest(tmp_path / 'cut')['shards'] == [
+      'latents-00000.array_record', 'latents-00001.array_record']
+  assert len(latents.source(cut.data)) == 16
   altered = tmp_path / 'altered'
   shutil.copytree(latent_dir, altered)
   shutil.copy(altered / 'latents-00000.array_record', altered / 'latents-00001.array_record')

@@ -18,7 +18,11 @@ first files and refuses, naming the flag, a set whose spread says the flag is wr
 --out may be a bucket (gs://…), which training then reads directly (ArrayRecord's reader
 opens gs:// paths). Each shard appears whole, and `manifest.json`, written last, lists
 them: a directory without it holds an import that did not finish, and is refused rather
-than trained on in part.
+than trained on in part. `import.json`, written first, records what is imported (the
+directories, the flag, the shard size, the number of files and the first and last names);
+a rerun of the same import keeps the shards already there and writes only the missing
+ones, so a stopped import goes on where it was (to import changed files of the same names,
+delete --out first).
 """
 
 import argparse
@@ -34,6 +38,7 @@ from secant_jax import files
 
 SD_VAE_SCALE = 0.18215
 MANIFEST = 'manifest.json'
+PLAN = 'import.json'
 
 
 def encode(latent_nhwc, label):
@@ -125,10 +130,20 @@ def import_npy(features_dir, labels_dir, out_dir, already_scaled=False, shard_si
                             'sample, e.g. features/0.npy with shape [1, 4, 32, 32].')
   check_scale(features, already_scaled)
   out = epath.Path(files.make_directory(out_dir))
+  plan = {'features': files.absolute(features_dir), 'labels': files.absolute(labels_dir),
+          'already_scaled': already_scaled, 'shard_size': shard_size,
+          'records': len(features), 'first': os.path.basename(features[0]),
+          'last': os.path.basename(features[-1])}
+  kept = _shards_of(out, plan)
   (out / MANIFEST).unlink(missing_ok=True)
+  files.write_json(out / PLAN, plan)
+  if kept:
+    print(f'{out}: keeping the {len(kept)} shards an earlier run of this import finished')
   shards = []
   for start in range(0, len(features), shard_size):
     shards.append(f'latents-{start // shard_size:05d}.array_record')
+    if shards[-1] in kept:
+      continue
     with files.written_whole(out / shards[-1]) as staged:
       writer = array_record_module.ArrayRecordWriter(staged, 'group_size:1')
       try:
@@ -139,6 +154,14 @@ def import_npy(features_dir, labels_dir, out_dir, already_scaled=False, shard_si
         writer.close()
   files.write_json(out / MANIFEST, {'records': len(features), 'shards': shards})
   return len(features)
+
+
+def _shards_of(out, plan):
+  """The shard files in `out` if its import.json records `plan` (a rerun of the same
+  import), else none."""
+  if not (out / PLAN).exists() or files.read_json(out / PLAN) != plan:
+    return set()
+  return {p.name for p in out.glob('latents-*.array_record')}
 
 
 def _label(feature_path, labels_dir):
