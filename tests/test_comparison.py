@@ -35,10 +35,11 @@ class Preempted(Exception):
 
 def _quality():
   """SampleQuality's interface around the identity as feature network (the 2-d samples are
-  the features and the logits of an Inception Score), the standard normal as reference."""
+  the features, the logits of an Inception Score and the images scored), the standard
+  normal as reference."""
   quality = types.SimpleNamespace(
       network=features.FeatureNetwork('fd_identity', 2, None, None), variables=None,
-      features_of=lambda variables, x: {'features': x, 'logits': x},
+      features_of=lambda variables, x: {'features': x, 'logits': x, 'pixels': x},
       reference=(np.zeros(2), np.eye(2)))
   quality.scores = lambda: sample_quality.Scores(quality)
   return quality
