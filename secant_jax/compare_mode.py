@@ -6,14 +6,14 @@ config.compare: teacher (the teacher's run directory; '' for this config's own t
 converted checkpoint: config.teacher_checkpoint or config.init_checkpoint, built as
 config.model on config.path, e.g. SiT-XL/2 from configs/imagenet_sit.py), secants
 ('name=run_dir,...'), teacher_nfe, secant_steps, num_samples, batch_size, guidance_scale,
-references. A run directory is one a training run wrote: its config.json
-says how to build and sample the model, its ema/ holds the weights. Writes workdir/table.md, table.json,
+references. A run directory is one a training run wrote: its config.json says how to build
+and sample the model, its ema/ holds the weights. Writes workdir/table.md, table.json,
 samples/<row>.png, samples.png and CLU scalars; while it runs, it saves the running sums
 every config.eval_save_seconds (evaluation.progress), so the same command resumes a
 preempted comparison. The saves are stamped with config.compare (but references),
 config.seed, config.fid, the process count and a digest of each model's weights
-(evaluation.progress.weights_digest), so that a run retrained into the same directory is
-not taken for the one compared before. With compare.references set, the
+(evaluation.progress.weights_digest): a run retrained into the same directory is refused
+by name, not taken for the one compared before. With compare.references set, the
 teacher's reference solutions are kept there (evaluation.references) and read back by any
 later comparison with the same teacher (path and weights), guidance_scale, seed,
 num_samples and batch_size.
