@@ -9,6 +9,7 @@ module.
 
 import importlib.util
 import os
+import types
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
                            ' --xla_force_host_platform_device_count=8')
@@ -87,3 +88,26 @@ def gcs_bucket(monkeypatch, request):
   monkeypatch.setitem(fsspec.config.conf, 'gs', {'token': 'anon', 'skip_instance_cache': True})
   yield f'gs://{bucket}'
   server.stop()
+
+
+class _Preempted(Exception):
+  """Raised right after a save, where a preemption would stop the run."""
+
+
+@pytest.fixture
+def progress_saves(monkeypatch):
+  """`.done`: the sample count of every evaluation.progress save, in order. The first save
+  after 8 samples raises `.Preempted` once it is written, as a preemption right after it
+  would stop the run."""
+  from secant_jax.evaluation import progress  # pylint: disable=import-outside-toplevel
+  saves = types.SimpleNamespace(done=[], Preempted=_Preempted)
+  save = progress.Progress.save
+
+  def save_then_stop(self, done, arrays):
+    save(self, done, arrays)
+    saves.done.append(done)
+    if done == 8 and saves.done.count(8) == 1:
+      raise _Preempted
+
+  monkeypatch.setattr(progress.Progress, 'save', save_then_stop)
+  return saves

@@ -29,10 +29,6 @@ from secant_jax.train import parallel
 STAMP = {'compare': {'num_samples': 20, 'batch_size': 8}, 'seed': 0}
 
 
-class Preempted(Exception):
-  """Raised right after a save, where a preemption would stop the run."""
-
-
 def _quality():
   """SampleQuality's interface around the identity as feature network (the 2-d samples are
   the features, the logits of an Inception Score and the images scored), the standard
@@ -58,21 +54,12 @@ def _run(saves, kept=None):
                             parallel.make_mesh(), _quality(), saves, kept)
 
 
-def test_a_preempted_comparison_resumes_to_the_same_table(tmp_path, monkeypatch):
+def test_a_preempted_comparison_resumes_to_the_same_table(tmp_path, progress_saves):
   rows, firsts = _run(None)
   assert set(rows[0]) == {'sampler', 'nfe', 'error', 'fd_identity', 'inception_score',
                           'inception_score_std'}
-  saved = []
-  save = progress.Progress.save
-
-  def save_then_stop_at_8(self, done, arrays):
-    save(self, done, arrays)
-    saved.append(done)
-    if done == 8:
-      raise Preempted
-
-  monkeypatch.setattr(progress.Progress, 'save', save_then_stop_at_8)
-  with pytest.raises(Preempted):
+  saved = progress_saves.done
+  with pytest.raises(progress_saves.Preempted):
     _run(progress.Progress(str(tmp_path), STAMP))
   resumed, resumed_firsts = _run(progress.Progress(str(tmp_path), STAMP))
   assert saved == [8, 16, 20]  # the resumed run started after the first batch

@@ -137,7 +137,7 @@ def test_latents_imported_to_a_bucket_train_as_from_a_disk(gcs_bucket, latent_di
 def test_an_unfinished_or_altered_import_is_refused_not_trained_on_in_part(latent_dir,
                                                                           tmp_path):
   """An import stopped between shards is refused, and the same import run again writes
-only the missing shards; another import into the same directory writes all of its own."""
+  only the missing shards; another import into the same directory writes all of its own."""
   root = os.path.dirname(latent_dir)
   labels = tmp_path / 'labels'
   labels.mkdir()

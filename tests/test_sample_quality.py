@@ -15,7 +15,6 @@ from secant_jax import generate
 from secant_jax import main as main_lib
 from secant_jax.convert import common
 from secant_jax.evaluation import fid
-from secant_jax.evaluation import progress
 from secant_jax.evaluation import sample_quality
 from secant_jax.models import inception
 from secant_jax.models import registry
@@ -54,11 +53,7 @@ def _first_batch(c, ema_dir):
   return np.asarray(fid.to_uint8(samples))[..., 0]
 
 
-class Preempted(Exception):
-  """Raised right after a save, where a preemption would stop the run."""
-
-
-def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, monkeypatch):
+def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, progress_saves):
   inception_dir = tmp_path / 'inception'
   common.save(jax.tree_util.tree_map(np.asarray, jax.jit(inception.InceptionV3().init)(
       jax.random.key(0), jnp.zeros((1, 8, 8, 3), jnp.uint8))), inception_dir)
@@ -67,18 +62,8 @@ def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, monkeypatch):
   c.fid.image_dir = str(tmp_path / 'images')
   network = registry.build(c.model, guided=False)
   common.save(network.init(jax.random.key(1)), tmp_path / 'run' / 'ema')
-  saved, stops = [], [8]
-  save = progress.Progress.save
-
-  def save_then_stop(self, done, arrays):
-    save(self, done, arrays)
-    saved.append(done)
-    if done in stops:
-      stops.remove(done)
-      raise Preempted
-
-  monkeypatch.setattr(progress.Progress, 'save', save_then_stop)
-  with pytest.raises(Preempted):
+  saved = progress_saves.done
+  with pytest.raises(progress_saves.Preempted):
     main_lib.run(c, tmp_path / 'run')
   assert sorted(os.listdir(tmp_path / 'run' / 'eval')) == ['progress.process_0.8.npz']
   assert sorted(os.listdir(tmp_path / 'images')) == [f'{i:06d}.png' for i in range(8)]
