@@ -1,6 +1,12 @@
 """Test setup: 8 emulated CPU devices for the parallelism tests (set before JAX starts);
 torch-marked tests are skipped when PyTorch is not installed.
 
+XLA's CPU backend compiles at optimisation level 0: the suite compiles far more than it
+computes (a tiny U-Net's train step: 33 s to compile at the default level, 17 s at 0, for
+0.5 s → 1 s per step), so test_loop.py takes 7 minutes instead of 10. Subprocesses inherit
+these flags; a test that needs another device count appends its own (the last of a
+repeated XLA flag wins).
+
 Triton (which torch imports lazily, e.g. for meta-device initialisation) crashes the
 process with a segmentation fault when it is loaded after TensorFlow (which CLU and TFDS
 load at collection); loaded first, both work. So it is imported here, before any test
@@ -12,7 +18,8 @@ import os
 import types
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                           ' --xla_force_host_platform_device_count=8')
+                           ' --xla_force_host_platform_device_count=8'
+                           ' --xla_backend_optimization_level=0')
 
 import pytest
 

@@ -221,8 +221,7 @@ def _run_main(workdir, steps, extra=()):
        f'--workdir={workdir}', '--config.mode=train', f'--config.num_train_steps={steps}',
        '--config.log_every=1', '--config.batch_size=8', '--config.model.hidden_size=32',
        '--config.model.depth=1', '--config.model.num_heads=2', *extra],
-      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-      env={**os.environ, 'XLA_FLAGS': '--xla_force_host_platform_device_count=8'})
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def _demo_train_config(steps):

@@ -39,8 +39,8 @@ def _launch(argv, processes=2):
   """`argv(port, process index)` on each of `processes` processes, NUM_DEVICES CPU devices
   among them (as launch/tpu_pod.sh runs one command on every host)."""
   port = _free_port()
-  env = {**os.environ,
-         'XLA_FLAGS': f'--xla_force_host_platform_device_count={NUM_DEVICES // processes}'}
+  env = {**os.environ, 'XLA_FLAGS': os.environ['XLA_FLAGS'] +  # the suite's, these devices
+         f' --xla_force_host_platform_device_count={NUM_DEVICES // processes}'}
   return [subprocess.Popen([sys.executable, *argv(port, i)], cwd=REPO,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            env=env)

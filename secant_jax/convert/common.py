@@ -18,6 +18,7 @@ from etils import epath
 from flax import traverse_util
 
 from secant_jax import files
+from secant_jax import orbax_context
 
 WEIGHT_LEAVES = ('kernel', 'scale', 'embedding')
 
@@ -188,7 +189,8 @@ def save(variables, directory, overwrite=False):
   """Writes variables as an Orbax checkpoint that the trainer can start from; an existing
   one at `directory` is an error unless `overwrite` (a run re-exporting its EMA)."""
   from orbax.checkpoint import v1 as ocp  # pylint: disable=import-outside-toplevel
-  ocp.save(files.absolute(directory), variables, overwrite=overwrite)
+  with orbax_context.context():
+    ocp.save(files.absolute(directory), variables, overwrite=overwrite)
 
 
 def load_variables(directory):

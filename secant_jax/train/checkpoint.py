@@ -33,6 +33,8 @@ import jax
 from jax.experimental import multihost_utils
 from orbax.checkpoint import v1 as ocp
 
+from secant_jax import orbax_context
+
 STOPPED_EXIT_STATUS = 75
 
 
@@ -46,7 +48,7 @@ class Checkpoints:
   def __init__(self, directory, every, keep):
     self._every = every
     self._checkpointer = ocp.training.Checkpointer(
-        os.fspath(directory),
+        os.fspath(directory), context=orbax_context.context(),
         preservation_policy=ocp.training.preservation_policies.LatestN(keep))
     self.stop_requested = False
     self._multihost = jax.process_count() > 1
