@@ -52,11 +52,6 @@ class Network:
         lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, variables)
 
   def init(self, key):
-    """Fresh variables, in one compiled call (cached per network): run op by op, a
-    U-Net's initialisers compiled one at a time, most of a CPU trainer's start."""
-    return _init(self, key)
-
-  def _init_variables(self, key):
     x = jnp.zeros((1, *self.image_shape), jnp.float32)
     z = jnp.zeros((1,), jnp.float32)
     if isinstance(self.module, dit.DiT):
@@ -67,9 +62,6 @@ class Network:
 
   def abstract_variables(self):
     return jax.eval_shape(self.init, jax.random.key(0))
-
-
-_init = jax.jit(Network._init_variables, static_argnums=0)
 
 
 def build(model_config, guided):
