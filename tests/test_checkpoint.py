@@ -6,7 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from orbax.checkpoint._src.serialization import replica_slices
 
+from secant_jax.convert import common
 from secant_jax.train import checkpoint
 from secant_jax.train import parallel
 from secant_jax.train import state as state_lib
@@ -121,3 +123,28 @@ def test_checkpoints_on_a_bucket_keep_restore_and_survive_a_stop(gcs_bucket):
   assert int(restored.step) == 5 and data == {'position': 80}
   np.testing.assert_array_equal(restored.params['params']['w'], _state(5).params['params']['w'])
   assert 'fsdp' in restored.params['params']['w'].sharding.spec
+
+
+def test_replicated_arrays_are_split_over_replicas_only_from_1_mib_a_part(tmp_path,
+                                                                          monkeypatch):
+  """Orbax's replica-parallel save (orbax_context): in the trainer's checkpoints and in
+  exports, a small replicated array is written whole by one replica; one whose part per
+  replica is 1 MiB or more is still split over the 8 replicas."""
+  pieces = {}
+  get = replica_slices.get_replica_slices
+
+  def recording(arr, *args, **kwargs):
+    result = get(arr, *args, **kwargs)
+    pieces[arr.size] = len(result.replica_slices)
+    return result
+
+  monkeypatch.setattr(replica_slices, 'get_replica_slices', recording)
+  replicated = parallel.replicated(parallel.make_mesh())
+  small, large = 64, 8 * (1 << 20) // 4  # float32: 32 B and 1 MiB a replica
+  tree = jax.device_put({'small': jnp.ones(small), 'large': jnp.ones(large)}, replicated)
+  common.save(tree, tmp_path / 'export')
+  assert pieces == {small: 1, large: 8}
+  pieces.clear()
+  with checkpoint.Checkpoints(tmp_path / 'run', every=1, keep=1) as ckpts:
+    ckpts.save(1, jax.device_put(_state(1), replicated), _Iterator(0))
+  assert pieces[4096] == 1  # w (16 KiB: 8 parts of 2 KiB at the default), in params and EMA
