@@ -5,6 +5,7 @@ Every key here is read by the trainer. `parse_arg` turns the config-file argumen
 """
 
 import ml_collections
+from flax import traverse_util
 
 from secant_jax import secant
 
@@ -41,11 +42,7 @@ def changed_settings(saved, current):
   """'key: saved → current' for each setting (dotted key) that both configs (JSON dicts)
   hold with different values, those in RESUMABLE_CHANGES aside. A key only one of them
   holds (a setting added or removed between versions) is not a change."""
-  def flat(tree, prefix=''):
-    if not isinstance(tree, dict):
-      return {prefix[:-1]: tree}
-    return {k: v for key, sub in tree.items() for k, v in flat(sub, f'{prefix}{key}.').items()}
-  saved, current = flat(saved), flat(current)
+  saved, current = (traverse_util.flatten_dict(c, sep='.') for c in (saved, current))
   free = lambda key: any(key == f or key.startswith(f + '.') for f in RESUMABLE_CHANGES)
   return [f'{key}: {saved[key]!r} → {current[key]!r}' for key in current
           if key in saved and saved[key] != current[key] and not free(key)]

@@ -25,22 +25,12 @@ import time
 import jax
 import numpy as np
 from etils import epath
+from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from secant_jax import files
 
 KEEP = 2  # saves kept per process: the latest and the one before it
-
-
-def _flat(tree, prefix=''):
-  """{'a': {'b': 1}} → {'a.b': 1}."""
-  flat = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      flat.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      flat[prefix + key] = value
-  return flat
 
 
 def weights_digest(variables):
@@ -64,7 +54,8 @@ def read_stamped(path, fingerprint, holds, fix):
   otherwise an error that it holds `holds`, naming the keys that differ and saying `fix`."""
   with epath.Path(path).open('rb') as f, np.load(f) as saved:
     arrays = {k: saved[k] for k in saved.files}
-  theirs, ours = (_flat(json.loads(str(s))) for s in (arrays.pop('fingerprint'), fingerprint))
+  theirs, ours = (traverse_util.flatten_dict(json.loads(str(s)), sep='.')
+                  for s in (arrays.pop('fingerprint'), fingerprint))
   differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
   if differ:
     raise ValueError(f'{path} holds {holds} (it differs in {", ".join(differ)}): {fix}.')

@@ -8,6 +8,7 @@ them, a class-conditional U-Net (config.model.num_classes > 0) takes them one-ho
 """
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -52,6 +53,13 @@ class Network:
         lambda v: v.astype(dtype) if jnp.issubdtype(v.dtype, jnp.floating) else v, variables)
 
   def init(self, key):
+    """Fresh variables, in one compiled call: run op by op, a U-Net's initialisers compile
+    one at a time, most of a CPU trainer's start. The network is closed over, not a static
+    argument: a module built from a config read back from JSON has lists in its attributes
+    and is not hashable."""
+    return jax.jit(functools.partial(Network._init_variables, self))(key)
+
+  def _init_variables(self, key):
     x = jnp.zeros((1, *self.image_shape), jnp.float32)
     z = jnp.zeros((1,), jnp.float32)
     if isinstance(self.module, dit.DiT):
