@@ -15,6 +15,7 @@ module.
 
 import importlib.util
 import os
+import threading
 import types
 
 os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -93,8 +94,16 @@ def gcs_bucket(monkeypatch, request):
   monkeypatch.setattr(gpath, '_is_tf_installed', lambda: False)
   import fsspec
   monkeypatch.setitem(fsspec.config.conf, 'gs', {'token': 'anon', 'skip_instance_cache': True})
+  threads = set(threading.enumerate())
   yield f'gs://{bucket}'
+  # The emulator serves one request at a time, so the read-ahead of a (closed) data iterator
+  # can still be reading when the test ends; stopped under it, such a read retries for
+  # minutes and holds the process at exit.
+  readers = [t for t in set(threading.enumerate()) - threads if t.name.startswith('grain')]
+  for thread in readers:
+    thread.join(timeout=120)
   server.stop()
+  assert not any(t.is_alive() for t in readers), 'a data iterator left open: its threads read on'
 
 
 class _Preempted(Exception):

@@ -24,6 +24,7 @@ from secant_jax import sampling
 from secant_jax import writers
 from secant_jax.convert import common
 from secant_jax.data import latents
+from secant_jax.data import pipeline
 from secant_jax.models import registry
 from secant_jax.train import checkpoint
 from secant_jax.train import loop
@@ -112,9 +113,12 @@ def test_latent_import_refuses_a_scale_flag_the_latents_contradict(latent_dir, t
                              rtol=1e-3, atol=1e-3)
 
 
-def test_latents_imported_to_a_bucket_train_as_from_a_disk(gcs_bucket, latent_dir, tmp_path):
+def test_latents_imported_to_a_bucket_train_as_from_a_disk(gcs_bucket, latent_dir, tmp_path,
+                                                           monkeypatch):
   """A pod reads its latents from gs://… directly: imported there, the records and a
-  two-step run's losses equal those from the local import."""
+  two-step run's losses equal those from the local import. Each run closes its data
+  iterator, whose read-ahead threads would otherwise read on after it (one reading when
+  the bucket went away retried for minutes and held the process at exit)."""
   root = os.path.dirname(latent_dir)
   bucket = f'{gcs_bucket}/latents'
   assert latents.import_npy(os.path.join(root, 'features'), os.path.join(root, 'labels'),
@@ -128,10 +132,16 @@ def test_latents_imported_to_a_bucket_train_as_from_a_disk(gcs_bucket, latent_di
   for i in range(16):
     np.testing.assert_array_equal(remote[i]['x'], local[i]['x'])
     assert remote[i]['y'] == local[i]['y']
+  iterators, build = [], pipeline.build
+  monkeypatch.setattr(pipeline, 'build', lambda *a: iterators.append(build(*a)) or iterators[-1])
   runs = [loop.train_and_evaluate(_config(TINY_DIT, dict(name='imagenet_latents', dir=d),
                                           'stee', steps=2), tmp_path / name)[1]
           for d, name in ((latent_dir, 'local'), (bucket, 'bucket'))]
   assert [h['loss'] for h in runs[0]] == [h['loss'] for h in runs[1]]
+  assert len(iterators) == 2
+  for iterator, _ in iterators:
+    with pytest.raises(ValueError):  # grain's closed iterator
+      next(iterator)
 
 
 def test_an_unfinished_or_altered_import_is_refused_not_trained_on_in_part(latent_dir,

@@ -160,7 +160,9 @@ def train_and_evaluate(config, workdir):
   writer = writers.create(workdir, just_logging=jax.process_index() > 0)
   report = writers.progress(config.num_train_steps, writer)
   history = []
-  with contextlib.closing(writer), checkpoint.Checkpoints(
+  # Closing the iterator stops its read-ahead threads: left running, they read on after
+  # the run and a process exits only once they give up (a bucket gone: minutes of retries).
+  with contextlib.closing(data_iter), contextlib.closing(writer), checkpoint.Checkpoints(
       os.path.join(workdir, 'checkpoints'), config.checkpoint_every,
       config.keep_checkpoints) as ckpts:
     resumed_step = ckpts.latest_step
