@@ -77,8 +77,8 @@ def evaluate(config, workdir):
   variables = loop.load_into(network, os.path.join(workdir, 'ema'), jax.random.key(0))
   _, scale = generate.sampler_secant(network, task, variables, config.secant)
   result = {'steps': task.num_steps, 'guidance_scale': scale}
-  if has_teacher:
-    result.update(integration_error(config, network, task, variables))
+  # The resumable FID part first: saves of another evaluation are refused before anything
+  # is computed, and a run stopped there has not spent the integration error's solves.
   if scored:
     mesh = parallel.make_mesh(config.fsdp)
     quality = sample_quality.SampleQuality(config, workdir, mesh)
@@ -86,6 +86,8 @@ def evaluate(config, workdir):
     result.update(quality(network, task, variables, config.fid.num_samples, config.seed + 2,
                           saves, config.fid.image_dir),
                   num_fid_samples=config.fid.num_samples)
+  if has_teacher:
+    result.update(integration_error(config, network, task, variables))
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, 'eval.json'), result)
   with contextlib.closing(writers.create(os.path.join(workdir, 'eval'),

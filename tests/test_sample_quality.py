@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from secant_jax import evaluate_mode
 from secant_jax import generate
 from secant_jax import main as main_lib
 from secant_jax.convert import common
@@ -53,7 +54,8 @@ def _first_batch(c, ema_dir):
   return np.asarray(fid.to_uint8(samples))[..., 0]
 
 
-def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, progress_saves):
+def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, progress_saves,
+                                                        monkeypatch):
   inception_dir = tmp_path / 'inception'
   common.save(jax.tree_util.tree_map(np.asarray, jax.jit(inception.InceptionV3().init)(
       jax.random.key(0), jnp.zeros((1, 8, 8, 3), jnp.uint8))), inception_dir)
@@ -68,10 +70,13 @@ def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, progress_saves
   assert sorted(os.listdir(tmp_path / 'run' / 'eval')) == ['progress.process_0.8.npz']
   assert sorted(os.listdir(tmp_path / 'images')) == [f'{i:06d}.png' for i in range(8)]
   common.save(network.init(jax.random.key(2)), tmp_path / 'run' / 'ema', overwrite=True)
+  c.teacher_checkpoint = 'teacher'  # refused before the integration error is computed
+  monkeypatch.setattr(evaluate_mode, 'integration_error', lambda *a: pytest.fail('computed'))
   with pytest.raises(ValueError, match=r'progress.process_0.8.npz holds the progress of a '
                                        r'different evaluation \(it differs in weights\): '
                                        r'finish that one with its settings, or delete'):
     main_lib.run(c, tmp_path / 'run')
+  c.teacher_checkpoint = ''
   common.save(network.init(jax.random.key(1)), tmp_path / 'run' / 'ema', overwrite=True)
   resumed = main_lib.run(c, tmp_path / 'run')
   assert saved == [8, 12]  # resumed after the first batch
