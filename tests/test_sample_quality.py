@@ -98,6 +98,12 @@ def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, progress_saves
     assert ref['mu'].shape == (2048,) and ref['sigma'].shape == (2048, 2048)
   assert any(f.startswith('events.out.tfevents')
              for f in os.listdir(tmp_path / 'run' / 'eval'))
+  c.fid.num_samples = 8  # into the same folder: its last four images are the 12's
+  with pytest.raises(ValueError, match=r'images holds 4 images numbered 000008.png or more '
+                                       r'\(the first 000008.png\), past the 8 samples of '
+                                       r'this evaluation: .* Delete them, or set '
+                                       r'config.fid.image_dir to an empty folder'):
+    main_lib.run(c, tmp_path / 'run')
 
 
 def test_fid_without_inception_weights_says_what_to_set(tmp_path):

@@ -10,6 +10,7 @@ the config.fid.reference_split of the data and cached in the workdir.
 """
 
 import os
+import re
 
 import jax
 import numpy as np
@@ -51,6 +52,19 @@ def write_images(pixels, start, keep, directory):
       for row, image in enumerate(np.asarray(shard.data), first):
         if row < keep:
           files.write_png(image, os.path.join(directory, f'{start + row:06d}.png'))
+
+
+def check_image_dir(directory, num_samples):
+  """Refuses a `directory` holding sample images numbered `num_samples` or more: left by
+  an evaluation of more samples, an evaluator reading the folder would count them."""
+  names = (re.fullmatch(r'(\d{6,})\.png', p.name) for p in epath.Path(directory).glob('*.png'))
+  stale = sorted(int(m.group(1)) for m in names if m and int(m.group(1)) >= num_samples)
+  if stale:
+    raise ValueError(f'{directory} holds {len(stale)} images numbered {num_samples:06d}.png '
+                     f'or more (the first {stale[0]:06d}.png), past the {num_samples} '
+                     'samples of this evaluation: another evaluation left them, and an '
+                     'evaluator reading the folder would count them. Delete them, or set '
+                     'config.fid.image_dir to an empty folder.')
 
 
 class SampleQuality:
@@ -135,6 +149,9 @@ class SampleQuality:
     <i, 6 digits>.png (before the save that counts it)."""
     batch = self.config.fid.batch_size
     parallel.check_batch_size(batch, self.mesh)
+    if image_dir:
+      image_dir = files.make_directory(image_dir)
+      check_image_dir(image_dir, num_samples)
     num_classes = self.config.model.get('num_classes', 0)
 
     def draw(v, key):
@@ -153,7 +170,6 @@ class SampleQuality:
     batches = ((sample(variables, jax.random.fold_in(jax.random.key(seed), i)),
                 min(batch, num_samples - i * batch))
                for i in range(-(-done // batch), -(-num_samples // batch)))
-    image_dir = image_dir and files.make_directory(image_dir)
     return self._accumulate(batches, num_samples, 'samples', scores, progress,
                             image_dir).result()
 
