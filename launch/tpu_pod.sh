@@ -46,8 +46,14 @@ case "${1:-}" in
       tar -C "$HERE" --null -T - -czf "$staging/secant-jax.tgz"
     gcloud compute tpus tpu-vm scp "$staging/secant-jax.tgz" "$TPU_NAME":~/ --zone="$ZONE" \
         --worker=all
-    on_all_hosts "mkdir -p $REMOTE_DIR && tar -C $REMOTE_DIR -xzf secant-jax.tgz && \
-        cd $REMOTE_DIR && rm -rf .venv && $MAKE_VENV && . .venv/bin/activate && \
+    # A file that an earlier setup copied and this one does not (deleted or renamed here) is
+    # removed there, so that no stale module is imported; what a host wrote itself stays.
+    on_all_hosts "mkdir -p $REMOTE_DIR && cd $REMOTE_DIR && \
+        tar -tzf ~/secant-jax.tgz | LC_ALL=C sort > .setup-files.new && \
+        { [ ! -f .setup-files ] || LC_ALL=C comm -23 .setup-files .setup-files.new | \
+          tr '\\n' '\\0' | xargs -0 -r rm -f --; } && \
+        mv .setup-files.new .setup-files && tar -xzf ~/secant-jax.tgz && \
+        rm -rf .venv && $MAKE_VENV && . .venv/bin/activate && \
         pip install -q -U pip && pip install -q -c constraints.txt -e '.[tpu]'"
     ;;
   run)

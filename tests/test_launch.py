@@ -57,7 +57,7 @@ def _tpu_setup(tmp_path, checkout, python_version='3.11'):
   """`tpu_pod.sh setup` from `checkout` onto one stand-in host (gcloud's scp copies to its
   home, ssh runs the command there); returns the host's home, the calls and the result."""
   home, log = tmp_path / 'host', tmp_path / 'calls'
-  home.mkdir()
+  home.mkdir(exist_ok=True)  # a second setup: the same host
   _stand_in(tmp_path, 'gcloud', f'''echo "gcloud $*" >> {log}
 for a in "$@"; do case "$a" in --command=*) cmd="${{a#--command=}}";; esac; done
 case " $* " in *" scp "*) cp "$5" {home}/;; *" ssh "*) cd {home} && bash -c "$cmd";; esac
@@ -115,9 +115,30 @@ def test_tpu_setup_copies_the_source_as_on_disk_but_not_run_files(tmp_path):
   assert result.returncode == 0, result.stderr
   copied = sorted(str(p.relative_to(home / 'secant-jax'))
                   for p in (home / 'secant-jax').rglob('*') if '.venv' not in p.parts)  # made there
-  assert copied == ['.gitignore', 'constraints.txt', 'launch', 'launch/tpu_pod.sh',
-                    'new_module.py']
+  assert copied == ['.gitignore', '.setup-files', 'constraints.txt', 'launch',
+                    'launch/tpu_pod.sh', 'new_module.py']
   assert (home / 'secant-jax' / 'constraints.txt').read_text() == 'jax==0.0.0  # edited\n'
+
+
+def test_a_second_tpu_setup_removes_the_files_the_checkout_no_longer_has(tmp_path):
+  """A module deleted or renamed in the checkout goes from the hosts (else the stale copy
+  stays importable); files a host wrote itself (a run's outputs) stay."""
+  checkout, _ = _checkout(tmp_path)
+  for name in ('old_name.py', 'pkg/gone.py', 'pkg/kept.py'):
+    (checkout / name).parent.mkdir(exist_ok=True)
+    (checkout / name).write_text('')
+  home, _, result = _tpu_setup(tmp_path, checkout)
+  assert result.returncode == 0, result.stderr
+  remote = home / 'secant-jax'
+  (remote / 'runs' / 'sdei4').mkdir(parents=True)
+  (remote / 'runs' / 'sdei4' / 'config.json').write_text('{}')
+  (checkout / 'old_name.py').rename(checkout / 'new_name.py')
+  (checkout / 'pkg' / 'gone.py').unlink()
+  _, _, result = _tpu_setup(tmp_path, checkout)
+  assert result.returncode == 0, result.stderr
+  assert sorted(str(p.relative_to(remote)) for p in remote.rglob('*.py')) == [
+      'new_name.py', 'pkg/kept.py']
+  assert (remote / 'runs' / 'sdei4' / 'config.json').read_text() == '{}'
 
 
 def test_tpu_setup_outside_a_git_checkout_says_to_clone(tmp_path):
