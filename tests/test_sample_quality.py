@@ -99,11 +99,26 @@ def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, progress_saves
   assert any(f.startswith('events.out.tfevents')
              for f in os.listdir(tmp_path / 'run' / 'eval'))
   c.fid.num_samples = 8  # into the same folder: its last four images are the 12's
-  with pytest.raises(ValueError, match=r'images holds 4 images numbered 000008.png or more '
-                                       r'\(the first 000008.png\), past the 8 samples of '
-                                       r'this evaluation: .* Delete them, or set '
-                                       r'config.fid.image_dir to an empty folder'):
+  with pytest.raises(ValueError, match=r'images holds 4 image file\(s\) not among the '
+                                       r'8 samples of this evaluation \(000000.png to '
+                                       r'000007.png\), the first 000008.png: .* Delete them, '
+                                       r'or set config.fid.image_dir to an empty folder'):
     main_lib.run(c, tmp_path / 'run')
+
+
+@pytest.mark.parametrize('name', ['000012.png', '12.png', '0000003.png', 'sample.jpg',
+                                  'grid.JPEG', '000003.PNG'])
+def test_image_dir_refuses_any_image_an_evaluator_would_count_that_is_not_ours(tmp_path,
+                                                                               name):
+  (tmp_path / 'deep').mkdir()
+  for keep in ['000000.png', '000011.png', 'notes.txt', 'eval.json', 'deep/000099.png']:
+    (tmp_path / keep).write_bytes(b'')
+  sample_quality.check_image_dir(tmp_path, 12)  # torch-fidelity skips all of these
+  (tmp_path / name).write_bytes(b'')
+  with pytest.raises(ValueError, match=rf'holds 1 image file\(s\) not among the 12 '
+                                       rf'samples of this evaluation \(000000.png to '
+                                       rf'000011.png\), the first {name}: '):
+    sample_quality.check_image_dir(tmp_path, 12)
 
 
 def test_fid_without_inception_weights_says_what_to_set(tmp_path):

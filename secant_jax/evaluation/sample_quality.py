@@ -10,7 +10,6 @@ the config.fid.reference_split of the data and cached in the workdir.
 """
 
 import os
-import re
 
 import jax
 import numpy as np
@@ -54,17 +53,28 @@ def write_images(pixels, start, keep, directory):
           files.write_png(image, os.path.join(directory, f'{start + row:06d}.png'))
 
 
+# The files torch-fidelity, the official evaluator, reads from a folder of samples: those
+# directly in it whose extension, in any case, is one of its default samples_find_ext.
+EVALUATOR_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
+
+
 def check_image_dir(directory, num_samples):
-  """Refuses a `directory` holding sample images numbered `num_samples` or more: left by
-  an evaluation of more samples, an evaluator reading the folder would count them."""
-  names = (re.fullmatch(r'(\d{6,})\.png', p.name) for p in epath.Path(directory).glob('*.png'))
-  stale = sorted(int(m.group(1)) for m in names if m and int(m.group(1)) >= num_samples)
-  if stale:
-    raise ValueError(f'{directory} holds {len(stale)} images numbered {num_samples:06d}.png '
-                     f'or more (the first {stale[0]:06d}.png), past the {num_samples} '
-                     'samples of this evaluation: another evaluation left them, and an '
-                     'evaluator reading the folder would count them. Delete them, or set '
-                     'config.fid.image_dir to an empty folder.')
+  """Refuses a `directory` holding image files other than this evaluation's own names,
+  000000.png to <num_samples - 1, 6 digits>.png: an evaluator reading the folder would
+  count them (images left by an evaluation of more samples, or anything else)."""
+  def ours(name):
+    stem = name[:-len('.png')]
+    return stem.isdecimal() and name == f'{int(stem):06d}.png' and int(stem) < num_samples
+
+  foreign = sorted(p.name for p in epath.Path(directory).iterdir()
+                   if p.suffix.lower() in EVALUATOR_IMAGE_EXTENSIONS and not ours(p.name))
+  if foreign:
+    raise ValueError(f'{directory} holds {len(foreign)} image file(s) not among the '
+                     f'{num_samples} samples of this evaluation (000000.png to '
+                     f'{num_samples - 1:06d}.png), the first {foreign[0]}: an evaluator '
+                     'reading the folder (torch-fidelity reads every .png, .jpg and .jpeg in '
+                     'it) would count them. Delete them, or set config.fid.image_dir to an '
+                     'empty folder.')
 
 
 class SampleQuality:
