@@ -42,15 +42,20 @@ def _features_fn(mesh, network, decoder_variables):
   return jax.jit(features, out_shardings=parallel.batch_sharding(mesh))
 
 
+def image_name(index):
+  """The file sample `index` is written to: 000012.png."""
+  return f'{index:06d}.png'
+
+
 def write_images(pixels, start, keep, directory):
   """Rows [0, keep) of a batch-sharded uint8 batch [B, H, W, C] as PNG files
-  directory/<start + row, 6 digits>.png, each process writing the rows it holds."""
+  directory/image_name(start + row), each process writing the rows it holds."""
   for shard in pixels.addressable_shards:
     if shard.replica_id == 0:
       first = shard.index[0].start or 0
       for row, image in enumerate(np.asarray(shard.data), first):
         if row < keep:
-          files.write_png(image, os.path.join(directory, f'{start + row:06d}.png'))
+          files.write_png(image, os.path.join(directory, image_name(start + row)))
 
 
 # The files torch-fidelity, the official evaluator, reads from a folder of samples: those
@@ -60,18 +65,18 @@ EVALUATOR_IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg')
 
 def check_image_dir(directory, num_samples):
   """Refuses a `directory` holding image files other than this evaluation's own names,
-  000000.png to <num_samples - 1, 6 digits>.png: an evaluator reading the folder would
+  image_name(0) to image_name(num_samples - 1): an evaluator reading the folder would
   count them (images left by an evaluation of more samples, or anything else)."""
   def ours(name):
-    stem = name[:-len('.png')]
-    return stem.isdecimal() and name == f'{int(stem):06d}.png' and int(stem) < num_samples
+    stem = os.path.splitext(name)[0]
+    return stem.isdecimal() and int(stem) < num_samples and name == image_name(int(stem))
 
   foreign = sorted(p.name for p in epath.Path(directory).iterdir()
                    if p.suffix.lower() in EVALUATOR_IMAGE_EXTENSIONS and not ours(p.name))
   if foreign:
     raise ValueError(f'{directory} holds {len(foreign)} image file(s) not among the '
-                     f'{num_samples} samples of this evaluation (000000.png to '
-                     f'{num_samples - 1:06d}.png), the first {foreign[0]}: an evaluator '
+                     f'{num_samples} samples of this evaluation ({image_name(0)} to '
+                     f'{image_name(num_samples - 1)}), the first {foreign[0]}: an evaluator '
                      'reading the folder (torch-fidelity reads every .png, .jpg and .jpeg in '
                      'it) would count them. Delete them, or set config.fid.image_dir to an '
                      'empty folder.')
@@ -156,7 +161,7 @@ class SampleQuality:
     sums are saved as it goes, and a rerun resumes after the latest save with the batches
     it had not scored, so that its result is the one of a run never stopped. With an
     `image_dir` each sample is also written there as the PNG it was scored as, sample i as
-    <i, 6 digits>.png (before the save that counts it)."""
+    image_name(i) (before the save that counts it)."""
     batch = self.config.fid.batch_size
     parallel.check_batch_size(batch, self.mesh)
     if image_dir:
