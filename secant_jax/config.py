@@ -5,12 +5,15 @@ Every key here is read by the trainer. `parse_arg` turns the config-file argumen
 """
 
 import ml_collections
+from ml_collections import config_dict
 from flax import traverse_util
 
 from secant_jax import secant
 
 MODES = ('train', 'sample', 'evaluate', 'compare', 'demo')
-DISTILLATION = ('sdei', 'sdee')
+# The variants the official code trains with the guidance scale as an input (its sampler's
+# --embed-cfg: "True for SDEI, STEI, SDEE, False for STEE"); the others drop labels.
+EMBEDDED_GUIDANCE = ('sdei', 'stei', 'sdee')
 # What a resumed run may set otherwise than the config its checkpoints were trained with:
 # how long it runs, what it reports and when, the machines it runs on (a checkpoint
 # restores onto any mesh and process count) and how the same model is computed on them.
@@ -45,18 +48,28 @@ def changed_settings(saved, current):
   saved, current = (traverse_util.flatten_dict(c, sep='.') for c in (saved, current))
   free = lambda key: any(key == f or key.startswith(f + '.') for f in RESUMABLE_CHANGES)
   return [f'{key}: {saved[key]!r} → {current[key]!r}' for key in current
-          if key in saved and saved[key] != current[key] and not free(key)]
+          if key in saved and not _same(saved[key], current[key]) and not free(key)]
+
+
+def _same(saved, current):
+  """Equal settings; None and [] both say none (a tuple field that is None by default
+  is set to none from the command line as '()', e.g. secant.guidance)."""
+  return saved == current or (saved in (None, []) and current in (None, []))
 
 
 def secant_config(variant, steps, guidance=(1.0, 2.5), label_dropout=0.1):
-  """Variant settings as the paper uses them: distillation variants embed w ~ U(guidance);
-  STEE (and a diffusion teacher) drops labels with p = 0.1 and samples with ordinary CFG."""
+  """Variant settings as the official code uses them: SDEI, STEI and SDEE embed
+  w ~ U(guidance); STEE (and a diffusion teacher) drops labels with p = 0.1 and samples
+  with ordinary CFG; STEI drops labels in its unguided diffusion term (train.step)."""
   secant.check_variant(variant)
   c = ml_collections.ConfigDict()
   c.variant = variant
   c.steps = steps
-  c.guidance = guidance if variant in DISTILLATION else None
-  c.label_dropout = label_dropout if variant in ('stee', 'diffusion') else 0.0
+  # A tuple field, None by default, so that the command line can set it either way:
+  # --config.secant.guidance='(1.0, 2.0)', or '()' for none (recipe.guidance_range).
+  c.guidance = (tuple(guidance) if guidance and variant in EMBEDDED_GUIDANCE
+                else config_dict.placeholder(tuple))
+  c.label_dropout = label_dropout if variant in ('stei', 'stee', 'diffusion') else 0.0
   c.stei_lambda = 1.0
   c.stei_target = 'teacher'
   c.sample_cfg_scale = 1.5  # classic CFG for non-embedded models when sampling

@@ -31,7 +31,6 @@ from secant_jax.evaluation import features
 from secant_jax.evaluation import progress
 from secant_jax.evaluation import reference_error
 from secant_jax.evaluation import sample_quality
-from secant_jax.models import registry
 from secant_jax.train import loop
 from secant_jax.train import parallel
 from secant_jax.train import recipe
@@ -72,7 +71,7 @@ def evaluate(config, workdir):
     raise ValueError(f'Nothing to evaluate: set config.fid.{config.fid.features} (the '
                      'weights of the feature network: FID, Inception Score) and/or '
                      'config.teacher_checkpoint (error to the teacher\'s ODE).')
-  network = registry.build(config.model, guided=config.secant.guidance is not None)
+  network = recipe.make_network(config)
   task = recipe.make_task(config, network)
   variables = loop.load_into(network, os.path.join(workdir, 'ema'), jax.random.key(0))
   _, scale = generate.sampler_secant(network, task, variables, config.secant)

@@ -9,13 +9,12 @@ import numpy as np
 
 from secant_jax import files
 from secant_jax import generate
-from secant_jax.models import registry
 from secant_jax.train import loop
 from secant_jax.train import recipe
 
 
 def write_samples(config, workdir):
-  network = registry.build(config.model, guided=config.secant.guidance is not None)
+  network = recipe.make_network(config)
   task = recipe.make_task(config, network)
   variables = loop.load_into(network, os.path.join(workdir, 'ema'), jax.random.key(0))
   noise, labels = generate.fixed_noise_and_labels(

@@ -43,6 +43,13 @@ class TimePairs(NamedTuple):
   tau: jax.Array
 
 
+class Conditioning(NamedTuple):
+  """What a term's network calls are conditioned on: labels y [B] and guidance scales w
+  [B] (None for a network without a guidance input)."""
+  y: jax.Array
+  w: jax.Array | None
+
+
 def check_variant(variant):
   if variant not in VARIANTS:
     raise ValueError(f'Unknown secant variant {variant!r}: expected one of {VARIANTS}; '
@@ -125,21 +132,28 @@ def diffusion_loss(secant_fn, path, x_data, noise, tau, y, w):
 
 
 def loss(variant, secant_fn, teacher_fn, path, x_data, noise, times, y, w, *,
-         stei_lambda=1.0, stei_target='teacher'):
+         stei_lambda=1.0, stei_target='teacher', diffusion_conditioning=None):
   """The per-example loss [B] of one variant, and its terms in `aux`.
 
-  All randomness is in the inputs (noise ε, `times` from `sample_time_pairs`, labels y
-  already dropped for CFG, guidance scales w), so the same numbers give the same loss in
-  any implementation. For 'stei' the diffusion term reuses ε at time τ. Stop-gradients sit
+  All randomness is in the inputs (noise ε, `times` from `sample_time_pairs`, labels y,
+  already dropped for CFG where a term is trained unguided, guidance scales w), so the same
+  numbers give the same loss in any implementation. For 'stei' the diffusion term reuses ε at time τ. Stop-gradients sit
   on the Picard estimate and on the target; gradients reach θ only through f_θ(·, t, s).
+
+  The diffusion term (of 'stei' and 'diffusion') is conditioned on
+  `diffusion_conditioning`, default Conditioning(y, w). Its target, the conditional
+  tangent, is the unguided one, so a student with embedded guidance trains it at w = 1,
+  with labels dropped for CFG, while its secant term sees the true labels and the
+  teacher's CFG at w (as the official code's STEI does; `train.step` sets this up).
 
   Returns:
     (loss [B] float32, aux) with aux = {'secant': [B], 'diffusion': [B]} (the unweighted
     terms; a term a variant does not have is zeros).
   """
   check_variant(variant)
+  diffusion_y, diffusion_w = diffusion_conditioning or Conditioning(y, w)
   if variant == 'diffusion':
-    term = diffusion_loss(secant_fn, path, x_data, noise, times.tau, y, w)
+    term = diffusion_loss(secant_fn, path, x_data, noise, times.tau, diffusion_y, diffusion_w)
     return term, {'secant': jnp.zeros_like(term), 'diffusion': term}
   spec = _spec(variant, stei_lambda, stei_target)
   if spec.target == 'teacher' and teacher_fn is None:
@@ -162,7 +176,8 @@ def loss(variant, secant_fn, teacher_fn, path, x_data, noise, times, y, w, *,
   secant_term = mean_squared_error(secant_fn(x_start, t, s, y, w),
                                    jax.lax.stop_gradient(target))
   if spec.diffusion_weight:
-    diffusion_term = diffusion_loss(secant_fn, path, x_data, noise, times.tau, y, w)
+    diffusion_term = diffusion_loss(secant_fn, path, x_data, noise, times.tau, diffusion_y,
+                                    diffusion_w)
   else:
     diffusion_term = jnp.zeros_like(secant_term)
   total = secant_term + spec.diffusion_weight * diffusion_term

@@ -100,19 +100,25 @@ def test_loss_value_and_gradient_by_hand(variant, path):
 
 @pytest.mark.parametrize('path', PATHS, ids=['linear', 'edm'])
 @pytest.mark.parametrize('stei_target', ['teacher', 'self'])
-def test_stei_adds_weighted_diffusion_loss(path, stei_target):
+@pytest.mark.parametrize('unguided_diffusion', [False, True], ids=['same-y-w', 'null-y-w1'])
+def test_stei_adds_weighted_diffusion_loss(path, stei_target, unguided_diffusion):
+  """With `diffusion_conditioning` (null labels, w = 1) only the diffusion term sees it."""
   x, eps, times, y, w = inputs(path)
   lam = 0.5
   x_start, target = by_hand('stei', path, x, eps, times, y, w, stei_target=stei_target)
   x_tau = at_np(path, x, eps, times.tau)
   v_tau = np.asarray(path.tangent(x, eps, times.tau))
+  y_d, w_d = (np.full(B, 10.0, np.float32), np.ones(B, np.float32)) if unguided_diffusion else (
+      y, w)
   secant_term = mse_np(f_np(THETA, x_start, times.t, times.s, y, w), target)
-  diffusion_term = mse_np(f_np(THETA, x_tau, times.tau, times.tau, y, w), v_tau)
+  diffusion_term = mse_np(f_np(THETA, x_tau, times.tau, times.tau, y_d, w_d), v_tau)
   teacher = teacher_fn if stei_target == 'teacher' else None
+  conditioning = secant.Conditioning(y_d, w_d) if unguided_diffusion else None
 
   def total(theta):
     per_example, aux = secant.loss('stei', make_secant_fn(theta), teacher, path, x, eps,
-                                   times, y, w, stei_lambda=lam, stei_target=stei_target)
+                                   times, y, w, stei_lambda=lam, stei_target=stei_target,
+                                   diffusion_conditioning=conditioning)
     return per_example.mean(), (per_example, aux)
 
   grads, (per_example, aux) = jax.grad(total, has_aux=True)(jnp.asarray(THETA))
@@ -121,7 +127,7 @@ def test_stei_adds_weighted_diffusion_loss(path, stei_target):
   np.testing.assert_allclose(aux['diffusion'], diffusion_term, rtol=2e-5)
   frozen = jax.grad(lambda th: (
       mse_np(f_np(th, x_start, times.t, times.s, y, w), target)
-      + lam * mse_np(f_np(th, x_tau, times.tau, times.tau, y, w), v_tau)).mean())(
+      + lam * mse_np(f_np(th, x_tau, times.tau, times.tau, y_d, w_d), v_tau)).mean())(
           jnp.asarray(THETA))
   np.testing.assert_allclose(grads, frozen, rtol=2e-5)
 

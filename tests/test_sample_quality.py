@@ -44,7 +44,7 @@ def _images(directory):
 def _first_batch(c, ema_dir):
   """The first 8 FID samples of evaluate mode (batch 0: key fold_in(key(seed + 2), 0)) as
   uint8 images [8, H, W]."""
-  network = registry.build(c.model, guided=c.secant.guidance is not None)
+  network = recipe.make_network(c)
   variables = loop.load_into(network, ema_dir, jax.random.key(0))
   k_noise, k_label = jax.random.split(jax.random.fold_in(jax.random.key(c.seed + 2), 0))
   noise = jax.random.normal(k_noise, (8, *network.image_shape))

@@ -24,7 +24,7 @@ def _apply(model):
 def _setup(variant, guidance_range=(1.0, 2.5), mesh=None):
   """A tiny DiT student and teacher; with `mesh`, their applies gather FSDP-sharded
   variables as the trainer's do (`parallel.fsdp_apply`)."""
-  guided = variant in ('sdei', 'sdee')
+  guided = variant in ('sdei', 'stei', 'sdee')
   wrap = (lambda apply: apply) if mesh is None else (
       lambda apply: parallel.fsdp_apply(apply, mesh))
   student = dit.DiT(guidance_embed=guided, **ARCH)
@@ -38,7 +38,7 @@ def _setup(variant, guidance_range=(1.0, 2.5), mesh=None):
                       jax.random.key(2))
   teacher_variables = perturb(teacher.init(jax.random.key(3), x, z, z, y), jax.random.key(4))
   task = step_lib.SecantTask(variant=variant, path=paths.Linear(), num_steps=4,
-                             null_class=10, label_dropout=0.1 if variant == 'stee' else 0.0,
+                             null_class=10, label_dropout=0.1 if variant in ('stei', 'stee') else 0.0,
                              guidance_range=guidance_range if guided else None)
   optimizer = optax.adamw(1e-3, weight_decay=0.0)
   train_step = step_lib.make_train_step(task, wrap(_apply(student)), wrap(_apply(teacher)),
@@ -62,6 +62,34 @@ def test_one_step_per_variant_moves_params_and_ema(variant):
     np.testing.assert_allclose(e_new, 0.9 * e_old + 0.1 * p_new, rtol=1e-6, atol=1e-7)
   if variant == 'stei':
     assert float(metrics['loss_diffusion']) > 0
+
+
+@pytest.mark.parametrize('guided', [True, False], ids=['embedded-guidance', 'unguided'])
+def test_stei_drops_labels_in_its_unguided_terms_only(guided):
+  """Label dropout 1 and a stand-in network that ignores x: on the diagonal s = t (only the
+  diffusion term calls it there) it returns 100·[y = null] + 1000·w (w normalised), off it
+  100·[y = null]; the teacher returns 0 and the data are 0. With embedded guidance the
+  secant term sees the true labels (f = 0 = its CFG target: term 0) and the diffusion term
+  dropped labels at w = 1, normalised 0 (f = 100 against the tangent −ε: term ≈ 100² + 1);
+  without, both terms see dropped labels (secant term 100²)."""
+  null = 10
+
+  def apply_fn(variables, x, t, s, y, w, key):
+    is_null = 100.0 * (y == null)
+    diagonal = is_null + (0.0 if w is None else 1000.0 * w)
+    f = jnp.where(t == s, diagonal, is_null) + 0.0 * variables['params']['b']
+    return jnp.broadcast_to(f[:, None, None, None], x.shape)
+
+  teacher_apply = lambda variables, x, t, s, y, w, key: jnp.zeros_like(x)
+  task = step_lib.SecantTask('stei', paths.Linear(), 4, null, label_dropout=1.0,
+                             guidance_range=(1.0, 2.5) if guided else None)
+  optimizer = optax.sgd(0.1)
+  train_step = step_lib.make_train_step(task, apply_fn, teacher_apply, optimizer, 0.9)
+  state = state_lib.create({'params': {'b': jnp.zeros(())}}, optimizer, jax.random.key(0))
+  batch = {'x': jnp.zeros((BATCH, 8, 8, 4)), 'y': jnp.arange(BATCH) % null}
+  _, metrics = jax.jit(train_step)(state, {}, batch)
+  assert float(metrics['loss_secant']) == (0.0 if guided else 100.0 ** 2)
+  np.testing.assert_allclose(float(metrics['loss_diffusion']), 100.0 ** 2 + 1, rtol=0.02)
 
 
 def _params_after(train_step, state, teacher_variables, batch, mesh=None, fsdp=False):
@@ -148,6 +176,9 @@ def test_bad_setups_are_named():
       (dict(guidance_range=(1.0,)), r'must be \(w_min, w_max\) .* got \(1.0,\)'),
       (dict(variant='stei', stei_target='ema'), r"stei_target \(config.secant.stei_target\) "
                                                 r"must be one of \('teacher', 'self'\)"),
+      (dict(variant='stei', stei_target='self', guidance_range=(1.0, 2.5)),
+       r"stei_target='self' trains without a teacher, .* guidance_range is \(1.0, 2.5\): set "
+       r"none with --config.secant.guidance='\(\)'"),
   ]
   for change, message in bad_settings:
     settings = dict(variant='sdei', path=paths.Linear(), num_steps=4, null_class=10)

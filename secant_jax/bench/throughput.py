@@ -146,7 +146,7 @@ class Program(NamedTuple):
 
 def bench_train(config, args, mesh):
   """The real train step on random weights and a synthetic batch, as a Program."""
-  network = registry.build(config.model, guided=config.secant.guidance is not None)
+  network = recipe.make_network(config)
   task = recipe.make_task(config, network)
   optimizer = recipe.make_optimizer(config.optimizer)
   teacher = registry.build(config.model, guided=False) if task.needs_teacher else None
@@ -184,7 +184,7 @@ def bench_train(config, args, mesh):
 
 def bench_sample(config, args, mesh):
   """N-step secant sampling of a batch, as a Program."""
-  network = registry.build(config.model, guided=config.secant.guidance is not None)
+  network = recipe.make_network(config)
   task = recipe.make_task(config, network)
   replicated = parallel.replicated(mesh)
   sample = jax.jit(lambda v, noise, y: generate.sample(network, task, v, config.secant,

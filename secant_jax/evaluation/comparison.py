@@ -78,7 +78,7 @@ def teacher_samplers(task, tangent_of, nfes):
 def secant_samplers(name, run_config, ema_dir, steps, scale):
   """A trained secant run sampled with each step count in `steps`, guided at `scale` (the
   embedded scale of distilled models, else classic CFG's)."""
-  network = registry.build(run_config.model, guided=run_config.secant.guidance is not None)
+  network = recipe.make_network(run_config)
   task = recipe.make_task(run_config, network)
   variables = loop.load_into(network, ema_dir, jax.random.key(0))
   sample_config = run_config.secant.copy_and_resolve_references()

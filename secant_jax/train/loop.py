@@ -128,7 +128,7 @@ def train_and_evaluate(config, workdir):
   mesh = parallel.make_mesh(config.fsdp)
   parallel.check_batch_size(config.batch_size, mesh)
 
-  network = registry.build(config.model, guided=config.secant.guidance is not None)
+  network = recipe.make_network(config)
   task = recipe.make_task(config, network)
   k_init, k_teacher, k_state = jax.random.split(jax.random.key(config.seed), 3)
   teacher, teacher_variables = (teacher_of(config, k_teacher) if task.needs_teacher

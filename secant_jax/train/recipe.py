@@ -5,6 +5,7 @@ stack, so benchmarks and notebooks build exactly what the trainer builds."""
 import optax
 
 from secant_jax import paths as paths_lib
+from secant_jax.models import registry
 from secant_jax.train import parallel
 from secant_jax.train import step as step_lib
 
@@ -18,12 +19,26 @@ def make_path(path_config):
                    'config.path.name.')
 
 
+def guidance_range(secant_config):
+  """config.secant.guidance as the train step takes it: (w_min, w_max) for embedded
+  guidance, or None for none (the config's None, or the () that
+  --config.secant.guidance='()' sets; ml_collections cannot set a tuple field to None)."""
+  guidance = secant_config.guidance
+  return tuple(guidance) if guidance else None
+
+
+def make_network(config):
+  """The secant network of config.model, with a guidance-scale input when config.secant
+  embeds guidance."""
+  return registry.build(config.model, guided=guidance_range(config.secant) is not None)
+
+
 def make_task(config, network):
   s = config.secant
   return step_lib.SecantTask(
       variant=s.variant, path=make_path(config.path), num_steps=s.steps,
       null_class=network.null_class, label_dropout=s.label_dropout,
-      guidance_range=None if s.guidance is None else tuple(s.guidance),
+      guidance_range=guidance_range(s),
       stei_lambda=s.stei_lambda, stei_target=s.stei_target,
       sigma_data=config.path.sigma_data)
 

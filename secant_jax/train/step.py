@@ -1,10 +1,16 @@
 """One train step, pure: (state, teacher variables, batch) → (state, metrics).
 
 The step draws everything from the state's key folded with the step: time pairs (t, s, r,
-τ), noise, label dropout (classifier-free training) and guidance scales (embedded-CFG
-distillation); builds the secant from the network and the guided teacher tangent; takes
-the loss of the configured variant; applies the optimizer and the EMA. It knows the
-variant only as data: the loss dispatches on it.
+τ), noise, label dropout (classifier-free training) and guidance scales (embedded CFG);
+builds the secant from the network and the guided teacher tangent; takes the loss of the
+configured variant; applies the optimizer and the EMA. It knows the variant only as data:
+the loss dispatches on it.
+
+Labels are dropped in the terms trained without guidance. Without embedded guidance that
+is every term (STEE, a teacher, an unguided STEI). With it, the secant term's target is
+the teacher's CFG at the student's w and sees the true labels, and STEI's diffusion term,
+whose target is the unguided conditional tangent, is trained at w = 1 with dropped labels:
+the official code's STEI with its guidance embedding.
 """
 
 import dataclasses
@@ -24,9 +30,10 @@ from secant_jax.models import precond
 class SecantTask:
   """What is trained: variant, path and step count, and how labels and guidance enter.
 
-  label_dropout: probability of the null label (CFG training, STEE's 0.1).
-  guidance_range: (w_min, w_max) for embedded-CFG distillation: w ~ U(w_min, w_max) is
-    the teacher's CFG scale and, normalised to [0, 1], the student's input; None: no
+  label_dropout: probability of the null label in the terms trained without guidance
+    (CFG training; STEE's and STEI's 0.1).
+  guidance_range: (w_min, w_max) for embedded CFG (SDEI, STEI, SDEE): w ~ U(w_min, w_max)
+    is the teacher's CFG scale and, normalised to [0, 1], the student's input; None: no
     guidance (the teacher is called with the labels only).
   """
   variant: str
@@ -49,6 +56,12 @@ class SecantTask:
       guidance.check_scale_range(self.guidance_range, 'guidance_range (config.secant.guidance)')
     if self.variant == 'stei':
       secant.check_stei_target(self.stei_target, 'stei_target (config.secant.stei_target)')
+      if self.stei_target == 'self' and self.guidance_range is not None:
+        raise ValueError(
+            "stei_target='self' trains without a teacher, so nothing gives the CFG target an "
+            f'embedded guidance scale needs, but guidance_range is {self.guidance_range}: set '
+            "none with --config.secant.guidance='()' (STEI then drops labels and samples with "
+            'classic CFG).')
 
   @property
   def needs_teacher(self):
@@ -109,11 +122,14 @@ def make_train_step(task: SecantTask, apply_fn: ApplyFn, teacher_apply: ApplyFn 
         jax.random.fold_in(state.key, state.step), 5)
     times = secant.sample_time_pairs(k_time, size, task.variant, task.num_steps, task.path)
     noise = jax.random.normal(k_noise, x_data.shape, jnp.float32)
+    dropped = labels
     if task.label_dropout:
-      labels = guidance.drop_labels(k_drop, labels, task.label_dropout, task.null_class)
-    scale = None
-    if task.guidance_range is not None:
+      dropped = guidance.drop_labels(k_drop, labels, task.label_dropout, task.null_class)
+    if task.guidance_range is None:
+      labels, scale, unguided = dropped, None, secant.Conditioning(dropped, None)
+    else:
       scale = guidance.sample_scale(k_scale, size, *task.guidance_range)
+      unguided = secant.Conditioning(dropped, jnp.ones_like(scale))
     teacher_fn = (teacher_tangent(task, teacher_apply, teacher_variables)
                   if task.needs_teacher else None)
 
@@ -124,7 +140,8 @@ def make_train_step(task: SecantTask, apply_fn: ApplyFn, teacher_apply: ApplyFn 
         secant_fn = _with_normalized_scale(secant_fn, task.guidance_range)
       per_example, aux = secant.loss(task.variant, secant_fn, teacher_fn, task.path, x_data,
                                      noise, times, labels, scale, stei_lambda=task.stei_lambda,
-                                     stei_target=task.stei_target)
+                                     stei_target=task.stei_target,
+                                     diffusion_conditioning=unguided)
       return jnp.mean(per_example), {k: jnp.mean(v) for k, v in aux.items()}
 
     (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state.params['params'])
