@@ -113,6 +113,22 @@ def test_latent_import_refuses_a_scale_flag_the_latents_contradict(latent_dir, t
                              rtol=1e-3, atol=1e-3)
 
 
+def test_latent_import_refuses_a_file_of_several_latents_or_labels(tmp_path):
+  rng = np.random.default_rng(0)
+  for d in ('features', 'labels', 'one'):
+    os.makedirs(tmp_path / d)
+  batch = rng.normal(scale=1 / 0.18215, size=(2, 4, 8, 8)).astype(np.float32)
+  np.save(tmp_path / 'features' / '0.npy', batch)
+  np.save(tmp_path / 'labels' / '0.npy', np.array([3, 5]))
+  with pytest.raises(ValueError, match=r'0\.npy holds an array of shape \[2, 4, 8, 8\]: the '
+                                       r'importer takes one latent per file'):
+    latents.import_npy(tmp_path / 'features', tmp_path / 'labels', tmp_path / 'out')
+  np.save(tmp_path / 'one' / '0.npy', batch[:1])
+  with pytest.raises(ValueError, match=r'labels/0\.npy holds 2 labels: the importer takes one '
+                                       'per file'):
+    latents.import_npy(tmp_path / 'one', tmp_path / 'labels', tmp_path / 'out')
+
+
 def test_latents_imported_to_a_bucket_train_as_from_a_disk(gcs_bucket, latent_dir, tmp_path,
                                                            monkeypatch):
   """A pod reads its latents from gs://… directly: imported there, the records and a

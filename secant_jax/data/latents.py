@@ -98,6 +98,10 @@ def _natural_key(path):
 def _raw_latent(path, already_scaled):
   """The [C, H, W] raw latent in a [1, C, H, W] or [C, H, W] .npy file."""
   latent = np.load(path).astype(np.float32)
+  if latent.ndim not in (3, 4) or latent.ndim == 4 and latent.shape[0] != 1:
+    raise ValueError(f'{path} holds an array of shape {list(latent.shape)}: the importer '
+                     'takes one latent per file, NCHW [1, 4, 32, 32] or [4, 32, 32]; save '
+                     'each latent of a batch in a file of its own.')
   latent = latent.reshape(latent.shape[-3:])
   return latent / SD_VAE_SCALE if already_scaled else latent
 
@@ -169,7 +173,11 @@ def _label(feature_path, labels_dir):
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} is missing: every features/<name>.npy needs '
                             'labels/<name>.npy.')
-  return np.load(path).reshape(-1)[0]
+  label = np.load(path).reshape(-1)
+  if label.size != 1:
+    raise ValueError(f'{path} holds {label.size} labels: the importer takes one per file, '
+                     'as its features file holds one latent.')
+  return label[0]
 
 
 def main(argv=None):
