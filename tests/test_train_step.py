@@ -37,8 +37,8 @@ def _setup(variant, guidance_range=(1.0, 2.5), mesh=None):
   variables = perturb(student.init(jax.random.key(1), x, z, z, y, z if guided else None),
                       jax.random.key(2))
   teacher_variables = perturb(teacher.init(jax.random.key(3), x, z, z, y), jax.random.key(4))
-  task = step_lib.SecantTask(variant=variant, path=paths.Linear(), num_steps=4,
-                             null_class=10, label_dropout=0.1 if variant in ('stei', 'stee') else 0.0,
+  task = step_lib.SecantTask(variant=variant, path=paths.Linear(), num_steps=4, null_class=10,
+                             label_dropout=0.1 if variant in ('stei', 'stee') else 0.0,
                              guidance_range=guidance_range if guided else None)
   optimizer = optax.adamw(1e-3, weight_decay=0.0)
   train_step = step_lib.make_train_step(task, wrap(_apply(student)), wrap(_apply(teacher)),

@@ -96,6 +96,17 @@ def teacher_tangent(task, teacher_apply, teacher_variables):
   return guidance.classifier_free(conditional, task.null_class)
 
 
+def term_conditioning(labels, dropped, scale):
+  """(the secant term's Conditioning, the diffusion term's) from the true labels, the
+  labels after dropout and the embedded guidance scales (None: none embedded). Without a
+  scale every term sees the dropped labels; with one, the secant term, whose target is
+  the teacher's CFG at w, sees the true labels and w, and the diffusion term, whose target
+  is unguided, the dropped labels at w = 1."""
+  if scale is None:
+    return secant.Conditioning(dropped, None), secant.Conditioning(dropped, None)
+  return secant.Conditioning(labels, scale), secant.Conditioning(dropped, jnp.ones_like(scale))
+
+
 def ema_decay_at(step, decay, warmup):
   """The EMA decay of update number `step` (0-based): `decay`, or with warmup
   min(decay, (1 + step)/(10 + step)), so that a run from random weights does not keep
@@ -125,11 +136,10 @@ def make_train_step(task: SecantTask, apply_fn: ApplyFn, teacher_apply: ApplyFn 
     dropped = labels
     if task.label_dropout:
       dropped = guidance.drop_labels(k_drop, labels, task.label_dropout, task.null_class)
-    if task.guidance_range is None:
-      labels, scale, unguided = dropped, None, secant.Conditioning(dropped, None)
-    else:
+    scale = None
+    if task.guidance_range is not None:
       scale = guidance.sample_scale(k_scale, size, *task.guidance_range)
-      unguided = secant.Conditioning(dropped, jnp.ones_like(scale))
+    conditioning, unguided = term_conditioning(labels, dropped, scale)
     teacher_fn = (teacher_tangent(task, teacher_apply, teacher_variables)
                   if task.needs_teacher else None)
 
@@ -139,8 +149,8 @@ def make_train_step(task: SecantTask, apply_fn: ApplyFn, teacher_apply: ApplyFn 
       if task.guidance_range is not None:  # the student sees w normalised to [0, 1]
         secant_fn = _with_normalized_scale(secant_fn, task.guidance_range)
       per_example, aux = secant.loss(task.variant, secant_fn, teacher_fn, task.path, x_data,
-                                     noise, times, labels, scale, stei_lambda=task.stei_lambda,
-                                     stei_target=task.stei_target,
+                                     noise, times, *conditioning,
+                                     stei_lambda=task.stei_lambda, stei_target=task.stei_target,
                                      diffusion_conditioning=unguided)
       return jnp.mean(per_example), {k: jnp.mean(v) for k, v in aux.items()}
 
