@@ -136,9 +136,10 @@ def loss(variant, secant_fn, teacher_fn, path, x_data, noise, times, y, w, *,
   """The per-example loss [B] of one variant, and its terms in `aux`.
 
   All randomness is in the inputs (noise ε, `times` from `sample_time_pairs`, labels y,
-  already dropped for CFG where a term is trained unguided, guidance scales w), so the same
-  numbers give the same loss in any implementation. For 'stei' the diffusion term reuses ε at time τ. Stop-gradients sit
-  on the Picard estimate and on the target; gradients reach θ only through f_θ(·, t, s).
+  already dropped for CFG where a term is trained unguided, guidance scales w), so the
+  same numbers give the same loss in any implementation. For 'stei' the diffusion term
+  reuses ε at time τ. Stop-gradients sit on the Picard estimate and on the target;
+  gradients reach θ only through f_θ(·, t, s).
 
   The diffusion term (of 'stei' and 'diffusion') is conditioned on
   `diffusion_conditioning`, default Conditioning(y, w). Its target, the conditional
