@@ -142,15 +142,8 @@ def test_a_dit_with_split_qkv_takes_the_same_variables_and_gives_the_same_output
 
 
 def _torch_model(**kwargs):
-  import torch
   import torch_dit
-  torch.manual_seed(0)
-  model = torch_dit.SecantDiT(**kwargs)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name != 'pos_embed':
-        p.normal_(0.0, 0.05 if p.ndim > 1 else 0.1)
-  return model.eval()
+  return torch_dit.with_random_weights(0, **kwargs).eval()
 
 
 def _torch_out(model, inp, with_s=True, with_w=False):

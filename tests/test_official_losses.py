@@ -33,18 +33,6 @@ W_RANGE = (1.25, 3.0)  # w_min ≠ 1, so that w = 1 and w_min normalise differen
 B = 6
 
 
-def _torch_dit(seed, **kwargs):
-  import torch
-  import torch_dit
-  torch.manual_seed(seed)
-  model = torch_dit.SecantDiT(**ARCH, **kwargs)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name != 'pos_embed':
-        p.normal_(0.0, 0.05 if p.ndim > 1 else 0.1)
-  return model
-
-
 def _draws(variant):
   rng = np.random.default_rng(1)
   shape = (B, ARCH['input_size'], ARCH['input_size'], ARCH['in_channels'])
@@ -120,9 +108,7 @@ def _ours(variant, guided, student_state, teacher_state, x1, x0, times, y, y_dro
   conditioning, unguided = step_lib.term_conditioning(y, y_drop, w if guided else None)
 
   def objective(params):
-    secant_fn = step_lib._secant_fn(task, apply(model), {'params': params}, None)
-    if guided:
-      secant_fn = step_lib._with_normalized_scale(secant_fn, W_RANGE)
+    secant_fn = step_lib.student_secant(task, apply(model), {'params': params}, None)
     per_example, _ = secant.loss(variant, secant_fn, teacher_fn, task.path, x1, x0, times,
                                  *conditioning, diffusion_conditioning=unguided)
     return per_example.mean()
@@ -134,8 +120,9 @@ def _ours(variant, guided, student_state, teacher_state, x1, x0, times, y, y_dro
 @pytest.mark.parametrize('variant, guided', [('sdei', True), ('stei', True), ('stei', False),
                                              ('sdee', True), ('stee', False)])
 def test_loss_and_gradient_match_the_official_training_losses(variant, guided):
-  student = _torch_dit(0, guidance_embed=guided)
-  teacher = _torch_dit(1, two_times=False)
+  import torch_dit
+  student = torch_dit.with_random_weights(0, guidance_embed=guided, **ARCH)
+  teacher = torch_dit.with_random_weights(1, two_times=False, **ARCH)
   draws = _draws(variant)
   expected = _official_loss(variant, guided, student, teacher, *draws)
   expected.backward()

@@ -145,3 +145,15 @@ class SecantDiT(nn.Module):
     g = int(h.shape[1] ** 0.5)
     h = torch.einsum('nhwpqc->nchpwq', h.reshape(n, g, g, p, p, ch)).reshape(n, ch, g * p, g * p)
     return h[:, :self.in_channels]
+
+
+def with_random_weights(seed, **kwargs):
+  """SecantDiT(**kwargs) with every parameter but the fixed pos_embed drawn from
+  N(0, 0.05²) (matrices) or N(0, 0.1²) (vectors), so that no layer starts at zero."""
+  torch.manual_seed(seed)
+  model = SecantDiT(**kwargs)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name != 'pos_embed':
+        p.normal_(0.0, 0.05 if p.ndim > 1 else 0.1)
+  return model

@@ -74,14 +74,15 @@ class SecantTask:
 ApplyFn = Callable
 
 
-def _secant_fn(task, apply_fn, variables, dropout_key):
+def student_secant(task, apply_fn, variables, dropout_key):
+  """secant_fn(x, t, s, y, w) of the trained network; with embedded guidance it takes the
+  CFG scale w and feeds the network w normalised to [0, 1] by the task's range."""
   net = lambda x, t, s, y, w: apply_fn(variables, x, t, s, y, w, dropout_key)
-  return precond.secant_from_network(task.path, net, task.sigma_data)
-
-
-def _with_normalized_scale(secant_fn, guidance_range):
+  secant_fn = precond.secant_from_network(task.path, net, task.sigma_data)
+  if task.guidance_range is None:
+    return secant_fn
   return lambda x, t, s, y, w: secant_fn(x, t, s, y,
-                                         guidance.normalize_scale(w, *guidance_range))
+                                         guidance.normalize_scale(w, *task.guidance_range))
 
 
 def teacher_tangent(task, teacher_apply, teacher_variables):
@@ -145,9 +146,7 @@ def make_train_step(task: SecantTask, apply_fn: ApplyFn, teacher_apply: ApplyFn 
 
     def objective(trainable):
       variables = {**state.params, 'params': trainable}
-      secant_fn = _secant_fn(task, apply_fn, variables, k_dropout)
-      if task.guidance_range is not None:  # the student sees w normalised to [0, 1]
-        secant_fn = _with_normalized_scale(secant_fn, task.guidance_range)
+      secant_fn = student_secant(task, apply_fn, variables, k_dropout)
       per_example, aux = secant.loss(task.variant, secant_fn, teacher_fn, task.path, x_data,
                                      noise, times, *conditioning,
                                      stei_lambda=task.stei_lambda, stei_target=task.stei_target,
