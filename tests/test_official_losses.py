@@ -117,8 +117,8 @@ def _ours(variant, guided, student_state, teacher_state, x1, x0, times, y, y_dro
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize('variant, guided', [('sdei', True), ('stei', True), ('stei', False),
-                                             ('sdee', True), ('stee', False)])
+@pytest.mark.parametrize('variant, guided', [('sdei', True), ('sdei', False), ('stei', True),
+                                             ('stei', False), ('sdee', True), ('stee', False)])
 def test_loss_and_gradient_match_the_official_training_losses(variant, guided):
   import torch_dit
   student = torch_dit.with_random_weights(0, guidance_embed=guided, **ARCH)
