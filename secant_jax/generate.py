@@ -8,20 +8,16 @@ import numpy as np
 
 from secant_jax import guidance
 from secant_jax import sampling
-from secant_jax.models import precond
+from secant_jax.train import step as step_lib
 
 
 def sampler_secant(network, task, variables, secant_config):
   """(secant_fn(x, t, s, y, w), w) for sampling with the config's guidance (w None: the
   plain conditional secant, which classic CFG at scale 1 equals)."""
-  variables = network.inference_variables(variables)
-  net = lambda x, t, s, y, w: network.apply(variables, x, t, s, y, w)
-  secant_fn = precond.secant_from_network(task.path, net, task.sigma_data)
+  secant_fn = step_lib.student_secant(task, network.apply,
+                                      network.inference_variables(variables), None)
   if task.guidance_range is not None:
-    scale = secant_config.sample_guidance_scale
-    embedded = lambda x, t, s, y, w: secant_fn(
-        x, t, s, y, guidance.normalize_scale(w, *task.guidance_range))
-    return embedded, scale
+    return secant_fn, secant_config.sample_guidance_scale
   if task.label_dropout > 0 and secant_config.sample_cfg_scale != 1.0:  # CFG at 1: v_y
     conditional = lambda x, t, s, y: secant_fn(x, t, s, y, None)
     return guidance.classifier_free(conditional, task.null_class), secant_config.sample_cfg_scale
