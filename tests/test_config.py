@@ -1,13 +1,16 @@
 """Variant settings as the official code trains them, and switching guidance from the command
 line as `python -m secant_jax.main` parses it (ml_collections' config_flags, locked)."""
 
+import argparse
 import os
+import shlex
 
 import pytest
 from absl import flags
 from ml_collections import config_flags
 
 from secant_jax import config as config_lib
+from secant_jax.convert import sit as convert_sit
 from secant_jax.train import recipe
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,3 +56,16 @@ def test_none_and_the_empty_tuple_are_the_same_setting_on_resume():
   assert config_lib.changed_settings(saved, {'secant': {'guidance': [1.0, 2.5],
                                                         'label_dropout': 0.1}}) == [
       'secant.guidance: None → [1.0, 2.5]', 'secant.label_dropout: 0.0 → 0.1']
+
+
+@pytest.mark.parametrize('loss_type, online_cfg, guidance, label_dropout', [
+    ('sdei', '1-2.5', (1.0, 2.5), 0.0), ('stei', '1.5-3', (1.5, 3.0), 0.1),
+    ('sdee', '2', (2.0, 2.0), 0.0), ('sdei', None, None, 0.1), ('stee', None, None, 0.1)])
+def test_official_training_arguments_give_the_flags_of_the_same_model(
+    loss_type, online_cfg, guidance, label_dropout, monkeypatch):
+  train_args = argparse.Namespace(loss_type=loss_type, num_steps=2, online_cfg=online_cfg)
+  monkeypatch.chdir(REPO)  # the flags name configs/imagenet_sit.py from the checkout
+  c = _parse(*shlex.split(' '.join(convert_sit.official_run_flags(train_args))))
+  assert (c.secant.variant, c.secant.steps) == (loss_type, 2)
+  assert recipe.guidance_range(c.secant) == guidance
+  assert c.secant.label_dropout == label_dropout

@@ -29,13 +29,17 @@ class ConversionError(ValueError):
 
 def load_state_dict(path, key=None):
   """{name: float32 numpy array} from a .pt/.pth (torch), .safetensors or .npz file, local or
-  on a bucket (gs://), read through epath. Torch and npz files stream tensor by tensor, so
-  the peak memory is about the checkpoint's size; safetensors files are read whole first.
+  on a bucket (gs://): `state_dict(read_checkpoint(path), key, path)`."""
+  return state_dict(read_checkpoint(path), key, path)
 
-  Checkpoints that hold several state dicts (the secant checkpoints' 'model' and 'ema',
-  EDM exports, training checkpoints) are narrowed with `key`; by default 'ema' if present,
-  else 'model', else the file's dict itself.
-  """
+
+def read_checkpoint(path):
+  """The top-level dict of a .pt/.pth (torch), .safetensors or .npz file, local or on a
+  bucket (gs://), read through epath. Torch and npz files stream tensor by tensor, so the
+  peak memory is about the checkpoint's size; safetensors files are read whole first. Torch
+  files load without running their code (weights_only), with one class allowed besides
+  tensors and containers: argparse.Namespace, the training arguments the official
+  train.py saves next to 'model', 'ema' and 'opt'."""
   path = files.absolute(path)
   if not epath.Path(path).exists():
     raise FileNotFoundError(f'Checkpoint {path} does not exist; pass the path of the '
@@ -53,12 +57,19 @@ def load_state_dict(path, key=None):
   with epath.Path(path).open('rb') as stream:
     if ext == '.safetensors':
       from safetensors.numpy import load  # pylint: disable=import-outside-toplevel
-      data = load(stream.read())
-    elif ext == '.npz':
+      return load(stream.read())
+    if ext == '.npz':
       with np.load(stream) as f:
-        data = dict(f)
-    else:
-      data = torch.load(stream, map_location='cpu', weights_only=True)
+        return dict(f)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+      return torch.load(stream, map_location='cpu', weights_only=True)
+
+
+def state_dict(data, key, path):
+  """{name: float32 numpy array} of a checkpoint's top-level dict `data` (read from
+  `path`). Checkpoints that hold several state dicts (the secant checkpoints' 'model' and
+  'ema', EDM exports, training checkpoints) are narrowed with `key`; by default 'ema' if
+  present, else 'model', else `data` itself."""
   if key is None:
     key = next((k for k in ('ema', 'model') if k in data and isinstance(data[k], dict)), None)
   if key is not None:

@@ -5,7 +5,10 @@
 
 A teacher checkpoint has no s_embedder: it is copied from the t_embedder, so the secant
 model starts as the teacher (f(x, t, t) = v(x, t)). Without a cfg_embedder in the file,
-the guidance embedder starts from its initialisation, whose last layer is zero.
+the guidance embedder starts from its initialisation, whose last layer is zero; a file
+with one converts to a guided model without --guidance-embed. A checkpoint of the official
+train.py also holds its training arguments: the flags that train and sample the same
+model here are printed (`official_run_flags`).
 The fixed pos_embed is checked against the sin-cos table the Flax model computes.
 """
 
@@ -57,6 +60,22 @@ def init_variables(model, seed=0):
                              z if model.guidance_embed else None)
 
 
+def official_run_flags(train_args):
+  """The flags of `python -m secant_jax.main` for the model that the official train.py
+  trained with `train_args` (the argparse.Namespace its checkpoints hold as 'args'):
+  variant and steps, and the embedded guidance its --online-cfg gives: 'lo-hi' draws
+  w ~ U(lo, hi); one value w is the fixed scale w, which its model multiplies by 0 before
+  embedding, as our range (w, w) normalises every scale to 0; none trains without guidance,
+  labels dropped with p = 0.1 in every term."""
+  variant, steps = train_args.loss_type, train_args.num_steps
+  flags = [f'--config=configs/imagenet_sit.py:variant={variant},steps={steps}']
+  if train_args.online_cfg is None:
+    return flags + ["--config.secant.guidance='()'", '--config.secant.label_dropout=0.1']
+  bounds = [float(v) for v in train_args.online_cfg.split('-')]
+  lo, hi = bounds * 2 if len(bounds) == 1 else bounds
+  return flags + [f"--config.secant.guidance='({lo}, {hi})'"]
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--in', dest='input', required=True, help='.pt/.pth/.safetensors/.npz')
@@ -72,12 +91,20 @@ def main(argv=None):
                       help='the plain one-time teacher (no s_embedder)')
   parser.add_argument('--key', default=None, help="state dict inside the file ('ema'/'model')")
   args = parser.parse_args(argv)
+  checkpoint = common.read_checkpoint(args.input)
+  state_dict = common.state_dict(checkpoint, args.key, args.input)
+  guided = args.guidance_embed or any(k.startswith('cfg_embedder.') for k in state_dict)
   model = build(args.model, input_size=args.input_size, in_channels=args.in_channels,
                 num_classes=args.num_classes, learn_sigma=not args.no_learn_sigma,
-                guidance_embed=args.guidance_embed, one_time=args.one_time)
-  variables = convert(common.load_state_dict(args.input, args.key), init_variables(model))
+                guidance_embed=guided, one_time=args.one_time)
+  variables = convert(state_dict, init_variables(model))
   common.save(variables, args.out)
-  print(f'{args.model}: {common.parameter_count(variables):,} parameters → {args.out}')
+  print(f'{args.model}{" with guidance input" if guided else ""}: '
+        f'{common.parameter_count(variables):,} parameters → {args.out}')
+  if isinstance(checkpoint.get('args'), argparse.Namespace):
+    print('Trained by the official train.py; with --out RUN/ema, sample or evaluate it '
+          'with\n  python -m secant_jax.main ' + ' '.join(official_run_flags(checkpoint['args']))
+          + ' --workdir=RUN --config.mode=evaluate')
 
 
 if __name__ == '__main__':
