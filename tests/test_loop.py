@@ -113,20 +113,41 @@ def test_latent_import_refuses_a_scale_flag_the_latents_contradict(latent_dir, t
                              rtol=1e-3, atol=1e-3)
 
 
-def test_latent_import_refuses_a_file_of_several_latents_or_labels(tmp_path):
+def test_latent_import_takes_a_batch_per_file_as_the_official_train_py_reads_them(tmp_path):
+  """Files of a batch each (<k>_<rank>.npy, [N, C, H, W] with N labels) become one record
+  per latent, in natural name order (2_0 before 10_0) and row order; shards hold whole
+  files, about --shard-size latents; a rerun keeps them and counts their records."""
   rng = np.random.default_rng(0)
-  for d in ('features', 'labels', 'one'):
+  for d in ('features', 'labels', 'bad'):
     os.makedirs(tmp_path / d)
-  batch = rng.normal(scale=1 / 0.18215, size=(2, 4, 8, 8)).astype(np.float32)
-  np.save(tmp_path / 'features' / '0.npy', batch)
-  np.save(tmp_path / 'labels' / '0.npy', np.array([3, 5]))
-  with pytest.raises(ValueError, match=r'0\.npy holds an array of shape \[2, 4, 8, 8\]: the '
-                                       r'importer takes one latent per file'):
-    latents.import_npy(tmp_path / 'features', tmp_path / 'labels', tmp_path / 'out')
-  np.save(tmp_path / 'one' / '0.npy', batch[:1])
-  with pytest.raises(ValueError, match=r'labels/0\.npy holds 2 labels: the importer takes one '
-                                       'per file'):
-    latents.import_npy(tmp_path / 'one', tmp_path / 'labels', tmp_path / 'out')
+  sizes = {'10_0': 3, '2_0': 3, '2_1': 2}
+  batches = {}
+  for name, n in sizes.items():
+    batches[name] = rng.normal(scale=1 / 0.18215, size=(n, 4, 8, 8)).astype(np.float32)
+    np.save(tmp_path / 'features' / f'{name}.npy', batches[name])
+    np.save(tmp_path / 'labels' / f'{name}.npy', rng.integers(0, 10, n))
+  for _ in range(2):  # the second run keeps every shard
+    assert latents.import_npy(tmp_path / 'features', tmp_path / 'labels', tmp_path / 'out',
+                              shard_size=4) == 8
+  assert latents.read_manifest(tmp_path / 'out') == {'records': 8, 'shards': [
+      f'latents-0000{i}.array_record' for i in range(3)]}  # 4 // 3: one file each
+  src = latents.source(_config(TINY_DIT, dict(name='imagenet_latents',
+                                              dir=str(tmp_path / 'out')), 'stee').data)
+  order = [(name, row) for name in ('2_0', '2_1', '10_0') for row in range(sizes[name])]
+  for i, (name, row) in enumerate(order):
+    np.testing.assert_allclose(src[i]['x'], batches[name][row].transpose(1, 2, 0) * 0.18215,
+                               rtol=1e-3, atol=1e-3)
+    assert src[i]['y'] == np.load(tmp_path / 'labels' / f'{name}.npy')[row]
+
+  np.save(tmp_path / 'bad' / '2_0.npy', batches['2_0'][:2])
+  with pytest.raises(ValueError, match=r'labels/2_0\.npy holds 3 labels where .*bad/2_0\.npy '
+                                       r'holds 2 latents: a labels file holds one label per '
+                                       'latent of its features file'):
+    latents.import_npy(tmp_path / 'bad', tmp_path / 'labels', tmp_path / 'bad-out')
+  np.save(tmp_path / 'bad' / '2_0.npy', batches['2_0'][None])
+  with pytest.raises(ValueError, match=r'2_0\.npy holds an array of shape \[1, 3, 4, 8, 8\]: '
+                                       r'the importer takes NCHW latents'):
+    latents.import_npy(tmp_path / 'bad', tmp_path / 'labels', tmp_path / 'bad-out')
 
 
 def test_latents_imported_to_a_bucket_train_as_from_a_disk(gcs_bucket, latent_dir, tmp_path,

@@ -1,11 +1,14 @@
-"""ImageNet-256 VAE latents in ArrayRecord files, and the importer from per-sample .npy.
+"""ImageNet-256 VAE latents in ArrayRecord files, and the importer from .npy files.
 
 Each record is msgpack({'latent': [32, 32, 4] float16/32 raw VAE latent (NHWC),
 'label': int}). Raw means not yet multiplied by the SD-VAE scale factor: the pipeline
 multiplies by config.data.latent_scale (0.18215), the one place it is applied.
 
-Import the official layout (one <name>.npy per sample in features/ and labels/, NCHW
-latents [1, 4, 32, 32] or [4, 32, 32]):
+Import the official layout: <name>.npy files in features/ and labels/, NCHW latents one
+per file ([1, 4, 32, 32] or [4, 32, 32], as the Hugging Face set the official code names
+holds them) or a batch per file ([N, 4, 32, 32] with N labels, as the official train.py
+reads them: one file per step), imported file by file in natural name order, then row by
+row:
 
     python -m secant_jax.data.latents --features DIR/features --labels DIR/labels \\
         --out DIR/latents [--already-scaled] [--shard-size 10000]
@@ -13,12 +16,13 @@ latents [1, 4, 32, 32] or [4, 32, 32]):
 --already-scaled for features saved after ×0.18215 (as fast-DiT's extract_features does):
 they are divided back so that every ArrayRecord holds raw latents. Which of the two a set
 is shows in its spread (0.18215 is 1/std of raw SD-VAE latents), so the importer reads the
-first files and refuses, naming the flag, a set whose spread says the flag is wrong.
+first latents and refuses, naming the flag, a set whose spread says the flag is wrong.
 
---out may be a bucket (gs://…), which training then reads directly (ArrayRecord's reader
-opens gs:// paths). Each shard appears whole, and `manifest.json`, written last, lists
-them: a directory without it holds an import that did not finish, and is refused rather
-than trained on in part. `import.json`, written first, records what is imported (the
+A shard holds whole files, about --shard-size latents. --out may be a bucket (gs://…),
+which training then reads directly (ArrayRecord's reader opens gs:// paths). Each shard
+appears whole, and `manifest.json`, written last, lists them and counts the latents: a
+directory without it holds an import that did not finish, and is refused rather than
+trained on in part. `import.json`, written first, records what is imported (the
 directories, the flag, the shard size, the number of files and the first and last names);
 a rerun of the same import keeps the shards already there and writes only the missing
 ones, so a stopped import goes on where it was (to import changed files of the same names,
@@ -95,24 +99,30 @@ def _natural_key(path):
   return [int(p) if p.isdigit() else p for p in re.split(r'(\d+)', os.path.basename(path))]
 
 
-def _raw_latent(path, already_scaled):
-  """The [C, H, W] raw latent in a [1, C, H, W] or [C, H, W] .npy file."""
-  latent = np.load(path).astype(np.float32)
-  if latent.ndim not in (3, 4) or latent.ndim == 4 and latent.shape[0] != 1:
-    raise ValueError(f'{path} holds an array of shape {list(latent.shape)}: the importer '
-                     'takes one latent per file, NCHW [1, 4, 32, 32] or [4, 32, 32]; save '
-                     'each latent of a batch in a file of its own.')
-  latent = latent.reshape(latent.shape[-3:])
-  return latent / SD_VAE_SCALE if already_scaled else latent
+def _raw_latents(path, already_scaled):
+  """The raw latents [N, C, H, W] in a .npy file of one ([1, C, H, W] or [C, H, W]) or a
+  batch ([N, C, H, W])."""
+  latents = np.load(path).astype(np.float32)
+  if latents.ndim not in (3, 4):
+    raise ValueError(f'{path} holds an array of shape {list(latents.shape)}: the importer '
+                     'takes NCHW latents, one per file ([1, 4, 32, 32] or [4, 32, 32]) or a '
+                     'batch per file ([N, 4, 32, 32]).')
+  latents = latents.reshape(-1, *latents.shape[-3:])
+  return latents / SD_VAE_SCALE if already_scaled else latents
 
 
 def check_scale(features, already_scaled, sample_size=64):
-  """Raises where the first `sample_size` features, read as raw (already_scaled False)
+  """Raises where the first `sample_size` latents, read as raw (already_scaled False)
   or as ×0.18215 latents, do not have the spread of raw SD-VAE latents: std ≈ 1/0.18215
   ≈ 5.5, accepted within a factor √5.5, so that a set off by the factor 5.5 either way
   is caught."""
-  std = float(np.std(np.stack([_raw_latent(p, already_scaled)
-                               for p in features[:sample_size]])))
+  sample = []
+  for path in features:
+    sample.extend(_raw_latents(path, already_scaled))
+    if len(sample) >= sample_size:
+      break
+  sample = sample[:sample_size]
+  std = float(np.std(np.stack(sample)))
   expected = 1 / SD_VAE_SCALE
   if np.sqrt(expected) <= std <= expected * np.sqrt(expected):
     return
@@ -120,44 +130,53 @@ def check_scale(features, already_scaled, sample_size=64):
                 if std < expected else ('raw', 'drop --already-scaled'))
   read_as = 'as ×0.18215 (--already-scaled)' if already_scaled else 'as raw'
   raise ValueError(f'The latents in {os.path.dirname(features[0])} look {looks}: the first '
-                   f'{min(len(features), sample_size)}, read {read_as}, have std {std:.3g} '
-                   f'where raw SD-VAE latents have {expected:.3g}; {fix}.')
+                   f'{len(sample)}, read {read_as}, have std {std:.3g} where raw SD-VAE '
+                   f'latents have {expected:.3g}; {fix}.')
 
 
 def import_npy(features_dir, labels_dir, out_dir, already_scaled=False, shard_size=10000):
   """Writes ArrayRecord shards of raw NHWC latents and their manifest into `out_dir` (a
-  local directory or a bucket); returns the number of records."""
+  local directory or a bucket), about `shard_size` latents each; returns the number of
+  records."""
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
   features = sorted(glob.glob(os.path.join(features_dir, '*.npy')), key=_natural_key)
   if not features:
     raise FileNotFoundError(f'No .npy files in {features_dir}; expected one latent per '
-                            'sample, e.g. features/0.npy with shape [1, 4, 32, 32].')
+                            'sample, e.g. features/0.npy with shape [1, 4, 32, 32], or one '
+                            'batch per file, [N, 4, 32, 32].')
   check_scale(features, already_scaled)
+  first = np.load(features[0], mmap_mode='r').shape
+  files_per_shard = max(1, shard_size // int(np.prod(first[:-3])))
   out = epath.Path(files.make_directory(out_dir))
   plan = {'features': files.absolute(features_dir), 'labels': files.absolute(labels_dir),
           'already_scaled': already_scaled, 'shard_size': shard_size,
-          'records': len(features), 'first': os.path.basename(features[0]),
+          'files': len(features), 'first': os.path.basename(features[0]),
           'last': os.path.basename(features[-1])}
   kept = _shards_of(out, plan)
   (out / MANIFEST).unlink(missing_ok=True)
   files.write_json(out / PLAN, plan)
   if kept:
     print(f'{out}: keeping the {len(kept)} shards an earlier run of this import finished')
-  shards = []
-  for start in range(0, len(features), shard_size):
-    shards.append(f'latents-{start // shard_size:05d}.array_record')
+  shards, records = [], 0
+  for start in range(0, len(features), files_per_shard):
+    shards.append(f'latents-{start // files_per_shard:05d}.array_record')
     if shards[-1] in kept:
+      reader = array_record_module.ArrayRecordReader(str(out / shards[-1]))
+      records += reader.num_records()
+      reader.close()
       continue
     with files.written_whole(out / shards[-1]) as staged:
       writer = array_record_module.ArrayRecordWriter(staged, 'group_size:1')
       try:
-        for path in features[start:start + shard_size]:
-          writer.write(encode(_raw_latent(path, already_scaled).transpose(1, 2, 0),
-                              _label(path, labels_dir)))
+        for path in features[start:start + files_per_shard]:
+          batch = _raw_latents(path, already_scaled)
+          for latent, label in zip(batch, _labels(path, labels_dir, len(batch))):
+            writer.write(encode(latent.transpose(1, 2, 0), label))
+          records += len(batch)
       finally:
         writer.close()
-  files.write_json(out / MANIFEST, {'records': len(features), 'shards': shards})
-  return len(features)
+  files.write_json(out / MANIFEST, {'records': records, 'shards': shards})
+  return records
 
 
 def _shards_of(out, plan):
@@ -168,25 +187,27 @@ def _shards_of(out, plan):
   return {p.name for p in out.glob('latents-*.array_record')}
 
 
-def _label(feature_path, labels_dir):
+def _labels(feature_path, labels_dir, count):
+  """The `count` labels of the latents in `feature_path`, from labels_dir/<same name>."""
   path = os.path.join(labels_dir, os.path.basename(feature_path))
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path} is missing: every features/<name>.npy needs '
                             'labels/<name>.npy.')
-  label = np.load(path).reshape(-1)
-  if label.size != 1:
-    raise ValueError(f'{path} holds {label.size} labels: the importer takes one per file, '
-                     'as its features file holds one latent.')
-  return label[0]
+  labels = np.load(path).reshape(-1)
+  if labels.size != count:
+    raise ValueError(f'{path} holds {labels.size} labels where {feature_path} holds {count} '
+                     'latents: a labels file holds one label per latent of its features '
+                     'file.')
+  return labels
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description='Import per-sample .npy latents.')
+  parser = argparse.ArgumentParser(description='Import .npy latents into ArrayRecord shards.')
   parser.add_argument('--features', required=True)
   parser.add_argument('--labels', required=True)
   parser.add_argument('--out', required=True)
   parser.add_argument('--already-scaled', action='store_true')
-  parser.add_argument('--shard-size', type=int, default=10000)
+  parser.add_argument('--shard-size', type=int, default=10000, help='latents per shard')
   args = parser.parse_args(argv)
   count = import_npy(args.features, args.labels, args.out, args.already_scaled,
                      args.shard_size)
