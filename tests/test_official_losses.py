@@ -6,7 +6,9 @@ Written here from what that code computes (our statement, not its text): with an
 scale ("online cfg") the student sees the true labels and w normalised as
 (w − w_min)/(w_max − w_min), the teacher target is its two-pass CFG with null class
 `num_classes` on all channels, and STEI's diffusion term sees the dropped labels at w = 1;
-without, every call sees the dropped labels and the teacher is called plainly. Picard
+without, every call sees the dropped labels and the teacher is called plainly (as that
+branch is written: as published, its SDEI and STEI call the teacher with arguments its
+forward(x, t, y) does not take, so only STEE runs unguided there). Picard
 estimates and targets carry no gradient; the loss is the mean over C, H, W, then over the
 batch. What is compared: the loss, and the gradient of every bias of the student (whose
 layout both frameworks share), through our DiT, our weight conversion, the step's
