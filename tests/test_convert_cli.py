@@ -144,6 +144,7 @@ def test_sit_cli_converts_a_checkpoint_of_the_official_train_py(tmp_path, capsys
   assert 'DiT-S/8 with guidance input:' in printed
   assert ("python -m secant_jax.main --config=configs/imagenet_sit.py:variant=sdei,steps=1 "
           "--config.secant.guidance='(1.0, 2.5)' --workdir=RUN --config.mode=evaluate") in printed
+  assert 'to sample as it does, add --config.secant.sample_guidance_scale=1.0' in printed
   model = dit.from_name('DiT-S/8', input_size=16, guidance_embed=True)
   restored = common.fit(traverse_util.flatten_dict(common.load_variables(out)),
                       jax.eval_shape(lambda: convert_sit.init_variables(model)))

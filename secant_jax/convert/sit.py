@@ -60,20 +60,27 @@ def init_variables(model, seed=0):
                              z if model.guidance_embed else None)
 
 
+def official_guidance_range(train_args):
+  """(w_min, w_max) of the embedded guidance that the official train.py trained with
+  (`train_args`: the argparse.Namespace its checkpoints hold as 'args'), or None: its
+  --online-cfg 'lo-hi' draws w ~ U(lo, hi); one value w is the fixed scale w, which its
+  model multiplies by 0 before embedding, as our range (w, w) normalises every scale to 0."""
+  if train_args.online_cfg is None:
+    return None
+  bounds = tuple(float(v) for v in train_args.online_cfg.split('-'))
+  return bounds * 2 if len(bounds) == 1 else bounds
+
+
 def official_run_flags(train_args):
   """The flags of `python -m secant_jax.main` for the model that the official train.py
-  trained with `train_args` (the argparse.Namespace its checkpoints hold as 'args'):
-  variant and steps, and the embedded guidance its --online-cfg gives: 'lo-hi' draws
-  w ~ U(lo, hi); one value w is the fixed scale w, which its model multiplies by 0 before
-  embedding, as our range (w, w) normalises every scale to 0; none trains without guidance,
-  labels dropped with p = 0.1 in every term."""
-  variant, steps = train_args.loss_type, train_args.num_steps
-  flags = [f'--config=configs/imagenet_sit.py:variant={variant},steps={steps}']
-  if train_args.online_cfg is None:
+  trained with `train_args`: variant, steps and `official_guidance_range`; without
+  guidance, labels dropped with p = 0.1 in every term."""
+  flags = [f'--config=configs/imagenet_sit.py:variant={train_args.loss_type},'
+           f'steps={train_args.num_steps}']
+  scale_range = official_guidance_range(train_args)
+  if scale_range is None:
     return flags + ["--config.secant.guidance='()'", '--config.secant.label_dropout=0.1']
-  bounds = [float(v) for v in train_args.online_cfg.split('-')]
-  lo, hi = bounds * 2 if len(bounds) == 1 else bounds
-  return flags + [f"--config.secant.guidance='({lo}, {hi})'"]
+  return flags + [f"--config.secant.guidance='({scale_range[0]}, {scale_range[1]})'"]
 
 
 def main(argv=None):
@@ -101,10 +108,16 @@ def main(argv=None):
   common.save(variables, args.out)
   print(f'{args.model}{" with guidance input" if guided else ""}: '
         f'{common.parameter_count(variables):,} parameters → {args.out}')
-  if isinstance(checkpoint.get('args'), argparse.Namespace):
+  train_args = checkpoint.get('args')
+  if isinstance(train_args, argparse.Namespace):
     print('Trained by the official train.py; with --out RUN/ema, sample or evaluate it '
-          'with\n  python -m secant_jax.main ' + ' '.join(official_run_flags(checkpoint['args']))
+          'with\n  python -m secant_jax.main ' + ' '.join(official_run_flags(train_args))
           + ' --workdir=RUN --config.mode=evaluate')
+    scale_range = official_guidance_range(train_args)
+    if scale_range is not None:
+      print('Its test.sh, as published, gives the model the normalised scale 0 at every '
+            'step; to sample as it does, add '
+            f'--config.secant.sample_guidance_scale={scale_range[0]}')
 
 
 if __name__ == '__main__':
