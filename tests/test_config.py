@@ -26,7 +26,8 @@ def test_variants_embed_guidance_and_drop_labels_as_the_official_code(variant, g
   assert s.label_dropout == label_dropout
 
 
-def _parse(*args):
+def parse_main_flags(*args):
+  """The config that `python -m secant_jax.main *args` runs (`args` as a shell splits them)."""
   argv = ['main', *args]
   values = flags.FlagValues()
   config_flags.DEFINE_config_file('config', None, 'config', flag_values=values,
@@ -42,7 +43,7 @@ def test_guidance_is_set_either_way_from_the_command_line(variant, override, exp
   argv = [f'--config={REPO}/configs/imagenet_sit.py:variant={variant}']
   if override is not None:
     argv.append(f'--config.secant.guidance={override}')
-  c = _parse(*argv)
+  c = parse_main_flags(*argv)
   assert recipe.guidance_range(c.secant) == expected
   network = recipe.make_network(c)
   assert network.guided == (expected is not None)
@@ -65,7 +66,7 @@ def test_official_training_arguments_give_the_flags_of_the_same_model(
     loss_type, online_cfg, guidance, label_dropout, monkeypatch):
   train_args = argparse.Namespace(loss_type=loss_type, num_steps=2, online_cfg=online_cfg)
   monkeypatch.chdir(REPO)  # the flags name configs/imagenet_sit.py from the checkout
-  c = _parse(*shlex.split(' '.join(convert_sit.official_run_flags(train_args))))
+  c = parse_main_flags(*shlex.split(' '.join(convert_sit.official_run_flags(train_args))))
   assert (c.secant.variant, c.secant.steps) == (loss_type, 2)
   assert recipe.guidance_range(c.secant) == guidance
   assert c.secant.label_dropout == label_dropout

@@ -12,12 +12,15 @@ u + w·(c − u) on all channels, the unconditional pass with null class `num_cl
 `--cfg-scale 1`, the plain conditional model.
 """
 
+import shlex
+
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
 from secant_jax import generate
+from secant_jax import main as main_lib
 from secant_jax import paths
 from secant_jax.convert import sit as convert_sit
 from secant_jax.models import dit
@@ -37,25 +40,27 @@ CASES = {
 }
 
 
-def _official_samples(model, noise, labels, scale, interval, kind, scale_range):
+def _official_samples(model, noise, labels, steps, scale, interval, kind, scale_range,
+                      null=NULL):
   """The official loop's samples [B, H, W, C] from `noise` [B, H, W, C]."""
   import torch
-  z = torch.from_numpy(noise).permute(0, 3, 1, 2)
-  y = torch.from_numpy(labels).long()
-  h = 1.0 / STEPS
-  one = h * torch.ones(B)
+  z = torch.from_numpy(np.asarray(noise)).permute(0, 3, 1, 2)
+  y = torch.from_numpy(np.asarray(labels)).long()
+  batch = z.shape[0]
+  h = 1.0 / steps
+  one = h * torch.ones(batch)
   with torch.no_grad():
-    for k in range(STEPS):
+    for k in range(steps):
       t, s = k * one, (k + 1) * one
-      w = scale if interval[0] <= k / STEPS < interval[1] else 1.0
+      w = scale if interval[0] <= k / steps < interval[1] else 1.0
       if kind == 'embedded':
         lo, hi = scale_range
-        f = model(z, t, s, y, (w - lo) / (hi - lo) * torch.ones(B))
+        f = model(z, t, s, y, (w - lo) / (hi - lo) * torch.ones(batch))
       elif kind == 'embedded at 0':
-        f = model(z, t, s, y, torch.zeros(B))
+        f = model(z, t, s, y, torch.zeros(batch))
       elif kind == 'cfg':
         both = model(torch.cat([z, z]), torch.cat([t, t]), torch.cat([s, s]),
-                     torch.cat([y, torch.full_like(y, NULL)]))
+                     torch.cat([y, torch.full_like(y, null)]))
         cond, uncond = both.chunk(2)
         f = uncond + w * (cond - uncond)
       else:
@@ -74,7 +79,7 @@ def test_samples_match_the_official_sampler(case):
   rng = np.random.default_rng(3)
   noise = rng.normal(size=(B, 8, 8, 4)).astype(np.float32)
   labels = rng.integers(0, NULL, B).astype(np.int32)
-  expected = _official_samples(model, noise, labels, scale, interval, kind, scale_range)
+  expected = _official_samples(model, noise, labels, STEPS, scale, interval, kind, scale_range)
 
   network = registry.Network(dit.DiT(guidance_embed=guided, **ARCH), guided, (8, 8, 4), NULL)
   variables = convert_sit.convert({k: v.numpy() for k, v in model.state_dict().items()},
@@ -88,3 +93,39 @@ def test_samples_match_the_official_sampler(case):
   print(f'{case}: max |ours − official| {np.abs(np.asarray(ours) - expected).max():.2e}, '
         f'max |x| {np.abs(expected).max():.2f}')
   np.testing.assert_allclose(np.asarray(ours), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.torch
+def test_a_converted_official_checkpoint_samples_as_its_sampler_does(tmp_path, capsys):
+  """A train.py checkpoint (STEI, --online-cfg 1-2.5, 2 steps) converted, then sampled by
+  `python -m secant_jax.main` with the flags the converter prints, at the scale it gives
+  for its test.sh, equals the official loop from the same noise as test.sh runs it."""
+  import argparse
+  import torch
+  import torch_dit
+  from test_config import parse_main_flags
+  arch = dict(input_size=16, patch_size=8, hidden_size=384, depth=12, num_heads=6,
+              num_classes=1000)
+  model = torch_dit.with_random_weights(4, guidance_embed=True, **arch)
+  torch.save({'model': model.state_dict(), 'ema': model.state_dict(),
+              'args': argparse.Namespace(loss_type='stei', num_steps=2, online_cfg='1-2.5')},
+             tmp_path / '0010000.pt')
+  run = tmp_path / 'run'
+  convert_sit.main(['--in', str(tmp_path / '0010000.pt'), '--out', str(run / 'ema'),
+                    '--model', 'DiT-S/8', '--input-size', '16'])
+  printed = capsys.readouterr().out.splitlines()
+  command = next(line for line in printed if 'python -m secant_jax.main' in line)
+  test_sh = printed[-1].split('add ')[-1]
+  flags = shlex.split(command.split('python -m secant_jax.main ')[1].replace(
+      '--workdir=RUN --config.mode=evaluate', '--config.mode=sample'))
+  c = parse_main_flags(*flags, test_sh, '--config.model.name=DiT-S/8',
+                       '--config.model.input_size=16', '--config.model.dtype=float32',
+                       '--config.num_sample_images=3')
+  main_lib.run(c, run)
+  ours = np.load(run / 'samples.npz')
+  noise, labels = generate.fixed_noise_and_labels(c.seed, 3, (16, 16, 4), 1000)
+  np.testing.assert_array_equal(ours['labels'], labels)
+  expected = _official_samples(model, noise, labels, 2, 1.0, (0.0, 1.0), 'embedded at 0',
+                               None, null=1000)
+  print(f'max |ours − official| {np.abs(ours["samples"] - expected).max():.2e}')
+  np.testing.assert_allclose(ours['samples'], expected, rtol=1e-5, atol=1e-5)
