@@ -97,9 +97,10 @@ def test_samples_match_the_official_sampler(case):
 
 @pytest.mark.torch
 def test_a_converted_official_checkpoint_samples_as_its_sampler_does(tmp_path, capsys):
-  """A train.py checkpoint (STEI, --online-cfg 1-2.5, 2 steps) converted, then sampled by
-  `python -m secant_jax.main` with the flags the converter prints, at the scale it gives
-  for its test.sh, equals the official loop from the same noise as test.sh runs it."""
+  """A train.py checkpoint (DiT-S/8 at 128 px, STEI, --online-cfg 1-2.5, 2 steps)
+  converted with no flag but its paths, then sampled by `python -m secant_jax.main` with
+  the flags the converter prints (the model's size among them), at the scale it gives for
+  its test.sh, equals the official loop from the same noise as test.sh runs it."""
   import argparse
   import torch
   import torch_dit
@@ -108,18 +109,18 @@ def test_a_converted_official_checkpoint_samples_as_its_sampler_does(tmp_path, c
               num_classes=1000)
   model = torch_dit.with_random_weights(4, guidance_embed=True, **arch)
   torch.save({'model': model.state_dict(), 'ema': model.state_dict(),
-              'args': argparse.Namespace(loss_type='stei', num_steps=2, online_cfg='1-2.5')},
+              'args': argparse.Namespace(loss_type='stei', num_steps=2, online_cfg='1-2.5',
+                                         model='DiT-S/8', image_size=128)},
              tmp_path / '0010000.pt')
   run = tmp_path / 'run'
-  convert_sit.main(['--in', str(tmp_path / '0010000.pt'), '--out', str(run / 'ema'),
-                    '--model', 'DiT-S/8', '--input-size', '16'])
+  convert_sit.main(['--in', str(tmp_path / '0010000.pt'), '--out', str(run / 'ema')])
   printed = capsys.readouterr().out.splitlines()
   command = next(line for line in printed if 'python -m secant_jax.main' in line)
   test_sh = printed[-1].split('add ')[-1]
   flags = shlex.split(command.split('python -m secant_jax.main ')[1].replace(
       '--workdir=RUN --config.mode=evaluate', '--config.mode=sample'))
-  c = parse_main_flags(*flags, test_sh, '--config.model.name=DiT-S/8',
-                       '--config.model.input_size=16', '--config.model.dtype=float32',
+  assert '--config.model.name=DiT-S/8' in flags and '--config.model.input_size=16' in flags
+  c = parse_main_flags(*flags, test_sh, '--config.model.dtype=float32',
                        '--config.num_sample_images=3')
   main_lib.run(c, run)
   ours = np.load(run / 'samples.npz')

@@ -73,10 +73,17 @@ def official_guidance_range(train_args):
 
 def official_run_flags(train_args):
   """The flags of `python -m secant_jax.main` for the model that the official train.py
-  trained with `train_args`: variant, steps and `official_guidance_range`; without
-  guidance, labels dropped with p = 0.1 in every term."""
+  trained with `train_args`: variant, steps and `official_guidance_range` (without
+  guidance, labels dropped with p = 0.1 in every term), and the model's size and latent
+  size where they are not the config's SiT-XL/2 at 256 px."""
   flags = [f'--config=configs/imagenet_sit.py:variant={train_args.loss_type},'
            f'steps={train_args.num_steps}']
+  model = getattr(train_args, 'model', 'SiT-XL/2')
+  if dit.parse_name(model) != dit.parse_name('SiT-XL/2'):
+    flags.append(f'--config.model.name={model}')
+  image_size = getattr(train_args, 'image_size', 256)
+  if image_size != 256:
+    flags.append(f'--config.model.input_size={image_size // 8}')
   scale_range = official_guidance_range(train_args)
   if scale_range is None:
     return flags + ["--config.secant.guidance='()'", '--config.secant.label_dropout=0.1']
@@ -87,8 +94,11 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--in', dest='input', required=True, help='.pt/.pth/.safetensors/.npz')
   parser.add_argument('--out', required=True, help='Orbax checkpoint directory to write')
-  parser.add_argument('--model', default='SiT-XL/2')
-  parser.add_argument('--input-size', type=int, default=32, help='latent size (256 px / 8)')
+  parser.add_argument('--model', default=None,
+                      help="default: an official checkpoint's own, else 'SiT-XL/2'")
+  parser.add_argument('--input-size', type=int, default=None,
+                      help="latent size, image size / 8; default: an official checkpoint's "
+                      'own, else 32')
   parser.add_argument('--in-channels', type=int, default=4)
   parser.add_argument('--num-classes', type=int, default=1000)
   parser.add_argument('--no-learn-sigma', action='store_true')
@@ -100,16 +110,20 @@ def main(argv=None):
   args = parser.parse_args(argv)
   checkpoint = common.read_checkpoint(args.input)
   state_dict = common.state_dict(checkpoint, args.key, args.input)
+  train_args = checkpoint.get('args')
+  if not isinstance(train_args, argparse.Namespace):
+    train_args = None
+  model_name = args.model or getattr(train_args, 'model', 'SiT-XL/2')
+  input_size = args.input_size or getattr(train_args, 'image_size', 256) // 8
   guided = args.guidance_embed or any(k.startswith('cfg_embedder.') for k in state_dict)
-  model = build(args.model, input_size=args.input_size, in_channels=args.in_channels,
+  model = build(model_name, input_size=input_size, in_channels=args.in_channels,
                 num_classes=args.num_classes, learn_sigma=not args.no_learn_sigma,
                 guidance_embed=guided, one_time=args.one_time)
   variables = convert(state_dict, init_variables(model))
   common.save(variables, args.out)
-  print(f'{args.model}{" with guidance input" if guided else ""}: '
+  print(f'{model_name}{" with guidance input" if guided else ""}: '
         f'{common.parameter_count(variables):,} parameters → {args.out}')
-  train_args = checkpoint.get('args')
-  if isinstance(train_args, argparse.Namespace):
+  if train_args is not None:
     print('Trained by the official train.py; with --out RUN/ema, sample or evaluate it '
           'with\n  python -m secant_jax.main ' + ' '.join(official_run_flags(train_args))
           + ' --workdir=RUN --config.mode=evaluate')
