@@ -44,8 +44,8 @@ def _official_samples(model, noise, labels, steps, scale, interval, kind, scale_
                       null=NULL):
   """The official loop's samples [B, H, W, C] from `noise` [B, H, W, C]."""
   import torch
-  z = torch.from_numpy(np.asarray(noise)).permute(0, 3, 1, 2)
-  y = torch.from_numpy(np.asarray(labels)).long()
+  z = torch.from_numpy(np.array(noise)).permute(0, 3, 1, 2)
+  y = torch.from_numpy(np.array(labels)).long()
   batch = z.shape[0]
   h = 1.0 / steps
   one = h * torch.ones(batch)
