@@ -60,11 +60,19 @@ def init_variables(model, seed=0):
                              z if model.guidance_embed else None)
 
 
+def official_model(train_args):
+  """(model name, latent size) that the official train.py trained (`train_args`: the
+  argparse.Namespace its checkpoints hold as 'args'): its --model and --image-size / 8;
+  SiT-XL/2 at 32 (256 px) where `train_args` is None or lacks them."""
+  return (getattr(train_args, 'model', 'SiT-XL/2'),
+          getattr(train_args, 'image_size', 256) // 8)
+
+
 def official_guidance_range(train_args):
   """(w_min, w_max) of the embedded guidance that the official train.py trained with
-  (`train_args`: the argparse.Namespace its checkpoints hold as 'args'), or None: its
-  --online-cfg 'lo-hi' draws w ~ U(lo, hi); one value w is the fixed scale w, which its
-  model multiplies by 0 before embedding, as our range (w, w) normalises every scale to 0."""
+  (`train_args`, as for `official_model`), or None: its --online-cfg 'lo-hi' draws
+  w ~ U(lo, hi); one value w is the fixed scale w, which its model multiplies by 0 before
+  embedding, as our range (w, w) normalises every scale to 0."""
   if train_args.online_cfg is None:
     return None
   bounds = tuple(float(v) for v in train_args.online_cfg.split('-'))
@@ -78,12 +86,11 @@ def official_run_flags(train_args):
   size where they are not the config's SiT-XL/2 at 256 px."""
   flags = [f'--config=configs/imagenet_sit.py:variant={train_args.loss_type},'
            f'steps={train_args.num_steps}']
-  model = getattr(train_args, 'model', 'SiT-XL/2')
+  model, input_size = official_model(train_args)
   if dit.parse_name(model) != dit.parse_name('SiT-XL/2'):
     flags.append(f'--config.model.name={model}')
-  image_size = getattr(train_args, 'image_size', 256)
-  if image_size != 256:
-    flags.append(f'--config.model.input_size={image_size // 8}')
+  if input_size != 32:
+    flags.append(f'--config.model.input_size={input_size}')
   scale_range = official_guidance_range(train_args)
   if scale_range is None:
     return flags + ["--config.secant.guidance='()'", '--config.secant.label_dropout=0.1']
@@ -113,8 +120,9 @@ def main(argv=None):
   train_args = checkpoint.get('args')
   if not isinstance(train_args, argparse.Namespace):
     train_args = None
-  model_name = args.model or getattr(train_args, 'model', 'SiT-XL/2')
-  input_size = args.input_size or getattr(train_args, 'image_size', 256) // 8
+  official_name, official_size = official_model(train_args)
+  model_name = args.model or official_name
+  input_size = args.input_size or official_size
   guided = args.guidance_embed or any(k.startswith('cfg_embedder.') for k in state_dict)
   model = build(model_name, input_size=input_size, in_channels=args.in_channels,
                 num_classes=args.num_classes, learn_sigma=not args.no_learn_sigma,
