@@ -17,6 +17,9 @@ def get_config(arg=None):
   c.model.num_classes = 1000
   c.model.learn_sigma = True
   c.model.dtype = 'bfloat16'
+  # The residual stream and conditioning sum: 'float32' as PyTorch's autocast keeps them;
+  # 'bfloat16' moves fewer bytes for twice the error (models/dit.py)
+  c.model.residual_dtype = 'float32'
   c.model.attention = ''  # '' = JAX's choice; 'cudnn' for the fused kernel on GPUs
   c.model.remat = False  # True: recompute block activations (large per-device batches)
   c.model.split_qkv = False  # True: q, k, v as three products, no split copy (dit.QKVProjection)

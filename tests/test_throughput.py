@@ -75,6 +75,13 @@ def test_xla_counts_a_dit_forward_as_the_formula_does():
                                                          rel=2e-2)
 
 
+def test_the_residual_dtype_flag_reaches_the_dit():
+  build = lambda *flags: registry.build(throughput.load_config(throughput.parse_args(
+      ['--model', 'DiT-S/2', *flags])).model, guided=True).module
+  assert build().residual_dtype == 'float32'  # the config's, as PyTorch's autocast
+  assert build('--residual-dtype', 'bfloat16').residual_dtype == 'bfloat16'
+
+
 def test_the_edm_config_benchmarks_the_unet(edit_benchmark_config, capsys):
   small_unet = edit_benchmark_config(  # EDM's DDPM++ at CPU size: one resolution
       lambda config: config.model.unet.update(model_channels=16, channel_mult=(1,),
@@ -94,6 +101,9 @@ def test_the_edm_config_benchmarks_the_unet(edit_benchmark_config, capsys):
   with pytest.raises(SystemExit, match='--split-qkv is a DiT option; --config cifar10_edm is '
                                        'a SongUNet'):
     throughput.main(['--config', 'cifar10_edm', '--split-qkv'])
+  with pytest.raises(SystemExit, match='--residual-dtype is a DiT option; --config '
+                                       'cifar10_edm is a SongUNet'):
+    throughput.main(['--config', 'cifar10_edm', '--residual-dtype', 'bfloat16'])
 
 
 def test_counts_must_be_positive_integers(capsys):

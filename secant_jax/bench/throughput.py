@@ -67,6 +67,11 @@ def load_config(args):
   else:
     config.model.name = args.model or config.model.name
   config.model.dtype = args.dtype or config.model.dtype
+  if args.residual_dtype:
+    if config.model.family == 'edm_unet':
+      raise SystemExit(f'--residual-dtype is a DiT option; --config {args.config} is a '
+                       'SongUNet, which computes everything in --dtype: drop the flag.')
+    config.model.residual_dtype = args.residual_dtype
   config.model.attention = args.attention
   config.model.remat = args.remat
   config.model.split_qkv = args.split_qkv
@@ -289,6 +294,9 @@ def parse_args(argv=None):
   parser.add_argument('--num-steps', type=_positive, default=4, help='sampling steps')
   parser.add_argument('--dtype', default='', help="compute dtype; default the config's "
                       '(bfloat16 for imagenet_sit, float32 for cifar10_edm)')
+  parser.add_argument('--residual-dtype', default='', choices=('', 'float32', 'bfloat16'),
+                      help="DiT: the residual stream's and conditioning's dtype; default "
+                      "the config's (float32, as PyTorch's autocast)")
   parser.add_argument('--attention', default='', help="'' (XLA's choice), 'cudnn', 'xla'")
   parser.add_argument('--remat', action='store_true')
   parser.add_argument('--split-qkv', action='store_true', help='DiT: q, k and v as three '

@@ -9,8 +9,18 @@ where emb_s is a second timestep embedder (a copy of emb_t when initialised from
 teacher, so that f(x, t, t) = v_teacher(x, t)), y = num_classes is the null class for CFG
 and ŵ ∈ [0, 1] the normalised guidance scale (its embedder's last layer starts at zero).
 Called with s = t this is the teacher; `two_times=False` builds the one-time teacher whose
-parameters are exactly a SiT checkpoint's. Submodule names follow the PyTorch state-dict
-keys ('blocks.3.attn.qkv.weight' ↔ blocks_3/attn/qkv/kernel) so conversion is mechanical.
+parameters are exactly a SiT checkpoint's.
+
+Precision: the products (Dense, Conv, attention) compute in `dtype`; the sums the network
+accumulates, the token stream's residual adds (with the LayerNorms and modulation that read
+it) and c, are kept in `residual_dtype`, float32 by default, as PyTorch's autocast keeps
+them in the official fp16/bf16 training. With `dtype=bfloat16`, keeping them in bfloat16
+too moves about 10% fewer bytes but doubles the error: on SiT-XL/2's shape (random
+weights) the output's relative ℓ2 error to float32 is 0.77% with a float32 residual
+stream, 1.55% with a bfloat16 one, 0.66% under PyTorch's bf16 autocast (README, Models).
+
+Submodule names follow the PyTorch state-dict keys ('blocks.3.attn.qkv.weight' ↔
+blocks_3/attn/qkv/kernel) so conversion is mechanical.
 """
 
 import re
@@ -148,11 +158,12 @@ class DiTBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, c):
+    """x [B, T, hidden] in the residual dtype, which the LayerNorms keep; c [B, hidden]."""
     mod = nn.Dense(6 * self.hidden_size, dtype=self.dtype, name='adaLN_modulation_1',
                    kernel_init=nn.initializers.zeros)(nn.silu(c))
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, -1)
     norm = lambda name: nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False,
-                                     dtype=self.dtype, name=name)
+                                     name=name)
     h = Attention(self.hidden_size, self.num_heads, self.dtype,
                   self.attention_implementation, self.split_qkv, name='attn')(
                       modulate(norm('norm1')(x), shift_msa, scale_msa))
@@ -202,7 +213,7 @@ class FinalLayer(nn.Module):
     mod = nn.Dense(2 * self.hidden_size, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                    name='adaLN_modulation_1')(nn.silu(c))
     shift, scale = jnp.split(mod, 2, -1)
-    x = modulate(nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False, dtype=self.dtype,
+    x = modulate(nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False,
                               name='norm_final')(x), shift, scale)
     return nn.Dense(self.out_features, dtype=self.dtype, kernel_init=nn.initializers.zeros,
                     name='linear')(x)
@@ -226,6 +237,7 @@ class DiT(nn.Module):
   attention_implementation: str | None = None
   remat: bool = False  # recompute each block's activations in the backward pass
   split_qkv: bool = False  # q, k, v as three products (QKVProjection)
+  residual_dtype: jnp.dtype = jnp.float32  # of the residual stream and c (module docstring)
 
   @property
   def null_class(self):
@@ -239,25 +251,27 @@ class DiT(nn.Module):
       raise ValueError(f'DiT input must be [B, {self.input_size}, {self.input_size}, '
                        f'{self.in_channels}] (NHWC), got {x.shape}.')
     grid = self.input_size // p
-    h = PatchEmbed(self.hidden_size, p, self.dtype, name='x_embedder')(x)
-    h = h + sincos_position_embedding(self.hidden_size, grid).astype(self.dtype)
+    accumulated = lambda a: a.astype(self.residual_dtype)
+    h = accumulated(PatchEmbed(self.hidden_size, p, self.dtype, name='x_embedder')(x))
+    h = h + accumulated(sincos_position_embedding(self.hidden_size, grid))
 
-    c = TimestepEmbedder(self.hidden_size, self.dtype, name='t_embedder')(t)
+    c = accumulated(TimestepEmbedder(self.hidden_size, self.dtype, name='t_embedder')(t))
     if self.two_times:
       if s is None:
         raise ValueError('This DiT takes two times (two_times=True): pass s (s = t for the '
                          'teacher tangent).')
-      c = 0.5 * (c + TimestepEmbedder(self.hidden_size, self.dtype, name='s_embedder')(s))
+      c = 0.5 * (c + accumulated(
+          TimestepEmbedder(self.hidden_size, self.dtype, name='s_embedder')(s)))
     if y is None:
       y = jnp.full((b,), self.null_class, jnp.int32)
-    c = c + LabelEmbedder(self.num_classes, self.hidden_size, self.dtype,
-                          name='y_embedder')(y)
+    c = c + accumulated(LabelEmbedder(self.num_classes, self.hidden_size, self.dtype,
+                                      name='y_embedder')(y))
     if self.guidance_embed:
       if w is None:
         raise ValueError('This DiT embeds the guidance scale (guidance_embed=True): pass the '
                          'normalised scale w in [0, 1].')
-      c = c + TimestepEmbedder(self.hidden_size, self.dtype, zero_output=True,
-                               name='cfg_embedder')(w)
+      c = c + accumulated(TimestepEmbedder(self.hidden_size, self.dtype, zero_output=True,
+                                           name='cfg_embedder')(w))
 
     block = nn.remat(DiTBlock) if self.remat else DiTBlock
     for i in range(self.depth):

@@ -82,6 +82,7 @@ def build(model_config, guided):
         model_config.name, input_size=model_config.input_size,
         in_channels=model_config.in_channels, num_classes=model_config.num_classes,
         learn_sigma=model_config.get('learn_sigma', True), guidance_embed=guided, dtype=dtype,
+        residual_dtype=jnp.dtype(model_config.get('residual_dtype', 'float32')),
         attention_implementation=model_config.get('attention') or None,
         remat=model_config.get('remat', False),
         split_qkv=model_config.get('split_qkv', False), **sizes)
