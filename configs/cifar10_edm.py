@@ -18,6 +18,9 @@ def get_config(arg=None):
   c.model.family = 'edm_unet'
   c.model.arch = 'ddpmpp'
   c.model.dtype = 'float32'
+  # EDM trains in true float32 (its training loop turns TF32 off for convolutions and
+  # matmuls); JAX's default would use TF32 on NVIDIA GPUs and a bf16 pass on TPUs.
+  c.matmul_precision = 'float32'
   c.model.num_classes = args['classes']
   c.model.unet = dict(img_resolution=32, in_channels=3, out_channels=3, model_channels=128,
                       channel_mult=(2, 2, 2), augment_dim=9, dropout=0.13)

@@ -4,6 +4,7 @@ Every key here is read by the trainer. `parse_arg` turns the config-file argumen
 'variant=stee,steps=8' into values, rejecting unknown keys.
 """
 
+import jax
 import ml_collections
 from ml_collections import config_dict
 from flax import traverse_util
@@ -11,6 +12,9 @@ from flax import traverse_util
 from secant_jax import secant
 
 MODES = ('train', 'sample', 'evaluate', 'compare', 'demo')
+# config.matmul_precision: how float32 matmuls and convolutions compute ('' = JAX's
+# default, which favours speed: TF32 on recent NVIDIA GPUs, one bfloat16 pass on TPUs).
+MATMUL_PRECISIONS = ('', 'bfloat16', 'tensorfloat32', 'float32')
 # The variants the official code trains with the guidance scale as an input (its sampler's
 # --embed-cfg: "True for SDEI, STEI, SDEE, False for STEE"); the others drop labels.
 EMBEDDED_GUIDANCE = ('sdei', 'stei', 'sdee')
@@ -23,7 +27,8 @@ RESUMABLE_CHANGES = ('mode', 'num_train_steps', 'log_every', 'checkpoint_every',
                      'keep_checkpoints', 'sample_every', 'num_sample_images',
                      'teacher_sample_nfe', 'num_eval_samples', 'eval_every',
                      'eval_save_seconds', 'fid', 'compare',
-                     'fsdp', 'distributed', 'cluster', 'data.read_threads', 'model.attention',
+                     'fsdp', 'distributed', 'cluster', 'data.read_threads', 'matmul_precision',
+                     'model.attention',
                      'model.remat', 'model.split_qkv', 'model.residual_dtype',
                      'secant.sample_cfg_scale', 'secant.sample_guidance_scale',
                      'secant.guidance_interval', 'allow_config_change', 'demo')
@@ -39,6 +44,18 @@ def parse_arg(arg, defaults):
                        f'{sorted(defaults)}, e.g. variant=stee,steps=8.')
     values[key] = type(defaults[key])(value)
   return values
+
+
+def matmul_precision(config):
+  """The context a run computes in: jax.default_matmul_precision at
+  config.matmul_precision, so that every float32 product the run traces (networks, VAE,
+  feature networks without their own) computes at it; '' leaves JAX's default."""
+  value = config.get('matmul_precision', '')
+  if value not in MATMUL_PRECISIONS:
+    raise ValueError(f'matmul_precision (config.matmul_precision) must be one of '
+                     f'{MATMUL_PRECISIONS}, got {value!r}: float32 for true float32 products '
+                     "(as EDM trains), '' for JAX's faster default.")
+  return jax.default_matmul_precision(value or None)
 
 
 def changed_settings(saved, current):
@@ -125,6 +142,7 @@ def base_config():
       batch_size=256, guidance_scale=1.0,
       references=''))  # a directory to keep the teacher's reference solutions in, for reuse
   c.allow_config_change = False  # resume with settings not in RESUMABLE_CHANGES changed
+  c.matmul_precision = ''  # of float32 products: MATMUL_PRECISIONS, '' = JAX's default
   c.fsdp = 1
   c.distributed = False  # jax.distributed.initialize() (multi-host TPU/GPU)
   # where JAX does not detect the cluster (TPU VMs, Slurm, Open MPI, Kubernetes it does):

@@ -36,6 +36,11 @@ def run(config, workdir):
                      'set --config.mode.')
   if config.distributed:
     initialize_distributed(config.cluster)
+  with config_lib.matmul_precision(config):
+    return _run_mode(config, workdir)
+
+
+def _run_mode(config, workdir):
   if config.mode == 'train':
     from secant_jax.train import loop  # pylint: disable=import-outside-toplevel
     return loop.train_and_evaluate(config, workdir)

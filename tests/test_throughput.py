@@ -91,6 +91,7 @@ def test_the_edm_config_benchmarks_the_unet(edit_benchmark_config, capsys):
   fields = throughput.main(argv)
   assert 'train stee EDM ddpmpp' in capsys.readouterr().out
   assert fields['what'] == 'train stee EDM ddpmpp' and fields['images_per_second'] > 0
+  assert fields['matmul_precision'] == 'float32'  # the config's, as EDM trains
   network = registry.build(small_unet(throughput.parse_args(argv)).model, guided=False)
   assert network.module.dtype == 'float32'  # the config's, as EDM trains
   # STEE: the student's forward and backward (3) and its Picard estimate (1).

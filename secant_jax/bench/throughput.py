@@ -32,6 +32,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from secant_jax import config as config_lib
 from secant_jax import generate
 from secant_jax.bench import flops as flops_lib
 from secant_jax.bench import profile as profile_lib
@@ -67,6 +68,8 @@ def load_config(args):
   else:
     config.model.name = args.model or config.model.name
   config.model.dtype = args.dtype or config.model.dtype
+  if args.matmul_precision is not None:
+    config.matmul_precision = args.matmul_precision
   if args.residual_dtype:
     if config.model.family == 'edm_unet':
       raise SystemExit(f'--residual-dtype is a DiT option; --config {args.config} is a '
@@ -219,7 +222,8 @@ def report(config, args, program, memory, device_kind, device_count, seconds=Non
   bandwidth = flops_lib.peak_bandwidth(device_kind)
   what = 'sample' if args.sample else 'train'
   fields = {'what': f'{what} {args.variant} {model_name(config)}',
-            'device': f'{device_count} x {device_kind}', 'batch': args.batch}
+            'device': f'{device_count} x {device_kind}', 'batch': args.batch,
+            'matmul_precision': config.get('matmul_precision') or 'default'}
   if seconds is not None:
     achieved = flop_per_image * args.batch / seconds
     fields.update({
@@ -297,6 +301,9 @@ def parse_args(argv=None):
   parser.add_argument('--residual-dtype', default='', choices=('', 'float32', 'bfloat16'),
                       help="DiT: the residual stream's and conditioning's dtype; default "
                       "the config's (float32, as PyTorch's autocast)")
+  parser.add_argument('--matmul-precision', default=None, choices=config_lib.MATMUL_PRECISIONS,
+                      help="of float32 products; default the config's (float32 for "
+                      "cifar10_edm, as EDM trains; '' for JAX's default)")
   parser.add_argument('--attention', default='', help="'' (XLA's choice), 'cudnn', 'xla'")
   parser.add_argument('--remat', action='store_true')
   parser.add_argument('--split-qkv', action='store_true', help='DiT: q, k and v as three '
@@ -323,6 +330,11 @@ def parse_args(argv=None):
 def main(argv=None):
   args = parse_args(argv)
   config = load_config(args)
+  with config_lib.matmul_precision(config):  # as the trainer computes
+    return _benchmark(config, args)
+
+
+def _benchmark(config, args):
   mesh = parallel.make_mesh(config.fsdp,
                             None if args.target is None else args.target.devices())
   parallel.check_batch_size(config.batch_size, mesh)
