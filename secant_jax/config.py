@@ -28,8 +28,7 @@ RESUMABLE_CHANGES = ('mode', 'num_train_steps', 'log_every', 'checkpoint_every',
                      'teacher_sample_nfe', 'num_eval_samples', 'eval_every',
                      'eval_save_seconds', 'fid', 'compare',
                      'fsdp', 'distributed', 'cluster', 'data.read_threads', 'matmul_precision',
-                     'model.attention',
-                     'model.remat', 'model.split_qkv', 'model.residual_dtype',
+                     'model.attention', 'model.remat', 'model.split_qkv', 'model.residual_dtype',
                      'secant.sample_cfg_scale', 'secant.sample_guidance_scale',
                      'secant.guidance_interval', 'allow_config_change', 'demo')
 
