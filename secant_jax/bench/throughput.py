@@ -47,6 +47,10 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), 'configs')
 CONFIGS = ('imagenet_sit', 'cifar10_edm')
 UNET_ARCHS = ('ddpmpp', 'ncsnpp')
+# (flag, its args attribute, why a SongUNet has no use for it)
+DIT_ONLY_FLAGS = (
+    ('--split-qkv', 'split_qkv', 'whose attention has no fused qkv product to split'),
+    ('--residual-dtype', 'residual_dtype', 'which computes everything in --dtype'))
 
 
 def load_config(args):
@@ -61,9 +65,10 @@ def load_config(args):
     if args.model and args.model not in UNET_ARCHS:
       raise SystemExit(f'--model {args.model} is not a SongUNet: --config {args.config} '
                        f'takes --model {" or ".join(UNET_ARCHS)}.')
-    if args.split_qkv:
-      raise SystemExit(f'--split-qkv is a DiT option; --config {args.config} is a SongUNet, '
-                       'whose attention has no fused qkv product to split: drop the flag.')
+    for flag, name, why in DIT_ONLY_FLAGS:
+      if getattr(args, name):
+        raise SystemExit(f'{flag} is a DiT option; --config {args.config} is a SongUNet, '
+                         f'{why}: drop the flag.')
     config.model.arch = args.model or config.model.arch
   else:
     config.model.name = args.model or config.model.name
@@ -71,9 +76,6 @@ def load_config(args):
   if args.matmul_precision is not None:
     config.matmul_precision = args.matmul_precision
   if args.residual_dtype:
-    if config.model.family == 'edm_unet':
-      raise SystemExit(f'--residual-dtype is a DiT option; --config {args.config} is a '
-                       'SongUNet, which computes everything in --dtype: drop the flag.')
     config.model.residual_dtype = args.residual_dtype
   config.model.attention = args.attention
   config.model.remat = args.remat
