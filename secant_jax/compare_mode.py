@@ -22,9 +22,6 @@ num_samples and batch_size.
 import os
 
 import jax
-import ml_collections
-from etils import epath
-
 from secant_jax import files
 from secant_jax import generate
 from secant_jax.convert import common
@@ -34,17 +31,6 @@ from secant_jax.evaluation import progress
 from secant_jax.evaluation import references
 from secant_jax.evaluation import sample_quality
 from secant_jax.train import parallel
-
-
-def load_run(run_dir):
-  """(config, EMA directory) of a finished training run."""
-  config_file = os.path.join(run_dir, 'config.json')
-  ema_dir = os.path.join(run_dir, 'ema')
-  if not epath.Path(config_file).is_file():
-    raise FileNotFoundError(f'{run_dir} has no config.json: pass the --workdir of a training '
-                            'run (python -m secant_jax.main --config=... --workdir=DIR).')
-  return (ml_collections.ConfigDict(files.read_json(config_file)),
-          common.existing_checkpoint(ema_dir))
 
 
 def parse_runs(spec):
@@ -63,7 +49,7 @@ def teacher_of(config):
   """(config, weights directory) of the compared teacher: config.compare.teacher's run, or
   the config's own converted teacher."""
   if config.compare.teacher:
-    return load_run(config.compare.teacher)
+    return common.load_run(config.compare.teacher)
   converted = config.teacher_checkpoint or config.init_checkpoint
   if not converted:
     raise ValueError('The comparison needs a teacher: set --config.compare.teacher to the '
@@ -82,7 +68,7 @@ def compare(config, workdir):
       teacher_config, teacher_weights, c.guidance_scale)
   samplers = comparison.teacher_samplers(task, tangent_of, c.teacher_nfe)
   for name, run_dir in parse_runs(c.secants):
-    run_config, ema_dir = load_run(run_dir)
+    run_config, ema_dir = common.load_run(run_dir)
     samplers += comparison.secant_samplers(f'secant {name}', run_config, ema_dir,
                                            c.secant_steps, c.guidance_scale)
   noise, labels = generate.fixed_noise_and_labels(

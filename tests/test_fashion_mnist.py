@@ -233,4 +233,4 @@ def test_compare_runs_parse_and_unfinished_runs_are_named(tmp_path):
   (tmp_path / 'config.json').write_text('{"seed": 3}')
   with pytest.raises(FileNotFoundError, match=r'ema does not exist: the run in .* has not '
                                               r'finished'):
-    compare_mode.load_run(str(tmp_path))
+    common.load_run(str(tmp_path))

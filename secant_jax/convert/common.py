@@ -1,11 +1,12 @@
-"""PyTorch state dicts → Flax variables: file loading, key mapping, layout, validation.
+"""PyTorch state dicts ↔ Flax variables: file loading, key mapping, layout, validation.
 
 One rule maps a PyTorch key to a Flax path: split at '.', join a segment that starts with a
 digit to the one before it with '_' (ModuleList / Sequential / ModuleDict entries), and
 rename the leaf: 'weight' → the template's 'kernel' (Linear: transposed; Conv: OIHW → HWIO),
 'scale' (norms) or 'embedding'; 'bias' and buffers keep their names. The Flax template
 (from `jax.eval_shape(model.init, ...)`) says what must come out, so any missing,
-unexpected or mis-shaped key is an error that names it.
+unexpected or mis-shaped key is an error that names it. `to_state_dict` is the same rule
+read backwards, for exporting trained variables to PyTorch.
 """
 
 import argparse
@@ -13,6 +14,7 @@ import os
 import re
 
 import jax
+import ml_collections
 import numpy as np
 from etils import epath
 from flax import traverse_util
@@ -98,16 +100,32 @@ def module_path(torch_key):
 
 
 def torch_key(flax_path):
-  """The inverse of `module_path` for messages: ('blocks_3', 'attn') → 'blocks.3.attn'."""
+  """The inverse of `module_path` (messages, export): ('blocks_3', 'attn') → 'blocks.3.attn'."""
   return '.'.join(re.sub(r'^(.*?)_(\d.*)$', r'\1.\2', p) for p in flax_path)
 
 
-def _to_flax_layout(leaf, value):
-  if leaf == 'kernel' and value.ndim == 2:
-    return value.T
-  if leaf == 'kernel' and value.ndim == 4:
-    return value.transpose(2, 3, 1, 0)
-  return value
+# The axes of a PyTorch 'kernel' in Flax's order, by rank: Linear [out, in] → [in, out],
+# Conv2d OIHW → HWIO. Exporting applies the inverse permutation.
+_FLAX_AXES = {2: (1, 0), 4: (2, 3, 1, 0)}
+
+
+def _relayout(leaf, value, to_flax=True):
+  axes = _FLAX_AXES.get(value.ndim) if leaf == 'kernel' else None
+  if axes is None:
+    return value
+  return value.transpose(axes if to_flax else tuple(np.argsort(axes)))
+
+
+def to_state_dict(variables):
+  """Flax variables → {PyTorch key: float32 array in PyTorch layout}, the inverse of
+  `to_flax_paths`: ('params', 'blocks_3', 'attn', 'qkv', 'kernel') → 'blocks.3.attn.qkv.weight',
+  transposed. Fixed tensors that Flax does not hold (DiT's pos_embed) are the caller's."""
+  out = {}
+  for (_, *mods, leaf), value in traverse_util.flatten_dict(variables).items():
+    name = 'weight' if leaf in WEIGHT_LEAVES else leaf
+    out[f'{torch_key(mods)}.{name}'] = np.ascontiguousarray(
+        _relayout(leaf, np.asarray(value, np.float32), to_flax=False))
+  return out
 
 
 def to_flax_paths(state_dict, template, ignore=()):
@@ -126,7 +144,7 @@ def to_flax_paths(state_dict, template, ignore=()):
       raise ConversionError(f'Unexpected key {key!r} (shape {tuple(value.shape)}) in the '
                             'checkpoint: the model has no such parameter; check the model '
                             'name/settings match the checkpoint.')
-    converted = _to_flax_layout(target[-1], value)
+    converted = _relayout(target[-1], value)
     if converted.shape != tuple(flat[target].shape):
       raise ConversionError(f'Shape mismatch for {key!r}: checkpoint has {tuple(value.shape)}'
                             f' (Flax layout {converted.shape}), the model expects '
@@ -237,6 +255,16 @@ def weights_cli(description, convert_fn, what, url, argv=None):
   variables = convert_fn(load_state_dict(args.input))
   save(jax.tree_util.tree_map(np.asarray, variables), args.out)
   print(f'{what}: {parameter_count(variables):,} parameters → {args.out}')
+
+
+def load_run(run_dir):
+  """(config, EMA directory) of a finished training run: its config.json and ema/."""
+  config_file = os.path.join(run_dir, 'config.json')
+  if not epath.Path(config_file).is_file():
+    raise FileNotFoundError(f'{run_dir} has no config.json: pass the --workdir of a training '
+                            'run (python -m secant_jax.main --config=... --workdir=DIR).')
+  return (ml_collections.ConfigDict(files.read_json(config_file)),
+          existing_checkpoint(os.path.join(run_dir, 'ema')))
 
 
 def existing_checkpoint(directory):
