@@ -1,0 +1,156 @@
+"""Parity with the upstream PyTorch code itself, not our statements of it (tests/torch_dit.py,
+tests/torch_song_unet.py): the official secant code's models.py (SECANT_EXPECTATION_DIR,
+a checkout of poppuppy/secant_expectation; its models.py needs timm) and EDM's
+training/networks.py (EDM_DIR, a checkout of NVlabs/edm). Neither can be fetched where
+CI runs, so each test is skipped unless its variable names a checkout:
+
+    git clone https://github.com/poppuppy/secant_expectation /src/secant_expectation
+    git clone https://github.com/NVlabs/edm /src/edm
+    pip install timm
+    SECANT_EXPECTATION_DIR=/src/secant_expectation EDM_DIR=/src/edm pytest -m upstream -s tests
+"""
+
+import argparse
+import importlib.util
+import os
+import shlex
+import sys
+
+import numpy as np
+import pytest
+
+from secant_jax import paths
+from secant_jax.convert import common
+from secant_jax.convert import edm as convert_edm
+from secant_jax.convert import sit as convert_sit
+from secant_jax.convert import to_official
+from secant_jax.models import dit
+from secant_jax.models import edm_unet
+from secant_jax.models import precond
+from test_config import parse_main_flags
+
+pytestmark = [pytest.mark.torch, pytest.mark.upstream]
+
+
+def _checkout(variable, marker_file):
+  directory = os.environ.get(variable)
+  if not directory:
+    pytest.skip(f'{variable} is not set: it names a checkout of the upstream code (module '
+                'docstring)')
+  if not os.path.isfile(os.path.join(directory, marker_file)):
+    raise FileNotFoundError(f'{variable}={directory} has no {marker_file}; point it at the '
+                            'root of the checkout.')
+  return directory
+
+
+@pytest.fixture(scope='module')
+def official_models():
+  """poppuppy/secant_expectation's models.py, as a module."""
+  pytest.importorskip('timm')
+  path = os.path.join(_checkout('SECANT_EXPECTATION_DIR', 'models.py'), 'models.py')
+  spec = importlib.util.spec_from_file_location('official_secant_models', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope='module')
+def edm_networks():
+  """NVlabs/edm's training.networks (it imports its torch_utils, so the checkout goes on
+  sys.path)."""
+  directory = _checkout('EDM_DIR', os.path.join('training', 'networks.py'))
+  sys.path.insert(0, directory)
+  from training import networks  # pylint: disable=import-outside-toplevel
+  yield networks
+  sys.path.remove(directory)
+
+
+def _randomize(net, seed):
+  """Every weight drawn, so that no layer starts at zero (adaLN-Zero, zero-init heads)."""
+  import torch
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for name, p in net.named_parameters():
+      if name != 'pos_embed':
+        p.normal_(0.0, 0.05 if p.ndim > 1 else 0.1)
+
+
+@pytest.mark.parametrize('online_cfg', ['1.0-2.5', None], ids=['embedded', 'unguided'])
+def test_official_sit_checkpoints_convert_both_ways(official_models, tmp_path, capsys,
+                                                    online_cfg):
+  """A checkpoint of its DiT (DiT-S/2, 128 px) as its train.py saves it: converted, our DiT
+  computes its forward; exported back from a run of the flags the importer printed, the
+  file loads into its DiT with strict=True, every tensor equal to the original."""
+  import torch
+  net = official_models.DiT_models['DiT-S/2'](input_size=16, online_cfg=online_cfg).eval()
+  _randomize(net, 1)
+  train_args = argparse.Namespace(model='DiT-S/2', image_size=128, num_classes=1000,
+                                  loss_type='sdei' if online_cfg else 'stee', num_steps=4,
+                                  online_cfg=online_cfg)
+  torch.save({'ema': net.state_dict(), 'args': train_args}, tmp_path / 'in.pt')
+  run = tmp_path / 'run'
+  convert_sit.main(['--in', str(tmp_path / 'in.pt'), '--out', str(run / 'ema')])
+  capsys.readouterr()
+
+  guided = online_cfg is not None
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(4, 16, 16, 4)).astype(np.float32)
+  t = np.array([0.0, 0.3, 0.5, 0.9], np.float32)
+  s = np.array([0.25, 0.6, 1.0, 0.95], np.float32)
+  y = np.array([3, 999, 1000, 7])  # 1000: the null class
+  w = np.array([1.0, 1.7, 2.5, 1.2], np.float32)
+  model = dit.from_name('DiT-S/2', input_size=16, guidance_embed=guided)
+  ours = np.asarray(model.apply(common.load_variables(run / 'ema'), x, t, s, y,
+                                (w - 1.0) / 1.5 if guided else None))
+  with torch.no_grad():
+    theirs = net(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(t),
+                 torch.from_numpy(s), torch.from_numpy(y),
+                 cfg=torch.from_numpy(w) if guided else None).permute(0, 2, 3, 1).numpy()
+  print(f'{online_cfg}: max |ours − its models.py| {np.abs(ours - theirs).max():.2e} '
+        f'(max |f| {np.abs(theirs).max():.2f})')
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=2e-5)
+
+  flags = shlex.split(' '.join(convert_sit.official_run_flags(train_args)))
+  (run / 'config.json').write_text(parse_main_flags(*flags).to_json_best_effort())
+  to_official.main(['--run', str(run), '--out', str(tmp_path / 'out.pt')])
+  with torch.serialization.safe_globals([argparse.Namespace]):
+    exported = torch.load(tmp_path / 'out.pt', weights_only=True)
+  assert vars(exported['args']) == vars(train_args)
+  back = official_models.DiT_models['DiT-S/2'](input_size=16, online_cfg=online_cfg)
+  back.load_state_dict(exported['ema'], strict=True)
+  for key, value in net.state_dict().items():
+    assert torch.equal(back.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize('label_dim', [0, 10])
+@pytest.mark.parametrize('arch', ['ddpmpp', 'ncsnpp'])
+def test_edm_song_unet_matches_nvlabs_edm(edm_networks, arch, label_dim):
+  """Its EDMPrecond(SongUNet) with EDM's --arch settings at width 16 (three resolutions,
+  attention at 8², augment_dim 9), converted: our secant f at σ_s = σ_t is its
+  (x − D(x; σ))/σ."""
+  import torch
+  settings = edm_unet.SETTINGS[arch]
+  sizes = dict(img_resolution=16, model_channels=16, channel_mult=(1, 2, 2), num_blocks=2,
+               attn_resolutions=(8,), augment_dim=9, label_dim=label_dim)
+  net = edm_networks.EDMPrecond(
+      img_channels=3, model_type='SongUNet', dropout=0.13, decoder_type='standard',
+      **{**sizes, **settings, 'resample_filter': list(settings['resample_filter'])}).eval()
+  _randomize(net, 2)
+  model = edm_unet.from_settings(arch, in_channels=3, out_channels=3, dropout=0.0, **sizes)
+  variables = convert_edm.convert({k: v.numpy() for k, v in net.state_dict().items()},
+                                  convert_edm.init_variables(model), model.resample_filter)
+  rng = np.random.default_rng(0)
+  x = (rng.normal(size=(3, 16, 16, 3)) * 5).astype(np.float32)
+  sigma = np.array([40.0, 2.0, 0.3], np.float32)
+  labels = np.eye(10, dtype=np.float32)[[1, 4, 9]] if label_dim else None
+  secant_fn = precond.secant_from_network(
+      paths.EDM(), lambda x, ct, cs, y, w: model.apply(variables, x, ct, cs, labels),
+      sigma_data=0.5)
+  ours = np.asarray(secant_fn(x, sigma, sigma, None, None))
+  with torch.no_grad():
+    denoised = net(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(sigma),
+                   None if labels is None else torch.from_numpy(labels))
+  theirs = (x - denoised.permute(0, 2, 3, 1).numpy()) / sigma[:, None, None, None]
+  print(f'{arch}, label_dim {label_dim}: max |f ours − its networks.py| '
+        f'{np.abs(ours - theirs).max():.2e} (max |f| {np.abs(theirs).max():.2f})')
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
