@@ -12,7 +12,9 @@ forward(x, t, y) does not take, so only STEE runs unguided there). Picard
 estimates and targets carry no gradient; the loss is the mean over C, H, W, then over the
 batch. What is compared: the loss, and the gradient of every bias of the student (whose
 layout both frameworks share), through our DiT, our weight conversion, the step's
-secant/teacher apply-functions and conditioning, and `secant.loss`.
+secant/teacher apply-functions and conditioning, and `secant.loss`. Where a checkout of
+that code is named, tests/test_upstream_code.py runs its training_losses itself against
+the same objective (`_ours`).
 """
 
 import jax
@@ -91,19 +93,22 @@ def _official_loss(variant, guided, student, teacher, x1, x0, times, y, y_drop, 
   return loss.mean()
 
 
-def _ours(variant, guided, student_state, teacher_state, x1, x0, times, y, y_drop, w):
+def _ours(variant, guided, student_state, teacher_state, x1, x0, times, y, y_drop, w,
+          arch=None, w_range=W_RANGE):
   """(loss, gradient) of the step's objective: its apply-functions and secant.loss, with
-  the labels and scales the step gives each term (`step.term_conditioning`)."""
+  the labels and scales the step gives each term (`step.term_conditioning`); `arch` the
+  DiT's settings (default ARCH), its null class its num_classes."""
+  arch = arch or ARCH
   inputs = (jnp.asarray(x1), jnp.asarray(times.t), jnp.asarray(times.s), jnp.asarray(y),
             jnp.asarray(w) if guided else None)
-  model = dit.DiT(guidance_embed=guided, **ARCH)
+  model = dit.DiT(guidance_embed=guided, **arch)
   variables = convert_sit.convert(student_state, jax.eval_shape(model.init, jax.random.key(0),
                                                                 *inputs))
-  teacher = dit.DiT(two_times=False, **ARCH)
+  teacher = dit.DiT(two_times=False, **arch)
   teacher_variables = convert_sit.convert(teacher_state, jax.eval_shape(
       teacher.init, jax.random.key(0), inputs[0], inputs[1], None, inputs[3]))
-  task = step_lib.SecantTask(variant, paths.Linear(), 4, NULL, label_dropout=0.1,
-                             guidance_range=W_RANGE if guided else None)
+  task = step_lib.SecantTask(variant, paths.Linear(), 4, model.null_class, label_dropout=0.1,
+                             guidance_range=w_range if guided else None)
   apply = lambda module: lambda v, x, t, s, yy, ww, key: module.apply(v, x, t, s, yy, ww)
   teacher_fn = (step_lib.teacher_tangent(task, apply(teacher), teacher_variables)
                 if task.needs_teacher else None)
@@ -132,6 +137,11 @@ def test_loss_and_gradient_match_the_official_training_losses(variant, guided):
   loss, grads = _ours(variant, guided, state(student), state(teacher), *draws)
   print(f'{variant} guided={guided}: loss {float(loss):.6f}, official {expected.item():.6f}')
   np.testing.assert_allclose(float(loss), expected.item(), rtol=1e-5)
+  assert_bias_gradients_match(grads, student)
+
+
+def assert_bias_gradients_match(grads, student):
+  """Our gradient (Flax params) of every bias of the student against PyTorch's .grad."""
   torch_grads = dict(student.named_parameters())
   biases = {common.torch_key(path[:-1]) + '.bias': g
             for path, g in traverse_util.flatten_dict(grads).items() if path[-1] == 'bias'}

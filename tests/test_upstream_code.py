@@ -1,25 +1,29 @@
 """Parity with the upstream PyTorch code itself, not our statements of it (tests/torch_dit.py,
 tests/torch_song_unet.py): the official secant code's models.py (SECANT_EXPECTATION_DIR,
-a checkout of poppuppy/secant_expectation; its models.py needs timm) and EDM's
+a checkout of poppuppy/secant_expectation: its models.py, models_original.py and
+transport/, which need timm and torchdiffeq) and EDM's
 training/networks.py (EDM_DIR, a checkout of NVlabs/edm). Neither can be fetched where
 CI runs, so each test is skipped unless its variable names a checkout:
 
     git clone https://github.com/poppuppy/secant_expectation /src/secant_expectation
     git clone https://github.com/NVlabs/edm /src/edm
-    pip install timm
+    pip install timm torchdiffeq
     SECANT_EXPECTATION_DIR=/src/secant_expectation EDM_DIR=/src/edm pytest -m upstream -s tests
 """
 
 import argparse
-import importlib.util
+import importlib
 import os
 import shlex
 import sys
+import types
+from unittest import mock
 
 import numpy as np
 import pytest
 
 from secant_jax import paths
+from secant_jax import secant
 from secant_jax.convert import common
 from secant_jax.convert import edm as convert_edm
 from secant_jax.convert import sit as convert_sit
@@ -28,6 +32,7 @@ from secant_jax.models import dit
 from secant_jax.models import edm_unet
 from secant_jax.models import precond
 from test_config import parse_main_flags
+from test_official_losses import _ours, assert_bias_gradients_match
 
 pytestmark = [pytest.mark.torch, pytest.mark.upstream]
 
@@ -44,14 +49,16 @@ def _checkout(variable, marker_file):
 
 
 @pytest.fixture(scope='module')
-def official_models():
-  """poppuppy/secant_expectation's models.py, as a module."""
+def official_code():
+  """poppuppy/secant_expectation's models, models_original and transport modules (the
+  checkout goes on sys.path: transport is a package of relative imports)."""
   pytest.importorskip('timm')
-  path = os.path.join(_checkout('SECANT_EXPECTATION_DIR', 'models.py'), 'models.py')
-  spec = importlib.util.spec_from_file_location('official_secant_models', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  pytest.importorskip('torchdiffeq')  # transport.integrators imports it
+  directory = _checkout('SECANT_EXPECTATION_DIR', os.path.join('transport', 'transport.py'))
+  sys.path.insert(0, directory)
+  yield types.SimpleNamespace(**{name: importlib.import_module(name) for name in
+                                 ('models', 'models_original', 'transport')})
+  sys.path.remove(directory)
 
 
 @pytest.fixture(scope='module')
@@ -76,13 +83,13 @@ def _randomize(net, seed):
 
 
 @pytest.mark.parametrize('online_cfg', ['1.0-2.5', None], ids=['embedded', 'unguided'])
-def test_official_sit_checkpoints_convert_both_ways(official_models, tmp_path, capsys,
+def test_official_sit_checkpoints_convert_both_ways(official_code, tmp_path, capsys,
                                                     online_cfg):
   """A checkpoint of its DiT (DiT-S/2, 128 px) as its train.py saves it: converted, our DiT
   computes its forward; exported back from a run of the flags the importer printed, the
   file loads into its DiT with strict=True, every tensor equal to the original."""
   import torch
-  net = official_models.DiT_models['DiT-S/2'](input_size=16, online_cfg=online_cfg).eval()
+  net = official_code.models.DiT_models['DiT-S/2'](input_size=16, online_cfg=online_cfg).eval()
   _randomize(net, 1)
   train_args = argparse.Namespace(model='DiT-S/2', image_size=128, num_classes=1000,
                                   loss_type='sdei' if online_cfg else 'stee', num_steps=4,
@@ -116,10 +123,69 @@ def test_official_sit_checkpoints_convert_both_ways(official_models, tmp_path, c
   with torch.serialization.safe_globals([argparse.Namespace]):
     exported = torch.load(tmp_path / 'out.pt', weights_only=True)
   assert vars(exported['args']) == vars(train_args)
-  back = official_models.DiT_models['DiT-S/2'](input_size=16, online_cfg=online_cfg)
+  back = official_code.models.DiT_models['DiT-S/2'](input_size=16, online_cfg=online_cfg)
   back.load_state_dict(exported['ema'], strict=True)
   for key, value in net.state_dict().items():
     assert torch.equal(back.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize('variant, guided', [('sdei', True), ('stei', True), ('sdee', True),
+                                             ('stee', False)])
+def test_the_train_step_objective_is_the_official_training_losses(official_code, variant,
+                                                                  guided):
+  """Its Transport.training_losses itself, on its DiT student and its models_original
+  teacher (SiT's, called with one time; its unguided SDEI, STEI and SDEE do not run as
+  published, see README), against our train step's objective (test_official_losses._ours)
+  from the draws it made: the times and noise its `sample` returned, the label-dropout draw
+  after them, the scale it passed the student. Loss and every bias gradient."""
+  import torch
+  arch = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4,
+              num_classes=1000)  # its training_losses fixes 1000 classes
+  w_range = (1.25, 3.0)
+  student = official_code.models.DiT(
+      online_cfg=f'{w_range[0]}-{w_range[1]}' if guided else None, **arch)
+  _randomize(student, 0)
+  teacher = official_code.models_original.DiT(**arch).eval()
+  _randomize(teacher, 1)
+  transport = official_code.transport.create_transport('Linear', 'velocity')
+  torch.manual_seed(3)
+  x1 = torch.randn(6, 4, 8, 8)
+  y = torch.randint(0, 1000, (6,))
+
+  draws, scales, real_rand, real_sample = {}, [], torch.rand, transport.sample
+
+  def recording_rand(*args, **kwargs):
+    draws.setdefault('rand', []).append(real_rand(*args, **kwargs))
+    return draws['rand'][-1]
+
+  def recording_sample(*args):
+    draws['sample'], draws['rand_before'] = real_sample(*args), len(draws.get('rand', []))
+    return draws['sample']
+
+  def recording_student(x, t, s, y, cfg=None):
+    scales.append(cfg)
+    return type(student).forward(student, x, t, s, y, cfg)
+
+  with mock.patch.object(torch, 'rand', recording_rand), \
+       mock.patch.object(transport, 'sample', recording_sample), \
+       mock.patch.object(student, 'forward', recording_student):
+    expected = transport.training_losses(
+        student, teacher, x1, student.online_cfg, 4, variant, dict(y=y))['loss'].mean()
+  expected.backward()
+
+  tau, r, s, t, x0, _ = draws['sample']
+  drop = draws['rand'][draws['rand_before']] < 0.1  # its drop_ids
+  nhwc = lambda a: a.permute(0, 2, 3, 1).numpy()
+  times = secant.TimePairs(t.numpy(), s.numpy(), r.numpy(),
+                           np.zeros(6, np.float32) if tau is None else tau.numpy())
+  w = scales[-1].numpy() if guided else np.ones(6, np.float32)
+  state = lambda m: {k: v.detach().numpy() for k, v in m.state_dict().items()}
+  loss, grads = _ours(variant, guided, state(student), state(teacher), nhwc(x1), nhwc(x0),
+                      times, y.numpy(), np.where(drop.numpy(), 1000, y.numpy()), w,
+                      arch=arch, w_range=w_range)
+  print(f'{variant}: loss {float(loss):.6f}, its training_losses {expected.item():.6f}')
+  np.testing.assert_allclose(float(loss), expected.item(), rtol=1e-5)
+  assert_bias_gradients_match(grads, student)
 
 
 @pytest.mark.parametrize('label_dim', [0, 10])
