@@ -1,13 +1,14 @@
 """Parity with the upstream PyTorch code itself, not our statements of it (tests/torch_dit.py,
-tests/torch_song_unet.py): the official secant code's models.py (SECANT_EXPECTATION_DIR,
-a checkout of poppuppy/secant_expectation: its models.py, models_original.py and
-transport/, which need timm and torchdiffeq) and EDM's
-training/networks.py (EDM_DIR, a checkout of NVlabs/edm). Neither can be fetched where
-CI runs, so each test is skipped unless its variable names a checkout:
+tests/torch_song_unet.py, test_official_losses, test_sampling's Algorithm 2): the official
+secant code (SECANT_EXPECTATION_DIR, a checkout of poppuppy/secant_expectation: its
+models.py, models_original.py and transport/, which need timm and torchdiffeq) and EDM's
+training/networks.py and generate.py's sampler (EDM_DIR, a checkout of NVlabs/edm; its
+generate.py needs click). Neither can be fetched where CI runs, so each test is skipped
+unless its variable names a checkout:
 
     git clone https://github.com/poppuppy/secant_expectation /src/secant_expectation
     git clone https://github.com/NVlabs/edm /src/edm
-    pip install timm torchdiffeq
+    pip install timm torchdiffeq click
     SECANT_EXPECTATION_DIR=/src/secant_expectation EDM_DIR=/src/edm pytest -m upstream -s tests
 """
 
@@ -19,10 +20,13 @@ import sys
 import types
 from unittest import mock
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from secant_jax import paths
+from secant_jax import sampling
 from secant_jax import secant
 from secant_jax.convert import common
 from secant_jax.convert import edm as convert_edm
@@ -220,3 +224,35 @@ def test_edm_song_unet_matches_nvlabs_edm(edm_networks, arch, label_dim):
   print(f'{arch}, label_dim {label_dim}: max |f ours − its networks.py| '
         f'{np.abs(ours - theirs).max():.2e} (max |f| {np.abs(theirs).max():.2f})')
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('evaluations,num_steps', [(35, 18), (7, 4)])
+def test_the_sigma_path_heun_is_edms_own_sampler(edm_networks, evaluations, num_steps):
+  """Its generate.edm_sampler (float64, S_churn 0) on a Gaussian mixture's exact denoiser
+  D(x; σ) = x − σ·v(x, σ), against our Heun on the σ-path at 2·num_steps − 1 evaluations."""
+  del edm_networks  # its checkout on sys.path
+  pytest.importorskip('click')  # generate.py's command line
+  import torch
+  from test_sampling import _mixture
+  edm_generate = importlib.import_module('generate')
+  mixture, path = _mixture(), paths.EDM()
+
+  class ExactDenoiser:
+    sigma_min, sigma_max = 0.0, float('inf')
+    round_sigma = staticmethod(torch.as_tensor)
+
+    def __call__(self, x, sigma, class_labels=None):
+      del class_labels
+      x = np.asarray(x)
+      with jax.enable_x64(True):
+        v = mixture.velocity(jnp.asarray(x), jnp.full(x.shape[:1], float(sigma)), path)
+      return torch.from_numpy(x - float(sigma) * np.asarray(v))
+
+  noise = jax.random.normal(jax.random.key(2), (64, 2))
+  theirs = edm_generate.edm_sampler(ExactDenoiser(), torch.from_numpy(np.asarray(noise)),
+                                    num_steps=num_steps).numpy()
+  with jax.enable_x64(True):
+    ours = sampling.solve_with_nfe(lambda x, t: mixture.velocity(x, t, path),
+                                   noise.astype(jnp.float64), path, evaluations, 'heun')
+  print(f'{num_steps} steps: max |ours − edm_sampler| {np.abs(np.asarray(ours) - theirs).max():.2e}')
+  np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
