@@ -118,10 +118,12 @@ def test_edm_pickle_gets_the_export_instructions(tmp_path):
 
 
 @pytest.mark.torch
-def test_sit_cli_converts_a_checkpoint_of_the_official_train_py(tmp_path, capsys):
+@pytest.mark.parametrize('args_as', ['Namespace', 'dict'])
+def test_sit_cli_converts_a_checkpoint_of_the_official_train_py(tmp_path, capsys, args_as):
   """As its train.py saves them: model, EMA, AdamW state and the argparse.Namespace of its
-  arguments (which torch.load's weights_only refuses unless allowed); a cfg_embedder in the
-  file makes a guided model without --guidance-embed."""
+  arguments (which torch.load's weights_only refuses unless allowed), or those arguments
+  as a dict, as convert.to_official writes them; a cfg_embedder in the file makes a guided
+  model without --guidance-embed."""
   import argparse
   import torch
   import torch_dit
@@ -136,7 +138,8 @@ def test_sit_cli_converts_a_checkpoint_of_the_official_train_py(tmp_path, capsys
   train_args = argparse.Namespace(loss_type='sdei', num_steps=1, online_cfg='1-2.5',
                                   model='DiT-XL/2', lr=1e-5)
   torch.save({'model': net.state_dict(), 'ema': ema, 'opt': opt.state_dict(),
-              'args': train_args}, tmp_path / '0010000.pt')
+              'args': train_args if args_as == 'Namespace' else vars(train_args)},
+             tmp_path / '0010000.pt')
   out = tmp_path / 'converted'
   convert_sit.main(['--in', str(tmp_path / '0010000.pt'), '--out', str(out), '--model',
                     'DiT-S/8', '--input-size', '16'])

@@ -60,6 +60,10 @@ def init_variables(model, seed=0):
                              z if model.guidance_embed else None)
 
 
+# What `official_run_flags` reads of the official train.py's arguments.
+OFFICIAL_ARGS = ('loss_type', 'num_steps', 'online_cfg')
+
+
 def official_model(train_args):
   """(model name, latent size) that the official train.py trained (`train_args`: the
   argparse.Namespace its checkpoints hold as 'args'): its --model and --image-size / 8;
@@ -117,7 +121,9 @@ def main(argv=None):
   args = parser.parse_args(argv)
   checkpoint = common.read_checkpoint(args.input)
   state_dict = common.state_dict(checkpoint, args.key, args.input)
-  train_args = checkpoint.get('args')
+  train_args = checkpoint.get('args')  # a Namespace from its train.py, a dict from ours
+  if isinstance(train_args, dict) and set(OFFICIAL_ARGS) <= set(train_args):
+    train_args = argparse.Namespace(**train_args)
   if not isinstance(train_args, argparse.Namespace):
     train_args = None
   official_name, official_size = official_model(train_args)

@@ -1,15 +1,19 @@
-"""A training run's EMA weights → a checkpoint as the official train.py writes them
+"""A training run's EMA weights → a checkpoint for the official code
 (`poppuppy/secant_expectation`), for its sample_ddp.py to sample and score.
 
     python -m secant_jax.convert.to_official --run RUN --out FILE.pt [--overwrite]
 
 The file holds 'ema', the state dict of its models.py DiT (`common.to_state_dict` with the
-fixed pos_embed added), and, for a secant run, 'args': an argparse.Namespace of the train.py
-arguments that say what was trained (model, image_size, num_classes, loss_type, num_steps,
-online_cfg), which `convert.sit` reads back. Its sample_ddp.py loads a state dict with
-strict=False, so a key named otherwise than its model's would stay at its random
-initialisation without a word; these names load strictly into the reference DiT of the
-tests. The optimizer state is not exported, so its train.py cannot resume from the file.
+fixed pos_embed added), which is what its sample_ddp.py reads from a train.py checkpoint,
+and, for a secant run, 'args': the train.py arguments that say what was trained (model,
+image_size, num_classes, loss_type, num_steps, online_cfg), which `convert.sit` reads
+back. Its train.py saves them as an argparse.Namespace, which torch.load refuses under
+its default weights_only=True since torch 2.6; here they are a dict, so the file loads in
+any version. Its sample_ddp.py loads a state dict with strict=False, so a key named
+otherwise than its model's would stay at its random initialisation without a word; these
+names load strictly into its DiT (tests/test_upstream_code.py) and the reference DiT of
+the tests. Neither the raw weights ('model') nor the optimizer state are exported, so its
+train.py cannot resume from the file.
 """
 
 import argparse
@@ -43,15 +47,14 @@ def official_online_cfg(guidance_range):
 
 
 def official_args(config):
-  """The train.py arguments of the model `config` trains; None for a teacher (variant
-  'diffusion'), which train.py does not train."""
+  """The train.py arguments of the model `config` trains, as a dict; None for a teacher
+  (variant 'diffusion'), which train.py does not train."""
   if config.secant.variant not in OFFICIAL_VARIANTS:
     return None
-  return argparse.Namespace(
-      model=official_name(config), image_size=config.model.input_size * 8,
-      num_classes=config.model.num_classes, loss_type=config.secant.variant,
-      num_steps=config.secant.steps,
-      online_cfg=official_online_cfg(recipe.guidance_range(config.secant)))
+  return dict(model=official_name(config), image_size=config.model.input_size * 8,
+              num_classes=config.model.num_classes, loss_type=config.secant.variant,
+              num_steps=config.secant.steps,
+              online_cfg=official_online_cfg(recipe.guidance_range(config.secant)))
 
 
 def official_mismatches(config):
