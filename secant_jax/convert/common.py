@@ -123,8 +123,8 @@ def to_state_dict(variables):
   out = {}
   for (_, *mods, leaf), value in traverse_util.flatten_dict(variables).items():
     name = 'weight' if leaf in WEIGHT_LEAVES else leaf
-    out[f'{torch_key(mods)}.{name}'] = np.ascontiguousarray(
-        _relayout(leaf, np.asarray(value, np.float32), to_flax=False))
+    out[f'{torch_key(mods)}.{name}'] = np.array(
+        _relayout(leaf, np.asarray(value), to_flax=False), np.float32, order='C')
   return out
 
 

@@ -126,7 +126,7 @@ def write(out, state_dict, train_args):
   except ImportError as e:
     raise ImportError(f'Writing {out} needs PyTorch: pip install torch (the CPU build is '
                       'enough).') from e
-  checkpoint = {'ema': {k: torch.tensor(v) for k, v in state_dict.items()}}
+  checkpoint = {'ema': {k: torch.from_numpy(v) for k, v in state_dict.items()}}
   if train_args is not None:
     checkpoint['args'] = train_args
   with files.written_whole(out) as staged:
