@@ -106,6 +106,8 @@ def test_an_exported_run_loads_strictly_and_samples_in_the_official_loop_as_ours
           "'hidden_size': 32, 'num_heads': 2}; it samples 4-channel latents") in printed
   guidance = ('--embed-cfg --online-cfg 1.0-2.0 --cfg-scale 1.5' if guided else
               '--no-embed-cfg --cfg-scale 1.5')
+  assert ("its classic CFG takes label 1000 for the null class, this model's null class is "
+          "10" in printed) != guided
   assert (f'sample_ddp.py --model DiT-S/2 --ckpt {tmp_path / "stee.pt"} --image-size 64 '
           f'--num-sampling-steps 2 --num-classes 10 {guidance} --cfg-interval 0.5,1.0'
           ) in printed

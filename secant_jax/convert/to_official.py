@@ -71,6 +71,9 @@ def official_mismatches(config):
   if not m.get('learn_sigma', True):
     lines.append('its DiT learns sigma (2 × 4 output channels), this model does not '
                  '(model.learn_sigma=False)')
+  if m.num_classes != 1000 and recipe.guidance_range(config.secant) is None:
+    lines.append(f'its classic CFG takes label 1000 for the null class, this model\'s null '
+                 f'class is {m.num_classes}')
   if m.input_size * 8 not in OFFICIAL_IMAGE_SIZES:
     lines.append(f'its --image-size is one of {OFFICIAL_IMAGE_SIZES}, this model\'s latents '
                  f'are {m.input_size}² ({m.input_size * 8} px)')
