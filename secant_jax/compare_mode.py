@@ -22,6 +22,7 @@ num_samples and batch_size.
 import os
 
 import jax
+
 from secant_jax import files
 from secant_jax import generate
 from secant_jax.convert import common

@@ -253,5 +253,6 @@ def test_the_sigma_path_heun_is_edms_own_sampler(edm_networks, evaluations, num_
   with jax.enable_x64(True):
     ours = sampling.solve_with_nfe(lambda x, t: mixture.velocity(x, t, path),
                                    noise.astype(jnp.float64), path, evaluations, 'heun')
-  print(f'{num_steps} steps: max |ours − edm_sampler| {np.abs(np.asarray(ours) - theirs).max():.2e}')
+  error = np.abs(np.asarray(ours) - theirs).max()
+  print(f'{num_steps} steps: max |ours − edm_sampler| {error:.2e}')
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
