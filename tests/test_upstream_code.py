@@ -1,14 +1,14 @@
 """Parity with the upstream PyTorch code itself, not our statements of it (tests/torch_dit.py,
 tests/torch_song_unet.py, test_official_losses, test_sampling's Algorithm 2): the official
 secant code (SECANT_EXPECTATION_DIR, a checkout of poppuppy/secant_expectation: its
-models.py, models_original.py and transport/, which need timm and torchdiffeq) and EDM's
-training/networks.py and generate.py's sampler (EDM_DIR, a checkout of NVlabs/edm; its
-generate.py needs click). Neither can be fetched where CI runs, so each test is skipped
-unless its variable names a checkout:
+models.py, models_original.py, transport/ and train.py, which need timm, torchdiffeq and
+accelerate) and EDM's training/networks.py and generate.py's sampler (EDM_DIR, a checkout
+of NVlabs/edm; its generate.py needs click). Neither can be fetched where CI runs, so each
+test is skipped unless its variable names a checkout:
 
     git clone https://github.com/poppuppy/secant_expectation /src/secant_expectation
     git clone https://github.com/NVlabs/edm /src/edm
-    pip install timm torchdiffeq click
+    pip install timm torchdiffeq click accelerate
     SECANT_EXPECTATION_DIR=/src/secant_expectation EDM_DIR=/src/edm pytest -m upstream -s tests
 """
 
@@ -189,6 +189,39 @@ def test_the_train_step_objective_is_the_official_training_losses(official_code,
   print(f'{variant}: loss {float(loss):.6f}, its training_losses {expected.item():.6f}')
   np.testing.assert_allclose(float(loss), expected.item(), rtol=1e-5)
   assert_bias_gradients_match(grads, student)
+
+
+def test_the_latent_importer_reads_the_files_in_the_official_loaders_order(official_code,
+                                                                             tmp_path):
+  """Its train.py's CustomDataset itself over features of one latent per file, named as
+  the extraction on several ranks writes them (<k>_<rank>.npy; k past 9, so that plain
+  name order differs): our importer's records are its items in its order, and one more at
+  the end, the last file, which its loader leaves out."""
+  del official_code  # its checkout on sys.path
+  pytest.importorskip('accelerate')  # train.py's imports
+  from secant_jax.data import latents
+  from test_loop import TINY_DIT, _config
+  official_train = importlib.import_module('train')
+  rng = np.random.default_rng(0)
+  features, labels = tmp_path / 'imagenet256_features', tmp_path / 'imagenet256_labels'
+  features.mkdir()
+  labels.mkdir()
+  for k in (0, 1, 2, 10):
+    for rank in range(3):
+      np.save(features / f'{k}_{rank}.npy',
+              rng.normal(scale=1 / 0.18215, size=(1, 4, 8, 8)).astype(np.float32))
+      np.save(labels / f'{k}_{rank}.npy', rng.integers(0, 1000, 1))
+  theirs = official_train.CustomDataset(str(tmp_path))
+  assert latents.import_npy(features, labels, tmp_path / 'records') == len(theirs) + 1 == 12
+  ours = latents.source(_config(TINY_DIT, dict(name='imagenet_latents',
+                                              dir=str(tmp_path / 'records')), 'stee').data)
+  for i in range(len(theirs)):
+    x, y = theirs[i]
+    np.testing.assert_allclose(ours[i]['x'], x.numpy().transpose(1, 2, 0) * 0.18215,
+                               rtol=1e-3, atol=1e-3)
+    assert ours[i]['y'] == int(y)
+  last = np.load(features / '10_2.npy')[0].transpose(1, 2, 0) * 0.18215
+  np.testing.assert_allclose(ours[11]['x'], last, rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize('label_dim', [0, 10])
