@@ -140,3 +140,23 @@ def test_an_exported_run_loads_strictly_and_samples_in_the_official_loop_as_ours
   back = traverse_util.flatten_dict(convert_sit.convert(state_dict, saved))
   for path, value in traverse_util.flatten_dict(saved).items():
     np.testing.assert_array_equal(back[path], value, err_msg='/'.join(path))
+
+
+@pytest.mark.torch
+def test_a_teacher_run_exports_its_weights_without_training_arguments(tmp_path, capsys):
+  """A teacher (variant 'diffusion', as the demo's, without learned sigma): its weights
+  only, and the reasons its sample_ddp.py cannot build it."""
+  import torch
+  c = _config(dict(TINY_DIT, in_channels=1, learn_sigma=False), dict(name='digits'),
+              'diffusion')
+  network = recipe.make_network(c)
+  (tmp_path / 'config.json').write_text(c.to_json_best_effort())
+  common.save(network.init(jax.random.key(0)), tmp_path / 'ema')
+  to_official.main(['--run', str(tmp_path), '--out', str(tmp_path / 'teacher.pt')])
+  printed = capsys.readouterr().out
+  assert "its DiT learns sigma (2 × 4 output channels), this model does not" in printed
+  assert "A 'diffusion' run, not a secant model: no training arguments written" in printed
+  assert 'sample_ddp.py --model' not in printed
+  checkpoint = torch.load(tmp_path / 'teacher.pt')
+  assert sorted(checkpoint) == ['ema']
+  assert checkpoint['ema']['final_layer.linear.weight'].shape == (4, 32)  # p² · 1 channel
