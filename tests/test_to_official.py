@@ -9,8 +9,10 @@ import json
 import jax
 import numpy as np
 import pytest
+from etils import epath
 from flax import traverse_util
 
+from secant_jax import files
 from secant_jax import generate
 from secant_jax import main as main_lib
 from secant_jax.convert import common
@@ -143,20 +145,26 @@ def test_an_exported_run_loads_strictly_and_samples_in_the_official_loop_as_ours
 
 
 @pytest.mark.torch
-def test_a_teacher_run_exports_its_weights_without_training_arguments(tmp_path, capsys):
-  """A teacher (variant 'diffusion', as the demo's, without learned sigma): its weights
-  only, and the reasons its sample_ddp.py cannot build it."""
+@pytest.mark.parametrize('where', ['local', 'bucket'])
+def test_a_teacher_run_exports_its_weights_without_training_arguments(tmp_path, capsys,
+                                                                      request, where):
+  """A teacher (variant 'diffusion', as the demo's, without learned sigma), on a disk or
+  with run and file on a bucket: its weights only, and the reasons its sample_ddp.py cannot
+  build it."""
   import torch
   c = _config(dict(TINY_DIT, in_channels=1, learn_sigma=False), dict(name='digits'),
               'diffusion')
   network = recipe.make_network(c)
-  (tmp_path / 'config.json').write_text(c.to_json_best_effort())
-  common.save(network.init(jax.random.key(0)), tmp_path / 'ema')
-  to_official.main(['--run', str(tmp_path), '--out', str(tmp_path / 'teacher.pt')])
+  run = str(tmp_path) if where == 'local' else request.getfixturevalue('gcs_bucket') + '/run'
+  files.write_text(f'{run}/config.json', c.to_json_best_effort())
+  common.save(network.init(jax.random.key(0)), f'{run}/ema')
+  to_official.main(['--run', run, '--out', f'{run}/teacher.pt'])
   printed = capsys.readouterr().out
+  with epath.Path(f'{run}/teacher.pt').open('rb') as f:
+    (tmp_path / 'copy.pt').write_bytes(f.read())
   assert "its DiT learns sigma (2 × 4 output channels), this model does not" in printed
   assert "A 'diffusion' run, not a secant model: no training arguments written" in printed
   assert 'sample_ddp.py --model' not in printed
-  checkpoint = torch.load(tmp_path / 'teacher.pt')
+  checkpoint = torch.load(tmp_path / 'copy.pt')
   assert sorted(checkpoint) == ['ema']
   assert checkpoint['ema']['final_layer.linear.weight'].shape == (4, 32)  # p² · 1 channel
