@@ -36,6 +36,7 @@ from secant_jax.models import dit
 from secant_jax.models import edm_unet
 from secant_jax.models import precond
 from test_config import parse_main_flags
+from test_edm_unet import _reduced
 from test_official_losses import _ours, assert_bias_gradients_match
 
 pytestmark = [pytest.mark.torch, pytest.mark.upstream]
@@ -76,16 +77,6 @@ def edm_networks():
   sys.path.remove(directory)
 
 
-def _randomize(net, seed):
-  """Every weight drawn, so that no layer starts at zero (adaLN-Zero, zero-init heads)."""
-  import torch
-  torch.manual_seed(seed)
-  with torch.no_grad():
-    for name, p in net.named_parameters():
-      if name != 'pos_embed':
-        p.normal_(0.0, 0.05 if p.ndim > 1 else 0.1)
-
-
 @pytest.mark.parametrize('online_cfg', ['1.0-2.5', None], ids=['embedded', 'unguided'])
 def test_official_sit_checkpoints_convert_both_ways(official_code, tmp_path, capsys,
                                                     online_cfg):
@@ -93,8 +84,9 @@ def test_official_sit_checkpoints_convert_both_ways(official_code, tmp_path, cap
   computes its forward; exported back from a run of the flags the importer printed, the
   file loads into its DiT with strict=True, every tensor equal to the original."""
   import torch
+  import torch_dit
   net = official_code.models.DiT_models['DiT-S/2'](input_size=16, online_cfg=online_cfg).eval()
-  _randomize(net, 1)
+  torch_dit.randomize(net, 1)
   train_args = argparse.Namespace(model='DiT-S/2', image_size=128, num_classes=1000,
                                   loss_type='sdei' if online_cfg else 'stee', num_steps=4,
                                   online_cfg=online_cfg)
@@ -142,14 +134,15 @@ def test_the_train_step_objective_is_the_official_training_losses(official_code,
   from the draws it made: the times and noise its `sample` returned, the label-dropout draw
   after them, the scale it passed the student. Loss and every bias gradient."""
   import torch
+  import torch_dit
   arch = dict(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4,
               num_classes=1000)  # its training_losses fixes 1000 classes
   w_range = (1.25, 3.0)
   student = official_code.models.DiT(
       online_cfg=f'{w_range[0]}-{w_range[1]}' if guided else None, **arch)
-  _randomize(student, 0)
+  torch_dit.randomize(student, 0)
   teacher = official_code.models_original.DiT(**arch).eval()
-  _randomize(teacher, 1)
+  torch_dit.randomize(teacher, 1)
   transport = official_code.transport.create_transport('Linear', 'velocity')
   torch.manual_seed(3)
   x1 = torch.randn(6, 4, 8, 8)
@@ -231,14 +224,16 @@ def test_edm_song_unet_matches_nvlabs_edm(edm_networks, arch, label_dim):
   attention at 8², augment_dim 9), converted: our secant f at σ_s = σ_t is its
   (x − D(x; σ))/σ."""
   import torch
-  settings = edm_unet.SETTINGS[arch]
-  sizes = dict(img_resolution=16, model_channels=16, channel_mult=(1, 2, 2), num_blocks=2,
-               attn_resolutions=(8,), augment_dim=9, label_dim=label_dim)
+  import torch_dit
+  settings = _reduced(arch, label_dim=label_dim)  # test_edm_unet's parity size
+  channels = settings.pop('in_channels')
+  assert settings.pop('out_channels') == channels
   net = edm_networks.EDMPrecond(
-      img_channels=3, model_type='SongUNet', dropout=0.13, decoder_type='standard',
-      **{**sizes, **settings, 'resample_filter': list(settings['resample_filter'])}).eval()
-  _randomize(net, 2)
-  model = edm_unet.from_settings(arch, in_channels=3, out_channels=3, dropout=0.0, **sizes)
+      img_channels=channels, model_type='SongUNet', dropout=0.13, decoder_type='standard',
+      **{**settings, 'resample_filter': list(settings['resample_filter'])}).eval()
+  torch_dit.randomize(net, 2)
+  model = edm_unet.SongUNet(in_channels=channels, out_channels=channels, dropout=0.0,
+                            **settings)
   variables = convert_edm.convert({k: v.numpy() for k, v in net.state_dict().items()},
                                   convert_edm.init_variables(model), model.resample_filter)
   rng = np.random.default_rng(0)

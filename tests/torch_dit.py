@@ -148,10 +148,15 @@ class SecantDiT(nn.Module):
 
 
 def with_random_weights(seed, **kwargs):
-  """SecantDiT(**kwargs) with every parameter but the fixed pos_embed drawn from
-  N(0, 0.05²) (matrices) or N(0, 0.1²) (vectors), so that no layer starts at zero."""
+  """SecantDiT(**kwargs) with random weights (`randomize`)."""
+  return randomize(SecantDiT(**kwargs), seed)
+
+
+def randomize(model, seed):
+  """`model` (any torch module: ours, or the upstream code's) with every parameter but a
+  fixed pos_embed drawn from N(0, 0.05²) (matrices) or N(0, 0.1²) (vectors), so that no
+  layer starts at zero (adaLN-Zero, zero-initialised heads)."""
   torch.manual_seed(seed)
-  model = SecantDiT(**kwargs)
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name != 'pos_embed':
