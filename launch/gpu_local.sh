@@ -4,11 +4,9 @@
 #
 #   launch/gpu_local.sh --config=configs/imagenet_sit.py:variant=stee,steps=4 --workdir=runs/stee4
 #
-# CUDA_VISIBLE_DEVICES picks the GPUs. XLA may take 95% of each GPU's memory up front;
-# the latency-hiding scheduler overlaps the data-parallel all-reduce with compute.
+# CUDA_VISIBLE_DEVICES picks the GPUs; launch/gpu_env.sh sets XLA's memory share and flags.
 # SIGTERM (kill, a scheduler's preemption) saves a checkpoint; the same command resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
+source launch/gpu_env.sh
 exec python -m secant_jax.main "$@"

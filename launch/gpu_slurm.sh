@@ -20,8 +20,7 @@
 #SBATCH --output=secant-%j.log
 set -euo pipefail
 cd "${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}"
-export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95}
-export XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_latency_hiding_scheduler=true"
+source launch/gpu_env.sh
 status=0
 srun --kill-on-bad-exit=1 python -m secant_jax.main "$@" --config.distributed=True || status=$?
 if [ "$status" -eq 75 ]; then

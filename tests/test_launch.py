@@ -26,6 +26,8 @@ def test_slurm_requeues_a_run_stopped_before_its_last_step(tmp_path, trainer_sta
   job again, and the job ends 75 where that fails; a finished run (0) and a failed one (1)
   are not requeued."""
   log = tmp_path / 'calls'
+  (tmp_path / 'launch').mkdir()  # the submit directory is the user's checkout
+  shutil.copy(os.path.join(REPO, 'launch', 'gpu_env.sh'), tmp_path / 'launch')
   _stand_in(tmp_path, 'srun', f'echo "srun $*" >> {log}; exit {trainer_status}\n')
   _stand_in(tmp_path, 'scontrol', f'echo "scontrol $*" >> {log}; exit {requeue_status}\n')
   result = subprocess.run(
@@ -38,6 +40,23 @@ def test_slurm_requeues_a_run_stopped_before_its_last_step(tmp_path, trainer_sta
   assert calls[0] == ('srun --kill-on-bad-exit=1 python -m secant_jax.main '
                       '--config=configs/x.py --workdir=/shared/run --config.distributed=True')
   assert calls[1:] == (['scontrol requeue 123'] if requeued else [])
+
+
+@pytest.mark.parametrize('script', ['gpu_local.sh', 'gpu_slurm.sh'])
+def test_gpu_launchers_run_with_cublas_gemms_and_the_callers_flags_last(tmp_path, script):
+  """Both GPU launchers give the trainer the XLA flags of launch/gpu_env.sh, then the
+  caller's (XLA takes the last setting of a flag, so the caller's wins)."""
+  log = tmp_path / 'calls'
+  trainer = f'echo "$XLA_PYTHON_CLIENT_MEM_FRACTION $XLA_FLAGS" >> {log}\n'
+  _stand_in(tmp_path, 'python', trainer)
+  _stand_in(tmp_path, 'srun', trainer)
+  subprocess.run(['bash', os.path.join(REPO, 'launch', script), '--workdir=runs/x'],
+                 check=True, env={**os.environ, 'PATH': f'{tmp_path}:{os.environ["PATH"]}',
+                                  'SLURM_SUBMIT_DIR': REPO,
+                                  'XLA_FLAGS': '--xla_gpu_enable_triton_gemm=true'})
+  assert log.read_text().split() == [
+      '0.95', '--xla_gpu_enable_latency_hiding_scheduler=true',
+      '--xla_gpu_enable_triton_gemm=false', '--xla_gpu_enable_triton_gemm=true']
 
 
 def _checkout(tmp_path):

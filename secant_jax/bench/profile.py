@@ -25,6 +25,13 @@ import tempfile
 
 import jax
 
+# XLA on GPUs records runs of kernels into command buffers (CUDA graphs), and a trace then
+# names every kernel of one by the command buffer, not its HLO instruction (on an H200 a
+# whole SiT-XL/2 step came out as four 'command_buffer_N' rows): the profiled program is
+# compiled with each kernel launched on its own. A field of XLA's DebugOptions, which the
+# CPU and TPU compilers accept and do not use.
+COMPILER_OPTIONS = {'xla_gpu_enable_command_buffer': ''}
+
 KINDS = ('matmul', 'attention', 'elementwise', 'reduction', 'layout', 'collective', 'other')
 _COLLECTIVES = ('all-reduce', 'all-gather', 'reduce-scatter', 'all-to-all',
                 'collective-permute')

@@ -12,8 +12,9 @@ trainer runs it, and sampling is `generate.sample`. Compiles once, runs --warmup
 iterations, then times --steps with one device sync at the end. Prints img/s, time per
 step, peak device memory, achieved TFLOP/s (from `bench.flops`) and MFU against the
 device's dense bf16 peak (--peak-tflops for devices it does not know), and the memory the
-compiled program asks for. --profile N then traces N more calls and prints device time per
-kind of kernel and the top HLO instructions (`bench.profile`). Every run also counts the
+compiled program asks for. --profile N then compiles the program again with each kernel
+launched on its own (`bench.profile.COMPILER_OPTIONS`), traces N calls of it and prints
+device time per kind of kernel and the top HLO instructions (`bench.profile`). Every run also counts the
 compiled program's static memory traffic (`bench.traffic`) and prints the two floors of a
 call: FLOPs over the peak rate, bytes over the bandwidth; --traffic adds the bytes per kind
 of kernel. --target h100|h200 or a TPU slice (v4-32, v5e-16, ...) compiles for that
@@ -154,8 +155,9 @@ class Program(NamedTuple):
   forward_equivalents: int  # per image, a backward counting as two
 
 
-def bench_train(config, args, mesh):
-  """The real train step on random weights and a synthetic batch, as a Program."""
+def bench_train(config, args, mesh, compiler_options=None):
+  """The real train step on random weights and a synthetic batch, as a Program compiled
+  with XLA's `compiler_options` (None: the defaults)."""
   network = recipe.make_network(config)
   task = recipe.make_task(config, network)
   optimizer = recipe.make_optimizer(config.optimizer)
@@ -174,7 +176,7 @@ def bench_train(config, args, mesh):
   batch_spec = _batch_spec(network, config.batch_size, mesh)
   step_fn = parallel.jit_train_step(train_step, state_sharding, teacher_sharding, mesh)
   compiled = step_fn.lower(_shaped(abstract_state, state_sharding), teacher_spec,
-                           batch_spec).compile()
+                           batch_spec).compile(compiler_options)
 
   def start():
     state = jax.jit(create, out_shardings=state_sharding)()
@@ -192,8 +194,8 @@ def bench_train(config, args, mesh):
   return Program(compiled, start, network, flops_lib.train_forward_equivalents(task))
 
 
-def bench_sample(config, args, mesh):
-  """N-step secant sampling of a batch, as a Program."""
+def bench_sample(config, args, mesh, compiler_options=None):
+  """N-step secant sampling of a batch, as a Program (see bench_train)."""
   network = recipe.make_network(config)
   task = recipe.make_task(config, network)
   replicated = parallel.replicated(mesh)
@@ -202,7 +204,7 @@ def bench_sample(config, args, mesh):
   abstract = network.abstract_variables()
   batch_spec = _batch_spec(network, config.batch_size, mesh)
   compiled = sample.lower(_shaped(abstract, parallel.tree_sharding(abstract, mesh)),
-                          batch_spec['x'], batch_spec['y']).compile()
+                          batch_spec['x'], batch_spec['y']).compile(compiler_options)
 
   def start():
     variables = jax.jit(network.init, out_shardings=replicated)(jax.random.key(0))
@@ -260,11 +262,12 @@ def _does_not_fit(config, args, mesh, why):
           'parameters and optimizer state over N devices) or a smaller --batch.')
 
 
-def _compile(config, args, mesh):
+def _compile(config, args, mesh, compiler_options=None):
   """bench_sample's or bench_train's Program; one that XLA refuses for want of device
   memory (its TPU compiler checks) ends the run with what to change."""
   try:
-    return (bench_sample if args.sample else bench_train)(config, args, mesh)
+    return (bench_sample if args.sample else bench_train)(config, args, mesh,
+                                                          compiler_options)
   except jax.errors.JaxRuntimeError as error:
     if 'RESOURCE_EXHAUSTED' not in str(error):
       raise
@@ -370,7 +373,10 @@ def _benchmark(config, args):
                                    f'it needs {needed:.2f} GiB per device, '
                                    f'the device has {available:.2f} GiB'))
   if args.profile:
-    result = profile_lib.breakdown(run, hlo_text, args.profile, args.profile_dir or None)
+    del run  # the timed program's train state goes before the profiled one's is made
+    profiled = _compile(config, args, mesh, profile_lib.COMPILER_OPTIONS)
+    result = profile_lib.breakdown(profiled.start(), profiled.compiled.as_text(), args.profile,
+                                   args.profile_dir or None)
     print('\n'.join(profile_lib.format_breakdown(result, fields['step_ms'])))
     fields['profile'] = result
   return fields
