@@ -79,7 +79,8 @@ def compare(config, workdir):
   quality = (sample_quality.SampleQuality(config, workdir, mesh)
              if features.configured(config.fid) else None)
   stamp = {'compare': {k: v for k, v in c.to_dict().items() if k != 'references'},
-           'seed': config.seed, 'fid': config.fid.to_dict(), 'processes': jax.process_count(),
+           'seed': config.seed, 'fid': config.fid.to_dict(),
+           'matmul_precision': config.matmul_precision, 'processes': jax.process_count(),
            'weights': {'teacher': teacher_digest,
                        **{s.name: s.weights for s in samplers if s.weights}}}
   if not c.teacher:
@@ -89,7 +90,8 @@ def compare(config, workdir):
     kept = references.References(c.references, {
         'teacher': files.absolute(c.teacher or teacher_weights),
         'teacher_digest': teacher_digest, 'guidance_scale': c.guidance_scale,
-        'seed': config.seed, 'num_samples': c.num_samples, 'batch_size': c.batch_size})
+        'seed': config.seed, 'num_samples': c.num_samples, 'batch_size': c.batch_size,
+        'matmul_precision': config.matmul_precision})
   rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, c.batch_size,
                                     mesh, quality,
                                     progress.Progress(workdir, stamp, config.eval_save_seconds),

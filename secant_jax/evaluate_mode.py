@@ -58,7 +58,7 @@ def fid_progress(config, workdir, variables):
   stamp = {'weights': progress.weights_digest(variables), 'seed': config.seed,
            'model': config.model.to_dict(), 'path': config.path.to_dict(),
            'secant': config.secant.to_dict(), 'fid': config.fid.to_dict(),
-           'processes': jax.process_count()}
+           'matmul_precision': config.matmul_precision, 'processes': jax.process_count()}
   return progress.Progress(files.make_directory(os.path.join(workdir, 'eval')), stamp,
                            config.eval_save_seconds)
 

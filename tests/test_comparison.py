@@ -146,7 +146,13 @@ def test_the_configs_own_converted_teacher_is_compared_without_a_run(tmp_path):
       ('teacher Heun', 1), ('teacher Heun', 2)]
   assert all(np.isfinite(r['error']) for r in rows) and rows[2]['error'] > 0
   assert (tmp_path / 'table' / 'table.md').is_file()
+  c.compare.references = str(tmp_path / 'references')  # kept, and stamped with precision
+  assert compare_mode.compare(c, tmp_path / 'kept') == rows
+  c.matmul_precision = 'bfloat16'
+  with pytest.raises(ValueError, match=r'holds the reference solutions of another '
+                                       r'comparison \(it differs in matmul_precision\)'):
+    compare_mode.compare(c, tmp_path / 'other')
   common.save(perturbed(), tmp_path / 'converted', overwrite=True)  # replaced in place
   with pytest.raises(ValueError, match=r'holds the progress of a different evaluation '
-                                       r'\(it differs in weights.teacher\)'):
+                                       r'\(it differs in matmul_precision, weights.teacher\)'):
     compare_mode.compare(c, tmp_path / 'table')

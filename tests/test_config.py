@@ -72,22 +72,25 @@ def test_official_training_arguments_give_the_flags_of_the_same_model(
   assert c.secant.label_dropout == label_dropout
 
 
-def test_the_run_computes_at_the_configs_matmul_precision(monkeypatch):
-  """EDM's config asks for true float32 products (EDM trains with TF32 off); main.run traces
-  every mode inside that setting, and a bad value is refused naming the key."""
+@pytest.mark.parametrize('config_file, precision', [('cifar10_edm.py', 'float32'),
+                                                     ('imagenet_sit.py', 'tensorfloat32')])
+def test_the_run_computes_at_the_configs_matmul_precision(monkeypatch, config_file, precision):
+  """EDM's config asks for true float32 products (EDM trains with TF32 off), SiT's for TF32
+  (the official train.py and sample_ddp.py allow it); main.run traces every mode inside
+  that setting, and a bad value is refused naming the key."""
   import jax
   from secant_jax import main
   from secant_jax import sample_mode
   seen = []
   monkeypatch.setattr(sample_mode, 'write_samples',
                       lambda config, workdir: seen.append(jax.config.jax_default_matmul_precision))
-  config = parse_main_flags(f'--config={REPO}/configs/cifar10_edm.py', '--config.mode=sample')
-  assert config.matmul_precision == 'float32'
+  config = parse_main_flags(f'--config={REPO}/configs/{config_file}', '--config.mode=sample')
+  assert config.matmul_precision == precision
   main.run(config, '/nonexistent')
   with config.unlocked():
     config.matmul_precision = ''
   main.run(config, '/nonexistent')
-  assert seen == ['float32', None]
+  assert seen == [precision, None]
   assert jax.config.jax_default_matmul_precision is None  # left as it was
   with config.unlocked():
     config.matmul_precision = 'fp32'

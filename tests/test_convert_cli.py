@@ -118,25 +118,28 @@ def test_edm_pickle_gets_the_export_instructions(tmp_path):
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize('args_as', ['Namespace', 'dict'])
-def test_sit_cli_converts_a_checkpoint_of_the_official_train_py(tmp_path, capsys, args_as):
+@pytest.mark.parametrize('args_as, guided', [('Namespace', True), ('dict', True),
+                                             ('Namespace', False)])
+def test_sit_cli_converts_a_checkpoint_of_the_official_train_py(tmp_path, capsys, args_as,
+                                                                guided):
   """As its train.py saves them: model, EMA, AdamW state and the argparse.Namespace of its
   arguments (which torch.load's weights_only refuses unless allowed), or those arguments
   as a dict, as convert.to_official writes them; a cfg_embedder in the file makes a guided
-  model without --guidance-embed."""
+  model without --guidance-embed. The printed command samples as its sampler does."""
   import argparse
   import torch
   import torch_dit
   torch.manual_seed(0)
   net = torch_dit.SecantDiT(input_size=16, patch_size=8, hidden_size=384, depth=12, num_heads=6,
-                            num_classes=1000, guidance_embed=True)
+                            num_classes=1000, guidance_embed=guided)
   ema = {k: v + 1.0 if k != 'pos_embed' else v for k, v in net.state_dict().items()}
   opt = torch.optim.AdamW(net.parameters(), lr=1e-5, weight_decay=0)
   net(torch.zeros(1, 4, 16, 16), torch.zeros(1), torch.zeros(1), torch.zeros(1).long(),
       torch.zeros(1)).sum().backward()
   opt.step()
-  train_args = argparse.Namespace(loss_type='sdei', num_steps=1, online_cfg='1-2.5',
-                                  model='DiT-XL/2', lr=1e-5)
+  train_args = argparse.Namespace(loss_type='sdei' if guided else 'stee', num_steps=1,
+                                  online_cfg='1-2.5' if guided else None, model='DiT-XL/2',
+                                  lr=1e-5)
   torch.save({'model': net.state_dict(), 'ema': ema, 'opt': opt.state_dict(),
               'args': train_args if args_as == 'Namespace' else vars(train_args)},
              tmp_path / '0010000.pt')
@@ -144,11 +147,20 @@ def test_sit_cli_converts_a_checkpoint_of_the_official_train_py(tmp_path, capsys
   convert_sit.main(['--in', str(tmp_path / '0010000.pt'), '--out', str(out), '--model',
                     'DiT-S/8', '--input-size', '16'])
   printed = capsys.readouterr().out
-  assert 'DiT-S/8 with guidance input:' in printed
-  assert ("python -m secant_jax.main --config=configs/imagenet_sit.py:variant=sdei,steps=1 "
-          "--config.secant.guidance='(1.0, 2.5)' --workdir=RUN --config.mode=evaluate") in printed
-  assert 'to sample as it does, add --config.secant.sample_guidance_scale=1.0' in printed
-  model = dit.from_name('DiT-S/8', input_size=16, guidance_embed=True)
+  if guided:
+    assert 'DiT-S/8 with guidance input:' in printed
+    assert ("python -m secant_jax.main --config=configs/imagenet_sit.py:variant=sdei,steps=1 "
+            "--config.secant.guidance='(1.0, 2.5)' --workdir=RUN --config.mode=evaluate"
+            ) in printed
+    assert 'to sample as it does, add --config.secant.sample_guidance_scale=1.0' in printed
+  else:
+    assert 'DiT-S/8: ' in printed
+    assert ("python -m secant_jax.main --config=configs/imagenet_sit.py:variant=stee,steps=1 "
+            "--config.secant.guidance='()' --config.secant.label_dropout=0.1 --workdir=RUN "
+            "--config.mode=evaluate") in printed
+    assert ('samples a model without embedded guidance (two-pass CFG) in float32, outside '
+            'autocast; to sample as it does, add --config.model.dtype=float32') in printed
+  model = dit.from_name('DiT-S/8', input_size=16, guidance_embed=guided)
   restored = common.fit(traverse_util.flatten_dict(common.load_variables(out)),
                       jax.eval_shape(lambda: convert_sit.init_variables(model)))
   # The default is the EMA weights.

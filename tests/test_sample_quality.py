@@ -78,6 +78,11 @@ def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, progress_saves
     main_lib.run(c, tmp_path / 'run')
   c.teacher_checkpoint = ''
   common.save(network.init(jax.random.key(1)), tmp_path / 'run' / 'ema', overwrite=True)
+  c.matmul_precision = 'bfloat16'  # other products, other samples: not mixed with these
+  with pytest.raises(ValueError, match=r'different evaluation \(it differs in '
+                                       r'matmul_precision\)'):
+    main_lib.run(c, tmp_path / 'run')
+  c.matmul_precision = ''
   resumed = main_lib.run(c, tmp_path / 'run')
   assert saved == [8, 12]  # resumed after the first batch
   assert not any(f.startswith('progress') for f in os.listdir(tmp_path / 'run' / 'eval'))

@@ -142,7 +142,10 @@ def main(argv=None):
           'with\n  python -m secant_jax.main ' + ' '.join(official_run_flags(train_args))
           + ' --workdir=RUN --config.mode=evaluate')
     scale_range = official_guidance_range(train_args)
-    if scale_range is not None:
+    if scale_range is None:
+      print('Its sample_ddp.py samples a model without embedded guidance (two-pass CFG) in '
+            'float32, outside autocast; to sample as it does, add --config.model.dtype=float32')
+    else:
       print('Its test.sh, as published, gives the model the normalised scale 0 at every '
             'step; to sample as it does, add '
             f'--config.secant.sample_guidance_scale={scale_range[0]}')
