@@ -80,6 +80,25 @@ ENTRY %main (x: f32[4,8], y: f32[4,8]) -> (f32[4,2], f32[2,4], f32[4,8]) {
 """
 
 
+# A cuBLASLt GEMM as XLA compiles it for a GPU: its output tuple ends in the workspace
+# (s8[4194304], 4 MiB), which is scratch; it moves its two 128 B operands and 64 B output.
+_GEMM_HLO = """HloModule jit_h, entry_computation_layout={(f32[4,8]{1,0})->f32[4,4]{1,0}}
+
+ENTRY %main (x: f32[4,8]) -> f32[4,4] {
+  %x = f32[4,8]{1,0} parameter(0)
+  %gemm = (f32[4,4]{1,0}, s8[4194304]{0}) custom-call(%x, %x), custom_call_target="__cublas$lt$matmul"
+  ROOT %out = f32[4,4]{1,0} get-tuple-element(%gemm), index=0
+}
+"""
+
+
+def test_a_custom_calls_workspace_is_not_counted():
+  summary = traffic.summarize(_GEMM_HLO)
+  assert summary['bytes'] == 320 and summary['kinds'] == {'matmul': 320}
+  two_outputs = _GEMM_HLO.replace('s8[4194304]{0}', 'f32[4,4]{1,0}')  # not scratch: counted
+  assert traffic.summarize(two_outputs)['bytes'] == 384
+
+
 def test_array_bytes_of_hlo_shapes():
   assert traffic.array_bytes('(bf16[64,256]{1,0}, /*index=1*/f32[8]{0})') == 32800
   assert traffic.array_bytes('pred[3]{0}') == 3

@@ -5,6 +5,10 @@ other than parameters, constants, tuples, bitcasts and the like) reads each oper
 and writes its output once, except that a fusion reads an operand its body only slices
 (after bitcasts, reshapes or transposes) as the slices (q, k and v cut from one qkv product
 read a third of it each); a loop body counts once per trip where XLA knows the trip count.
+A custom call's scratch buffer, the rank-1 s8/u8 last element of its output tuple (the
+workspace XLA gives each cuBLAS GEMM and cuDNN attention call: 4 MiB per GEMM compiled
+without a GPU; cuBLAS asks for 32 MiB on Hopper GPUs), is not counted: the kernel uses
+what its algorithm needs of it, often none.
 For a step of M FLOPs and B bytes on a device of peak rate P and bandwidth W the two floors
 are M/P and B/W: a fusion structure that moves fewer bytes shows here before any timing.
 The count is static: it ignores caches (small operands re-read from L2 are counted as if
@@ -59,6 +63,16 @@ def _split_instruction(opcode, line):
   return rhs[:at], [name for name in operands if name], rhs[args_end + 1:]
 
 
+def _written_bytes(opcode, shape_text):
+  """Bytes an instruction writes: its output, less a custom call's scratch buffer."""
+  arrays = _ARRAY.findall(shape_text)
+  if opcode == 'custom-call' and shape_text.startswith('(') and len(arrays) > 1:
+    dtype, dims = arrays[-1]
+    if dtype in ('s8', 'u8') and ',' not in dims:
+      return array_bytes(shape_text) - array_bytes(f'{dtype}[{dims}]')
+  return array_bytes(shape_text)
+
+
 def _parsed(lines):
   """[(name, opcode, output shape, operands, attributes)] of a computation's lines."""
   return [(name, opcode, *_split_instruction(opcode, line)) for name, opcode, line in lines]
@@ -107,7 +121,7 @@ def instruction_traffic(hlo_text):
       fused = profile.CALLS.search(attributes) if opcode == 'fusion' else None
       sliced = _sliced_reads(_parsed(computations.get(fused.group(1), ()))) if fused else {}
       full_reads = [array_bytes(shapes.get(op, '')) for op in operands]
-      moved = array_bytes(shape) + sum(min(sliced.get(i, full), full)
+      moved = _written_bytes(opcode, shape) + sum(min(sliced.get(i, full), full)
                                        for i, full in enumerate(full_reads))
       rows.append((name, opcode, kinds.get(name, 'other'), moved * trips, trips))
 
