@@ -122,7 +122,7 @@ def instruction_traffic(hlo_text):
       sliced = _sliced_reads(_parsed(computations.get(fused.group(1), ()))) if fused else {}
       full_reads = [array_bytes(shapes.get(op, '')) for op in operands]
       moved = _written_bytes(opcode, shape) + sum(min(sliced.get(i, full), full)
-                                       for i, full in enumerate(full_reads))
+                                                  for i, full in enumerate(full_reads))
       rows.append((name, opcode, kinds.get(name, 'other'), moved * trips, trips))
 
   walk(profile.entry_computation(hlo_text), 1)
