@@ -7,16 +7,18 @@ converted checkpoint: config.teacher_checkpoint or config.init_checkpoint, built
 config.model on config.path, e.g. SiT-XL/2 from configs/imagenet_sit.py), secants
 ('name=run_dir,...'), teacher_nfe, secant_steps, num_samples, batch_size, guidance_scale,
 references. A run directory is one a training run wrote: its config.json says how to build
-and sample the model, its ema/ holds the weights. Writes workdir/table.md, table.json,
+and sample the model, its ema/ holds the weights. Every network computes in float32 with
+float32 products, whatever the runs trained in (config.compare_in_float32; see
+evaluation.reference_error). Writes workdir/table.md, table.json,
 samples/<row>.png, samples.png and CLU scalars; while it runs, it saves the running sums
 every config.eval_save_seconds (evaluation.progress), so the same command resumes a
 preempted comparison. The saves are stamped with config.compare (but references),
-config.seed, config.fid, the process count and a digest of each model's weights
+config.seed, config.fid, the precision, the process count and a digest of each model's weights
 (evaluation.progress.weights_digest): a run retrained into the same directory is refused
 by name, not taken for the one compared before. With compare.references set, the
 teacher's reference solutions are kept there (evaluation.references) and read back by any
 later comparison with the same teacher (path and weights), guidance_scale, seed,
-num_samples and batch_size.
+num_samples, batch_size and precision.
 """
 
 import os
@@ -29,6 +31,7 @@ from secant_jax.convert import common
 from secant_jax.evaluation import comparison
 from secant_jax.evaluation import features
 from secant_jax.evaluation import progress
+from secant_jax.evaluation import reference_error
 from secant_jax.evaluation import references
 from secant_jax.evaluation import sample_quality
 from secant_jax.train import parallel
@@ -62,16 +65,23 @@ def teacher_of(config):
 
 def compare(config, workdir):
   """Returns the table's rows."""
+  with jax.default_matmul_precision(reference_error.precision(config) or None):
+    return _compare(config, workdir)
+
+
+def _compare(config, workdir):
   c = config.compare
   teacher_config, teacher_weights = teacher_of(config)
   workdir = files.make_directory(workdir)
   network, task, tangent_of, teacher_digest = comparison.teacher(
-      teacher_config, teacher_weights, c.guidance_scale)
+      reference_error.measured_config(config, teacher_config), teacher_weights,
+      c.guidance_scale)
   samplers = comparison.teacher_samplers(task, tangent_of, c.teacher_nfe)
   for name, run_dir in parse_runs(c.secants):
     run_config, ema_dir = common.load_run(run_dir)
-    samplers += comparison.secant_samplers(f'secant {name}', run_config, ema_dir,
-                                           c.secant_steps, c.guidance_scale)
+    samplers += comparison.secant_samplers(
+        f'secant {name}', reference_error.measured_config(config, run_config), ema_dir,
+        c.secant_steps, c.guidance_scale)
   noise, labels = generate.fixed_noise_and_labels(
       config.seed + 1, c.num_samples, network.image_shape,
       teacher_config.model.get('num_classes', 0))
@@ -80,7 +90,9 @@ def compare(config, workdir):
              if features.configured(config.fid) else None)
   stamp = {'compare': {k: v for k, v in c.to_dict().items() if k != 'references'},
            'seed': config.seed, 'fid': config.fid.to_dict(),
-           'matmul_precision': config.matmul_precision, 'processes': jax.process_count(),
+           'compare_in_float32': config.compare_in_float32,
+           'matmul_precision': reference_error.precision(config),
+           'processes': jax.process_count(),
            'weights': {'teacher': teacher_digest,
                        **{s.name: s.weights for s in samplers if s.weights}}}
   if not c.teacher:
@@ -91,7 +103,8 @@ def compare(config, workdir):
         'teacher': files.absolute(c.teacher or teacher_weights),
         'teacher_digest': teacher_digest, 'guidance_scale': c.guidance_scale,
         'seed': config.seed, 'num_samples': c.num_samples, 'batch_size': c.batch_size,
-        'matmul_precision': config.matmul_precision})
+        'compare_in_float32': config.compare_in_float32,
+        'matmul_precision': reference_error.precision(config)})
   rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, c.batch_size,
                                     mesh, quality,
                                     progress.Progress(workdir, stamp, config.eval_save_seconds),

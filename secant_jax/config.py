@@ -26,7 +26,7 @@ EMBEDDED_GUIDANCE = ('sdei', 'stei', 'sdee')
 RESUMABLE_CHANGES = ('mode', 'num_train_steps', 'log_every', 'checkpoint_every',
                      'keep_checkpoints', 'sample_every', 'num_sample_images',
                      'teacher_sample_nfe', 'num_eval_samples', 'eval_every',
-                     'eval_save_seconds', 'fid', 'compare',
+                     'eval_save_seconds', 'fid', 'compare', 'compare_in_float32',
                      'fsdp', 'distributed', 'cluster', 'data.read_threads', 'matmul_precision',
                      'model.attention', 'model.remat', 'model.split_qkv', 'model.residual_dtype',
                      'secant.sample_cfg_scale', 'secant.sample_guidance_scale',
@@ -140,6 +140,13 @@ def base_config():
       teacher_nfe=(1, 2, 4, 8, 16, 35), secant_steps=(1, 2, 4, 8), num_samples=10_000,
       batch_size=256, guidance_scale=1.0,
       references=''))  # a directory to keep the teacher's reference solutions in, for reuse
+  # evaluate's integration error and all of compare mode: the teacher's reference solve and
+  # every sampler scored against it compute in float32 with float32 products, whatever
+  # config.model.dtype and config.matmul_precision (and a compared run's) say. The adaptive
+  # solve to tolerance 1e-6 needs a tangent smooth to that tolerance; bfloat16 outputs
+  # (three significant digits) or TF32 products make it chase their rounding with tiny
+  # steps and measure it as integration error. False: as the runs train.
+  c.compare_in_float32 = True
   c.allow_config_change = False  # resume with settings not in RESUMABLE_CHANGES changed
   c.matmul_precision = ''  # of float32 products: MATMUL_PRECISIONS, '' = JAX's default
   c.fsdp = 1

@@ -36,21 +36,28 @@ from secant_jax.train import parallel
 from secant_jax.train import recipe
 
 
-def integration_error(config, network, task, variables):
-  """{'secant', 'teacher_euler', 'teacher_heun'}: RMS errors to the teacher's reference."""
-  teacher, teacher_variables = loop.teacher_of(config, jax.random.key(config.seed))
+def integration_error(config, variables):
+  """{'secant', 'teacher_euler', 'teacher_heun'}: RMS errors to the teacher's reference,
+  the secant model (`variables`) and the teacher computing as
+  evaluation.reference_error measures (float32 unless config.compare_in_float32 is
+  False)."""
+  measured = reference_error.measured_config(config, config)
+  network = recipe.make_network(measured)
+  task = recipe.make_task(measured, network)
+  teacher, teacher_variables = loop.teacher_of(measured, jax.random.key(config.seed))
   noise, labels = generate.fixed_noise_and_labels(
       config.seed + 1, config.num_eval_samples, network.image_shape,
       config.model.get('num_classes', 0))
   _, scale = generate.sampler_secant(network, task, variables, config.secant)
   tangent = reference_error.teacher_tangent(teacher, teacher_variables, task, labels, scale)
-  reference = jax.jit(lambda n: sampling.reference_sample(tangent, n, task.path))(noise)
-  samples = jax.jit(lambda v: generate.sample(network, task, v, config.secant, noise,
-                                              labels))(variables)
+  with jax.default_matmul_precision(reference_error.precision(config) or None):
+    reference = jax.jit(lambda n: sampling.reference_sample(tangent, n, task.path))(noise)
+    samples = jax.jit(lambda v: generate.sample(network, task, v, config.secant, noise,
+                                                labels))(variables)
+    errors = reference_error.teacher_solver_errors(tangent, noise, task.path, reference,
+                                                   task.num_steps)
   return {'num_samples': config.num_eval_samples,
-          'secant': reference_error.rms(samples, reference),
-          **reference_error.teacher_solver_errors(tangent, noise, task.path, reference,
-                                                  task.num_steps)}
+          'secant': reference_error.rms(samples, reference), **errors}
 
 
 def fid_progress(config, workdir, variables):
@@ -86,7 +93,7 @@ def evaluate(config, workdir):
                           saves, config.fid.image_dir),
                   num_fid_samples=config.fid.num_samples)
   if has_teacher:
-    result.update(integration_error(config, network, task, variables))
+    result.update(integration_error(config, variables))
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, 'eval.json'), result)
   with contextlib.closing(writers.create(os.path.join(workdir, 'eval'),

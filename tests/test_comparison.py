@@ -2,8 +2,8 @@
 gives exactly the table of a run never stopped, without redoing that batch; a workdir
 holding another comparison's progress is refused by name. Kept reference solutions are
 read back instead of solved, and another comparison's are refused by name. A config's own
-converted teacher is compared without a training run, and its weights replaced in place are
-not taken for the ones compared before."""
+converted teacher is compared without a training run, in float32 whatever its dtype, and
+its weights replaced in place are not taken for the ones compared before."""
 
 import os
 import types
@@ -146,13 +146,21 @@ def test_the_configs_own_converted_teacher_is_compared_without_a_run(tmp_path):
       ('teacher Heun', 1), ('teacher Heun', 2)]
   assert all(np.isfinite(r['error']) for r in rows) and rows[2]['error'] > 0
   assert (tmp_path / 'table' / 'table.md').is_file()
+  assert c.model.dtype == 'bfloat16'  # overridden: compare_in_float32
+  c.model.dtype = 'float32'
+  assert compare_mode.compare(c, tmp_path / 'float32') == rows
   c.compare.references = str(tmp_path / 'references')  # kept, and stamped with precision
   assert compare_mode.compare(c, tmp_path / 'kept') == rows
-  c.matmul_precision = 'bfloat16'
+  c.model.dtype, c.compare_in_float32 = 'bfloat16', False
   with pytest.raises(ValueError, match=r'holds the reference solutions of another '
-                                       r'comparison \(it differs in matmul_precision\)'):
+                                       r'comparison \(it differs in compare_in_float32, '
+                                       r'matmul_precision\)'):
     compare_mode.compare(c, tmp_path / 'other')
+  c.compare.references = ''
+  in_bfloat16 = compare_mode.compare(c, tmp_path / 'bfloat16')
+  assert [r['error'] for r in in_bfloat16][1:] != [r['error'] for r in rows][1:]
   common.save(perturbed(), tmp_path / 'converted', overwrite=True)  # replaced in place
   with pytest.raises(ValueError, match=r'holds the progress of a different evaluation '
-                                       r'\(it differs in matmul_precision, weights.teacher\)'):
+                                       r'\(it differs in compare_in_float32, '
+                                       r'matmul_precision, weights.teacher\)'):
     compare_mode.compare(c, tmp_path / 'table')

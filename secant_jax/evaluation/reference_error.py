@@ -9,6 +9,13 @@ error is the RMS distance to it over all pixels and samples,
 
 which measures how well a secant model (or Euler/Heun at the same NFE) integrates the
 teacher's ODE, separately from how good the teacher's samples are.
+
+Measured in float32 (config.compare_in_float32, the default): every network involved
+computes in float32 with float32 products. An adaptive solver keeps its error estimate,
+the difference of two orders' steps, under 1e-6; with bfloat16 outputs (about three
+significant digits) or TF32 products that difference is the rounding, a tangent no step
+is small enough for, so the solve takes many times the steps, and the rounding, not the
+solvers, sets the error of the best ones.
 """
 
 import jax.numpy as jnp
@@ -16,6 +23,26 @@ import jax.numpy as jnp
 from secant_jax import guidance
 from secant_jax import sampling
 from secant_jax.models import precond
+
+
+def precision(config):
+  """The precision of float32 products (config.MATMUL_PRECISIONS) that integration errors
+  under `config` are measured at: 'float32' when config.compare_in_float32, else the run's
+  config.matmul_precision."""
+  return 'float32' if config.get('compare_in_float32', True) else config.matmul_precision
+
+
+def measured_config(config, run_config):
+  """`run_config` (a compared run's, or `config` itself) as integration errors under
+  `config` build its network: a copy in float32 throughout (model.dtype, the DiT's
+  model.residual_dtype) when config.compare_in_float32, else `run_config` as it is."""
+  if not config.get('compare_in_float32', True):
+    return run_config
+  run_config = run_config.copy_and_resolve_references()
+  run_config.model.dtype = 'float32'
+  if 'residual_dtype' in run_config.model:
+    run_config.model.residual_dtype = 'float32'
+  return run_config
 
 
 def teacher_tangent(network, variables, task, labels, scale):

@@ -7,8 +7,8 @@ against 15 evaluations for a secant model at 1, 2, 4 and 8 steps.
 One file per batch, `reference.<start>.npz` with the whole batch, written by process 0
 and read by all (in a multi-host run the directory must be shared, as the workdir is), each
 stamped with what the solution depends on (the teacher, guidance scale, seed, number of
-samples, batch size and the precision of float32 products); a file stamped otherwise is an
-error that names what differs.
+samples, batch size, whether it was solved in float32 and the precision of float32
+products); a file stamped otherwise is an error that names what differs.
 """
 
 import json
