@@ -74,14 +74,13 @@ def _compare(config, workdir):
   teacher_config, teacher_weights = teacher_of(config)
   workdir = files.make_directory(workdir)
   network, task, tangent_of, teacher_digest = comparison.teacher(
-      reference_error.measured_config(config, teacher_config), teacher_weights,
-      c.guidance_scale)
+      teacher_config, teacher_weights, c.guidance_scale, config.compare_in_float32)
   samplers = comparison.teacher_samplers(task, tangent_of, c.teacher_nfe)
   for name, run_dir in parse_runs(c.secants):
     run_config, ema_dir = common.load_run(run_dir)
-    samplers += comparison.secant_samplers(
-        f'secant {name}', reference_error.measured_config(config, run_config), ema_dir,
-        c.secant_steps, c.guidance_scale)
+    samplers += comparison.secant_samplers(f'secant {name}', run_config, ema_dir,
+                                           c.secant_steps, c.guidance_scale,
+                                           config.compare_in_float32)
   noise, labels = generate.fixed_noise_and_labels(
       config.seed + 1, c.num_samples, network.image_shape,
       teacher_config.model.get('num_classes', 0))

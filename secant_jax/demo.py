@@ -9,12 +9,14 @@ adaptive reference solution of its own (guided) ODE.
 
 import os
 
+import jax
 from etils import epath
 
 from secant_jax import config as config_lib
 from secant_jax import files
 from secant_jax import generate
 from secant_jax.evaluation import comparison
+from secant_jax.evaluation import reference_error
 from secant_jax.train import loop
 from secant_jax.train import parallel
 
@@ -46,17 +48,20 @@ def evaluate(config, workdir, teacher_dir, secant_runs):
   scalars, returns the rows."""
   d = config.demo
   teacher_config, _ = stage_config(config, workdir, 'teacher', 'diffusion', 1, 1)
+  float32 = config.compare_in_float32
   network, task, tangent_of, _ = comparison.teacher(teacher_config, teacher_dir,
-                                                     d.eval_scale)
+                                                     d.eval_scale, float32)
   noise, labels = generate.fixed_noise_and_labels(config.seed + 1, d.num_eval,
                                                   network.image_shape, 10)
   samplers = comparison.teacher_samplers(task, tangent_of, d.eval_step_counts)
   for name, runs in secant_runs.items():
     for run_config, ema_dir, steps in runs:
-      samplers += comparison.secant_samplers(name, run_config, ema_dir, steps, d.eval_scale)
+      samplers += comparison.secant_samplers(name, run_config, ema_dir, steps, d.eval_scale,
+                                             float32)
   mesh = parallel.make_mesh(config.fsdp)
   batch = -(-d.num_eval // mesh.size) * mesh.size
-  rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, batch, mesh)
+  with jax.default_matmul_precision(reference_error.precision(config) or None):
+    rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, batch, mesh)
   comparison.write_results(rows, firsts, workdir)
   return rows
 

@@ -41,7 +41,7 @@ def integration_error(config, variables):
   the secant model (`variables`) and the teacher computing as
   evaluation.reference_error measures (float32 unless config.compare_in_float32 is
   False)."""
-  measured = reference_error.measured_config(config, config)
+  measured = reference_error.measured_config(config, config.compare_in_float32)
   network = recipe.make_network(measured)
   task = recipe.make_task(measured, network)
   teacher, teacher_variables = loop.teacher_of(measured, jax.random.key(config.seed))

@@ -5,6 +5,9 @@ Rows: the teacher's adaptive reference solve (Tsit5, rtol 1e-6), the teacher's E
 Heun at each NFE, and each secant model at each step count. Columns: the RMS error to the
 reference solution (over pixels and samples, evaluation.reference_error), and, given a
 SampleQuality, the Fréchet distance of each row's samples to its reference statistics.
+The callers build every network as evaluation.reference_error measures (float32
+throughout, `teacher` and `secant_samplers` given float32=True) and trace `compare` under
+its precision of float32 products (reference_error.precision).
 One pass over the noise: each batch's reference is solved once and every sampler is
 scored against it, so every row sees exactly the same noise. The running sums can be
 saved as it goes (evaluation.progress), so a preempted comparison resumes where it was, and
@@ -45,10 +48,12 @@ class Sampler:
   weights: str = ''
 
 
-def teacher(run_config, ema_dir, scale):
+def teacher(run_config, ema_dir, scale, float32):
   """(teacher network, task, guided tangent of labels: y → v(x, t), digest of its weights
   (evaluation.progress.weights_digest)) of a trained teacher run, CFG-guided at `scale`
-  (None: the plain conditional tangent)."""
+  (None: the plain conditional tangent), in float32 throughout with `float32`
+  (reference_error.measured_config)."""
+  run_config = reference_error.measured_config(run_config, float32)
   network = registry.build(run_config.model, guided=False)
   variables = loop.load_into(network, ema_dir, jax.random.key(0))
   task = recipe.make_task(run_config, network)
@@ -75,9 +80,11 @@ def teacher_samplers(task, tangent_of, nfes):
   return samplers
 
 
-def secant_samplers(name, run_config, ema_dir, steps, scale):
+def secant_samplers(name, run_config, ema_dir, steps, scale, float32):
   """A trained secant run sampled with each step count in `steps`, guided at `scale` (the
-  embedded scale of distilled models, else classic CFG's)."""
+  embedded scale of distilled models, else classic CFG's), in float32 throughout with
+  `float32` (reference_error.measured_config)."""
+  run_config = reference_error.measured_config(run_config, float32)
   network = recipe.make_network(run_config)
   task = recipe.make_task(run_config, network)
   variables = loop.load_into(network, ema_dir, jax.random.key(0))

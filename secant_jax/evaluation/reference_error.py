@@ -32,11 +32,11 @@ def precision(config):
   return 'float32' if config.get('compare_in_float32', True) else config.matmul_precision
 
 
-def measured_config(config, run_config):
-  """`run_config` (a compared run's, or `config` itself) as integration errors under
-  `config` build its network: a copy in float32 throughout (model.dtype, the DiT's
-  model.residual_dtype) when config.compare_in_float32, else `run_config` as it is."""
-  if not config.get('compare_in_float32', True):
+def measured_config(run_config, float32):
+  """`run_config` as an integration error builds its network: with `float32`
+  (config.compare_in_float32 of the measuring run) a copy in float32 throughout
+  (model.dtype, the DiT's model.residual_dtype), else `run_config` as it is."""
+  if not float32:
     return run_config
   run_config = run_config.copy_and_resolve_references()
   run_config.model.dtype = 'float32'
