@@ -14,7 +14,10 @@
 #   DATA_DIR (the IDX files; Debian's default),
 #   TEACHER_TRAIN_STEPS, SECANT_TRAIN_STEPS, NUM_SAMPLES (the config's unless set),
 #   EPOCHS (classifier, 8), TEACHER_FLAGS / SECANT_FLAGS / COMPARE_FLAGS (more
-#   --config.* flags for that stage), PYTHON (python3).
+#   --config.* flags for that stage), PYTHON (python3),
+#   PARALLEL (1: two stages at a time as above, each process allowed 45% of a GPU's memory
+#   unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise, where JAX would take 75% each;
+#   0: one stage at a time, as on a TPU VM, whose chips one process holds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:?usage: launch/fashion_mnist.sh RUNS_DIR}
@@ -24,6 +27,12 @@ args="model=${MODEL:-SiT-S/2},teacher=$runs/teacher"
 common=()
 [ -n "${DATA_DIR:-}" ] && common+=(--config.data.dir="$DATA_DIR")
 optional() { [ -n "$2" ] && echo "--config.$1=$2"; return 0; }
+parallel=${PARALLEL:-1}
+[ "$parallel" = 1 ] && export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
+pids=()
+beside() {  # "$@" in the background, beside the next stage, or now with PARALLEL=0
+  if [ "$parallel" = 1 ]; then "$@" & pids+=($!); else "$@"; fi
+}
 
 train() {  # stage name, config argument tail, train steps, stage flags
   [ -d "$runs/$1/ema" ] && { echo "$runs/$1 is finished"; return 0; }
@@ -34,17 +43,15 @@ train() {  # stage name, config argument tail, train steps, stage flags
 
 if [ ! -f "$runs/features/accuracy.json" ]; then
   rm -rf "$runs/features"
-  "$python" -m secant_jax.evaluation.fmnist_features --out "$runs/features" \
-    --epochs "${EPOCHS:-8}" ${DATA_DIR:+--data_dir "$DATA_DIR"} &
-  classifier=$!
+  beside "$python" -m secant_jax.evaluation.fmnist_features --out "$runs/features" \
+    --epochs "${EPOCHS:-8}" ${DATA_DIR:+--data_dir "$DATA_DIR"}
 fi
 train teacher stage=teacher "${TEACHER_TRAIN_STEPS:-}" "${TEACHER_FLAGS:-}"
 for variant in sdei stee; do
-  train "$variant" "stage=secant,variant=$variant,steps=${STEPS:-4}" \
-    "${SECANT_TRAIN_STEPS:-}" "${SECANT_FLAGS:-}" &
-  pids+=($!)
+  beside train "$variant" "stage=secant,variant=$variant,steps=${STEPS:-4}" \
+    "${SECANT_TRAIN_STEPS:-}" "${SECANT_FLAGS:-}"
 done
-for pid in "${pids[@]}" ${classifier:-}; do wait "$pid"; done
+for pid in "${pids[@]}"; do wait "$pid"; done
 # shellcheck disable=SC2086
 "$python" -m secant_jax.main --config="$config:stage=compare,$args" --workdir="$runs/table" \
   "${common[@]}" --config.fid.fmnist="$runs/features" \

@@ -167,3 +167,45 @@ def test_tpu_setup_outside_a_git_checkout_says_to_clone(tmp_path):
   assert result.returncode == 2 and calls == []
   assert 'is not a git checkout: clone the repository and run setup from the clone' in (
       result.stderr)
+
+
+def _fashion_mnist_calls(tmp_path, **env):
+  """The commands launch/fashion_mnist.sh runs (with the memory fraction each process
+  gets), a stand-in for python that makes the outputs each stage is checked by."""
+  tmp_path.mkdir(exist_ok=True)
+  log = tmp_path / 'calls'
+  _stand_in(tmp_path, 'python', f'''echo "${{XLA_PYTHON_CLIENT_MEM_FRACTION:--}} $*" >> {log}
+previous=
+for arg in "$@"; do
+  case "$arg" in --workdir=*) mkdir -p "${{arg#--workdir=}}/ema";; esac
+  [ "$previous" = --out ] && mkdir -p "$arg" && touch "$arg/accuracy.json"
+  previous=$arg
+done
+''')
+  caller = {k: v for k, v in os.environ.items() if k != 'XLA_PYTHON_CLIENT_MEM_FRACTION'}
+  subprocess.run(['bash', os.path.join(REPO, 'launch', 'fashion_mnist.sh'),
+                  str(tmp_path / 'runs')], check=True,
+                 env={**caller, 'PYTHON': str(tmp_path / 'python'), **env})
+  calls = log.read_text().splitlines()
+  log.unlink()
+  stage = lambda call: ('classifier' if 'fmnist_features' in call else
+                        re.search(r'--workdir=\S*/runs/(\w+)', call).group(1))
+  return [(call.split()[0], stage(call)) for call in calls]
+
+
+def test_fashion_mnist_script_runs_stages_two_at_a_time_or_one_and_skips_finished_ones(
+    tmp_path):
+  """Two processes at a time, each allowed 45% of a GPU's memory (JAX would take 75%
+  each); with PARALLEL=0 one at a time (a TPU VM's chips are one process's), with the
+  caller's memory fraction; the same command again only runs the table (which resumes)."""
+  calls = _fashion_mnist_calls(tmp_path / 'a')
+  stages = [stage for _, stage in calls]
+  assert sorted(stages) == ['classifier', 'sdei', 'stee', 'table', 'teacher']
+  assert stages[-1] == 'table' and stages.index('teacher') < min(stages.index('sdei'),
+                                                                 stages.index('stee'))
+  assert {fraction for fraction, _ in calls} == {'0.45'}
+  assert _fashion_mnist_calls(tmp_path / 'a') == [('0.45', 'table')]
+  assert _fashion_mnist_calls(tmp_path / 'b', PARALLEL='0') == [
+      ('-', 'classifier'), ('-', 'teacher'), ('-', 'sdei'), ('-', 'stee'), ('-', 'table')]
+  assert {fraction for fraction, _ in _fashion_mnist_calls(
+      tmp_path / 'c', XLA_PYTHON_CLIENT_MEM_FRACTION='0.3')} == {'0.3'}
