@@ -16,7 +16,7 @@
 #   EPOCHS (classifier, 8), TEACHER_FLAGS / SECANT_FLAGS / COMPARE_FLAGS (more
 #   --config.* flags for that stage), PYTHON (python3),
 #   PARALLEL (1: two stages at a time as above, each process allowed 45% of a GPU's memory
-#   unless XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise, where JAX would take 75% each;
+#   unless XLA_CLIENT_MEM_FRACTION says otherwise, where JAX would take 75% each;
 #   0: one stage at a time, as on a TPU VM, whose chips one process holds).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,7 +28,8 @@ common=()
 [ -n "${DATA_DIR:-}" ] && common+=(--config.data.dir="$DATA_DIR")
 optional() { [ -n "$2" ] && echo "--config.$1=$2"; return 0; }
 parallel=${PARALLEL:-1}
-[ "$parallel" = 1 ] && export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.45}
+source launch/memory_fraction.sh
+[ "$parallel" = 1 ] && default_memory_fraction 0.45
 pids=()
 beside() {  # "$@" in the background, beside the next stage, or now with PARALLEL=0
   if [ "$parallel" = 1 ]; then "$@" & pids+=($!); else "$@"; fi

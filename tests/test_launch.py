@@ -27,7 +27,8 @@ def test_slurm_requeues_a_run_stopped_before_its_last_step(tmp_path, trainer_sta
   are not requeued."""
   log = tmp_path / 'calls'
   (tmp_path / 'launch').mkdir()  # the submit directory is the user's checkout
-  shutil.copy(os.path.join(REPO, 'launch', 'gpu_env.sh'), tmp_path / 'launch')
+  for script in ('gpu_env.sh', 'memory_fraction.sh'):
+    shutil.copy(os.path.join(REPO, 'launch', script), tmp_path / 'launch')
   _stand_in(tmp_path, 'srun', f'echo "srun $*" >> {log}; exit {trainer_status}\n')
   _stand_in(tmp_path, 'scontrol', f'echo "scontrol $*" >> {log}; exit {requeue_status}\n')
   result = subprocess.run(
@@ -42,20 +43,36 @@ def test_slurm_requeues_a_run_stopped_before_its_last_step(tmp_path, trainer_sta
   assert calls[1:] == (['scontrol requeue 123'] if requeued else [])
 
 
+def _without_memory_fraction(environ):
+  """`environ` without either name of JAX's GPU memory share, as a caller who set none."""
+  return {k: v for k, v in environ.items()
+          if k not in ('XLA_CLIENT_MEM_FRACTION', 'XLA_PYTHON_CLIENT_MEM_FRACTION')}
+
+
+# What a process reads of its memory share: XLA_CLIENT_MEM_FRACTION, then the old name.
+_MEMORY_FRACTIONS = '${XLA_CLIENT_MEM_FRACTION:--} ${XLA_PYTHON_CLIENT_MEM_FRACTION:--}'
+
+
+@pytest.mark.parametrize('caller, fractions', [
+    ({}, ['0.95', '-']), ({'XLA_CLIENT_MEM_FRACTION': '0.5'}, ['0.5', '-']),
+    ({'XLA_PYTHON_CLIENT_MEM_FRACTION': '0.6'}, ['-', '0.6'])])
 @pytest.mark.parametrize('script', ['gpu_local.sh', 'gpu_slurm.sh'])
-def test_gpu_launchers_run_with_cublas_gemms_and_the_callers_flags_last(tmp_path, script):
+def test_gpu_launchers_run_with_cublas_gemms_and_the_callers_flags_last(tmp_path, script,
+                                                                       caller, fractions):
   """Both GPU launchers give the trainer the XLA flags of launch/gpu_env.sh, then the
-  caller's (XLA takes the last setting of a flag, so the caller's wins)."""
+  caller's (XLA takes the last setting of a flag, so the caller's wins), and 95% of each
+  GPU's memory unless the caller gave a share under either name (jaxlib refuses both)."""
   log = tmp_path / 'calls'
-  trainer = f'echo "$XLA_PYTHON_CLIENT_MEM_FRACTION $XLA_FLAGS" >> {log}\n'
+  trainer = f'echo "{_MEMORY_FRACTIONS} $XLA_FLAGS" >> {log}\n'
   _stand_in(tmp_path, 'python', trainer)
   _stand_in(tmp_path, 'srun', trainer)
   subprocess.run(['bash', os.path.join(REPO, 'launch', script), '--workdir=runs/x'],
-                 check=True, env={**os.environ, 'PATH': f'{tmp_path}:{os.environ["PATH"]}',
+                 check=True, env={**_without_memory_fraction(os.environ), **caller,
+                                  'PATH': f'{tmp_path}:{os.environ["PATH"]}',
                                   'SLURM_SUBMIT_DIR': REPO,
                                   'XLA_FLAGS': '--xla_gpu_enable_triton_gemm=true'})
   assert log.read_text().split() == [
-      '0.95', '--xla_gpu_enable_latency_hiding_scheduler=true',
+      *fractions, '--xla_gpu_enable_latency_hiding_scheduler=true',
       '--xla_gpu_enable_triton_gemm=false', '--xla_gpu_enable_triton_gemm=true']
 
 
@@ -170,11 +187,12 @@ def test_tpu_setup_outside_a_git_checkout_says_to_clone(tmp_path):
 
 
 def _fashion_mnist_calls(tmp_path, **env):
-  """The commands launch/fashion_mnist.sh runs (with the memory fraction each process
-  gets), a stand-in for python that makes the outputs each stage is checked by."""
+  """The commands launch/fashion_mnist.sh runs (with the memory fractions each process
+  gets under JAX's two names for it), a stand-in for python that makes the outputs each
+  stage is checked by."""
   tmp_path.mkdir(exist_ok=True)
   log = tmp_path / 'calls'
-  _stand_in(tmp_path, 'python', f'''echo "${{XLA_PYTHON_CLIENT_MEM_FRACTION:--}} $*" >> {log}
+  _stand_in(tmp_path, 'python', f'''echo "{_MEMORY_FRACTIONS} $*" >> {log}
 previous=
 for arg in "$@"; do
   case "$arg" in --workdir=*) mkdir -p "${{arg#--workdir=}}/ema";; esac
@@ -182,30 +200,34 @@ for arg in "$@"; do
   previous=$arg
 done
 ''')
-  caller = {k: v for k, v in os.environ.items() if k != 'XLA_PYTHON_CLIENT_MEM_FRACTION'}
   subprocess.run(['bash', os.path.join(REPO, 'launch', 'fashion_mnist.sh'),
                   str(tmp_path / 'runs')], check=True,
-                 env={**caller, 'PYTHON': str(tmp_path / 'python'), **env})
+                 env={**_without_memory_fraction(os.environ),
+                      'PYTHON': str(tmp_path / 'python'), **env})
   calls = log.read_text().splitlines()
   log.unlink()
   stage = lambda call: ('classifier' if 'fmnist_features' in call else
                         re.search(r'--workdir=\S*/runs/(\w+)', call).group(1))
-  return [(call.split()[0], stage(call)) for call in calls]
+  return [(' '.join(call.split()[:2]), stage(call)) for call in calls]
 
 
 def test_fashion_mnist_script_runs_stages_two_at_a_time_or_one_and_skips_finished_ones(
     tmp_path):
   """Two processes at a time, each allowed 45% of a GPU's memory (JAX would take 75%
-  each); with PARALLEL=0 one at a time (a TPU VM's chips are one process's), with the
-  caller's memory fraction; the same command again only runs the table (which resumes)."""
+  each); with PARALLEL=0 one at a time (a TPU VM's chips are one process's); with the
+  caller's memory fraction, under either name, and not the default beside it; the same
+  command again only runs the table (which resumes)."""
   calls = _fashion_mnist_calls(tmp_path / 'a')
   stages = [stage for _, stage in calls]
   assert sorted(stages) == ['classifier', 'sdei', 'stee', 'table', 'teacher']
   assert stages[-1] == 'table' and stages.index('teacher') < min(stages.index('sdei'),
                                                                  stages.index('stee'))
-  assert {fraction for fraction, _ in calls} == {'0.45'}
-  assert _fashion_mnist_calls(tmp_path / 'a') == [('0.45', 'table')]
+  assert {fraction for fraction, _ in calls} == {'0.45 -'}
+  assert _fashion_mnist_calls(tmp_path / 'a') == [('0.45 -', 'table')]
   assert _fashion_mnist_calls(tmp_path / 'b', PARALLEL='0') == [
-      ('-', 'classifier'), ('-', 'teacher'), ('-', 'sdei'), ('-', 'stee'), ('-', 'table')]
+      ('- -', 'classifier'), ('- -', 'teacher'), ('- -', 'sdei'), ('- -', 'stee'),
+      ('- -', 'table')]
   assert {fraction for fraction, _ in _fashion_mnist_calls(
-      tmp_path / 'c', XLA_PYTHON_CLIENT_MEM_FRACTION='0.3')} == {'0.3'}
+      tmp_path / 'c', XLA_CLIENT_MEM_FRACTION='0.3')} == {'0.3 -'}
+  assert {fraction for fraction, _ in _fashion_mnist_calls(
+      tmp_path / 'd', XLA_PYTHON_CLIENT_MEM_FRACTION='0.3')} == {'- 0.3'}
