@@ -6,9 +6,12 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec
 
+from configs import demo as demo_config
 from secant_jax import paths
 from secant_jax.models import dit
+from secant_jax.models import registry
 from secant_jax.train import parallel
+from secant_jax.train import recipe
 from secant_jax.train import state as state_lib
 from secant_jax.train import step as step_lib
 
@@ -188,6 +191,29 @@ def test_bad_setups_are_named():
   with pytest.raises(ValueError, match="Variant 'sdei' needs a teacher"):
     step_lib.make_train_step(task, None, None, optax.sgd(0.1), 0.9)
 
+
+
+def test_float16_training_and_dtypes_no_network_computes_in_are_refused():
+  """float16 would need loss scaling, so the trainer's step (and the benchmark's, the same)
+  refuses it; a dtype no network takes is named with the ones it could be."""
+  config = demo_config.get_config()
+  with config.unlocked():
+    config.model.dtype = 'float16'
+  network = recipe.make_network(config)  # float16 builds: it is training that is refused
+  with pytest.raises(ValueError, match=r"config.model.dtype='float16' does not train: "
+                                       'without loss scaling'):
+    recipe.make_train_step(config, recipe.make_task(config, network), network, None,
+                           optax.sgd(0.1), parallel.make_mesh(1))
+  for key, value, allowed in [('dtype', 'int8', "'float32', 'bfloat16', 'float16'"),
+                              ('dtype', 'float', None), ('residual_dtype', 'float16',
+                                                         "'float32', 'bfloat16'")]:
+    bad = demo_config.get_config()
+    with bad.unlocked():
+      bad.model[key] = value
+    with pytest.raises(ValueError, match=rf"config.model.{key}='{value}' is not a dtype the "
+                                         rf"networks compute in: expected one of "
+                                         rf"\({allowed or '.*'}\); set --config.model.{key}"):
+      registry.build(bad.model, guided=False)
 
 def test_ema_warmup_follows_the_params_early_and_caps_at_the_decay():
   decays = [float(step_lib.ema_decay_at(k, 0.999, True)) for k in (0, 10, 2000, 100_000)]

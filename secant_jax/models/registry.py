@@ -17,6 +17,9 @@ from secant_jax.models import dit
 from secant_jax.models import edm_unet
 
 FAMILIES = ('dit', 'edm_unet')
+# What config.model.dtype (the compute dtype) and config.model.residual_dtype may name.
+COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
+RESIDUAL_DTYPES = ('float32', 'bfloat16')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,9 +75,26 @@ class Network:
     return jax.eval_shape(self.init, jax.random.key(0))
 
 
+def compute_dtype(model_config):
+  """config.model.dtype as a dtype, one of COMPUTE_DTYPES."""
+  return _named_dtype(model_config, 'dtype', COMPUTE_DTYPES)
+
+
+def _named_dtype(model_config, key, allowed):
+  name = model_config.get(key, 'float32')
+  try:
+    dtype = jnp.dtype(name)
+  except TypeError:
+    dtype = None
+  if dtype is None or dtype.name not in allowed:
+    raise ValueError(f'config.model.{key}={name!r} is not a dtype the networks compute in: '
+                     f'expected one of {allowed}; set --config.model.{key}.')
+  return dtype
+
+
 def build(model_config, guided):
   """config.model → Network; `guided` adds the embedded guidance scale (DiT only)."""
-  dtype = jnp.dtype(model_config.get('dtype', 'float32'))
+  dtype = compute_dtype(model_config)
   if model_config.family == 'dit':
     sizes = {k: model_config[k] for k in ('hidden_size', 'depth', 'num_heads')
              if k in model_config}
@@ -82,7 +102,7 @@ def build(model_config, guided):
         model_config.name, input_size=model_config.input_size,
         in_channels=model_config.in_channels, num_classes=model_config.num_classes,
         learn_sigma=model_config.get('learn_sigma', True), guidance_embed=guided, dtype=dtype,
-        residual_dtype=jnp.dtype(model_config.get('residual_dtype', 'float32')),
+        residual_dtype=_named_dtype(model_config, 'residual_dtype', RESIDUAL_DTYPES),
         attention_implementation=model_config.get('attention') or None,
         remat=model_config.get('remat', False),
         split_qkv=model_config.get('split_qkv', False), **sizes)
