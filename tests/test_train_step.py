@@ -193,9 +193,9 @@ def test_bad_setups_are_named():
 
 
 
-def test_float16_training_and_dtypes_no_network_computes_in_are_refused():
+def test_float16_training_and_settings_no_network_takes_are_refused():
   """float16 would need loss scaling, so the trainer's step (and the benchmark's, the same)
-  refuses it; a dtype no network takes is named with the ones it could be."""
+  refuses it; a dtype or attention no network takes is named with the ones it could be."""
   config = demo_config.get_config()
   with config.unlocked():
     config.model.dtype = 'float16'
@@ -214,6 +214,13 @@ def test_float16_training_and_dtypes_no_network_computes_in_are_refused():
                                          rf"networks compute in: expected one of "
                                          rf"\({allowed or '.*'}\); set --config.model.{key}"):
       registry.build(bad.model, guided=False)
+  bad = demo_config.get_config()
+  with bad.unlocked():
+    bad.model.attention = 'flash'
+  with pytest.raises(ValueError, match=r"config.model.attention='flash' is not an attention "
+                                       r"implementation: expected one of \('', 'xla', "
+                                       r"'cudnn'\); set --config.model.attention"):
+    registry.build(bad.model, guided=False)
 
 def test_ema_warmup_follows_the_params_early_and_caps_at_the_decay():
   decays = [float(step_lib.ema_decay_at(k, 0.999, True)) for k in (0, 10, 2000, 100_000)]

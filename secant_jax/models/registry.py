@@ -20,6 +20,8 @@ FAMILIES = ('dit', 'edm_unet')
 # What config.model.dtype (the compute dtype) and config.model.residual_dtype may name.
 COMPUTE_DTYPES = ('float32', 'bfloat16', 'float16')
 RESIDUAL_DTYPES = ('float32', 'bfloat16')
+# config.model.attention: '' lets XLA choose, 'cudnn' is the fused kernel of NVIDIA GPUs.
+ATTENTIONS = ('', 'xla', 'cudnn')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +94,15 @@ def _named_dtype(model_config, key, allowed):
   return dtype
 
 
+def _attention(model_config):
+  """config.model.attention as jax.nn.dot_product_attention's `implementation`."""
+  name = model_config.get('attention') or ''
+  if name not in ATTENTIONS:
+    raise ValueError(f'config.model.attention={name!r} is not an attention implementation: '
+                     f'expected one of {ATTENTIONS}; set --config.model.attention.')
+  return name or None
+
+
 def build(model_config, guided):
   """config.model → Network; `guided` adds the embedded guidance scale (DiT only)."""
   dtype = compute_dtype(model_config)
@@ -103,7 +114,7 @@ def build(model_config, guided):
         in_channels=model_config.in_channels, num_classes=model_config.num_classes,
         learn_sigma=model_config.get('learn_sigma', True), guidance_embed=guided, dtype=dtype,
         residual_dtype=_named_dtype(model_config, 'residual_dtype', RESIDUAL_DTYPES),
-        attention_implementation=model_config.get('attention') or None,
+        attention_implementation=_attention(model_config),
         remat=model_config.get('remat', False),
         split_qkv=model_config.get('split_qkv', False), **sizes)
     shape = (model_config.input_size, model_config.input_size, model_config.in_channels)
