@@ -10,6 +10,7 @@ from configs import demo as demo_config
 from secant_jax import paths
 from secant_jax.models import dit
 from secant_jax.models import registry
+from secant_jax.train import loop
 from secant_jax.train import parallel
 from secant_jax.train import recipe
 from secant_jax.train import state as state_lib
@@ -237,6 +238,31 @@ def test_ema_warmup_follows_the_params_early_and_caps_at_the_decay():
       new.ema_params, state.ema_params, new.params))):
     np.testing.assert_allclose(e_new, 0.1 * e_old + 0.9 * p_new, rtol=1e-5, atol=1e-6)
 
+
+
+def test_the_emas_share_of_the_initial_weights_and_the_warning_of_a_large_one(caplog):
+  """An EMA that starts at 1 while the parameters stay 0 is, after N updates, the share of
+  the initial weights; a run whose exported EMA would keep more than 1% of them is told."""
+  for decay, warmup, steps in [(0.999, False, 1000), (0.99, True, 50), (0.999, True, 2000)]:
+    ema = 1.0
+    for k in range(steps):
+      ema *= min(decay, (1 + k) / (10 + k)) if warmup else decay
+    np.testing.assert_allclose(step_lib.ema_initial_share(decay, warmup, steps), ema,
+                               rtol=1e-4)
+  np.testing.assert_allclose(step_lib.ema_initial_share(0.999, False, 1000), 0.36770,
+                             rtol=1e-4)
+  config = demo_config.get_config()
+  with config.unlocked():
+    config.ema_decay, config.ema_warmup, config.num_train_steps = 0.999, False, 1000
+  loop._warn_of_initial_weights_in_ema(config)  # pylint: disable=protected-access
+  assert ('The EMA at decay 0.999 over 1000 steps keeps 36.8% of the weights the run starts '
+          'from; set --config.ema_warmup=True' in caplog.text)
+  caplog.clear()
+  for change in (dict(ema_warmup=True), dict(num_train_steps=5000)):  # 0.67%
+    quiet = config.copy_and_resolve_references()
+    quiet.update(change)
+    loop._warn_of_initial_weights_in_ema(quiet)  # pylint: disable=protected-access
+  assert 'The EMA at decay' not in caplog.text
 
 @pytest.mark.torch
 def test_the_optimizer_steps_as_torch_adamw_does():

@@ -35,6 +35,7 @@ from secant_jax.train import checkpoint
 from secant_jax.train import parallel
 from secant_jax.train import recipe
 from secant_jax.train import state as state_lib
+from secant_jax.train import step as step_lib
 
 
 def load_into(network, directory, key):
@@ -79,6 +80,18 @@ def _config_changes(config, workdir, resumed_step):
         'the change on purpose with --config.allow_config_change=True (config.json of the '
         f'steps before is then kept as config.step_{resumed_step}.json).')
   return changes
+
+
+def _warn_of_initial_weights_in_ema(config):
+  """A warning where the exported EMA would keep more than 1% of the weights the run
+  started from (random, or a teacher's), as a short run at a long-run decay does."""
+  share = step_lib.ema_initial_share(config.ema_decay, config.ema_warmup,
+                                     config.num_train_steps)
+  if share > 0.01:
+    logging.warning('The EMA at decay %g over %d steps keeps %.1f%% of the weights the run '
+                    'starts from; set --config.ema_warmup=True or a lower ema_decay for an '
+                    'EMA of the trained weights.', config.ema_decay, config.num_train_steps,
+                    100 * share)
 
 
 def _record_config(config, workdir, resumed_step, changes):
@@ -135,6 +148,7 @@ def train_and_evaluate(config, workdir):
                                 else (None, None))
   optimizer = recipe.make_optimizer(config.optimizer)
   train_step = recipe.make_train_step(config, task, network, teacher, optimizer, mesh)
+  _warn_of_initial_weights_in_ema(config)
 
   data_iter, record_shape = pipeline.build(config.data, config.batch_size, config.seed)
   if tuple(record_shape) != tuple(network.image_shape):
