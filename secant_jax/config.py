@@ -108,7 +108,7 @@ def base_config():
                                                b2=0.999, eps=1e-8, grad_clip=0.0,
                                                warmup_steps=0))
   c.ema_decay = 0.9999
-  c.ema_warmup = False  # decay min(ema_decay, (1 + k)/(10 + k)) at update k: for runs from scratch
+  c.ema_warmup = False  # decay min(ema_decay, (1 + k)/(10 + k)) at update k: from scratch, short runs
   c.batch_size = 256
   c.num_train_steps = 1000
   c.log_every = 100
