@@ -65,7 +65,7 @@ def teacher_of(config):
 
 def compare(config, workdir):
   """Returns the table's rows."""
-  with jax.default_matmul_precision(reference_error.precision(config) or None):
+  with reference_error.precision_scope(config):
     return _compare(config, workdir)
 
 

@@ -9,7 +9,6 @@ adaptive reference solution of its own (guided) ODE.
 
 import os
 
-import jax
 from etils import epath
 
 from secant_jax import config as config_lib
@@ -60,7 +59,7 @@ def evaluate(config, workdir, teacher_dir, secant_runs):
                                              float32)
   mesh = parallel.make_mesh(config.fsdp)
   batch = -(-d.num_eval // mesh.size) * mesh.size
-  with jax.default_matmul_precision(reference_error.precision(config) or None):
+  with reference_error.precision_scope(config):
     rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, batch, mesh)
   comparison.write_results(rows, firsts, workdir)
   return rows

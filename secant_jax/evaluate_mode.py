@@ -50,7 +50,7 @@ def integration_error(config, variables):
       config.model.get('num_classes', 0))
   _, scale = generate.sampler_secant(network, task, variables, config.secant)
   tangent = reference_error.teacher_tangent(teacher, teacher_variables, task, labels, scale)
-  with jax.default_matmul_precision(reference_error.precision(config) or None):
+  with reference_error.precision_scope(config):
     reference = jax.jit(lambda n: sampling.reference_sample(tangent, n, task.path))(noise)
     samples = jax.jit(lambda v: generate.sample(network, task, v, config.secant, noise,
                                                 labels))(variables)

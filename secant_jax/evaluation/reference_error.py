@@ -18,6 +18,7 @@ is small enough for, so the solve takes many times the steps, and the rounding, 
 solvers, sets the error of the best ones.
 """
 
+import jax
 import jax.numpy as jnp
 
 from secant_jax import guidance
@@ -30,6 +31,12 @@ def precision(config):
   under `config` are measured at: 'float32' when config.compare_in_float32, else the run's
   config.matmul_precision."""
   return 'float32' if config.get('compare_in_float32', True) else config.matmul_precision
+
+
+def precision_scope(config):
+  """The context integration errors under `config` are traced in:
+  jax.default_matmul_precision at `precision(config)` ('' leaves JAX's default)."""
+  return jax.default_matmul_precision(precision(config) or None)
 
 
 def measured_config(run_config, float32):
