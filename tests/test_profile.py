@@ -61,7 +61,7 @@ def test_module_name_error_names_what_to_pass():
 
 
 def test_breakdown_of_a_traced_program_puts_a_large_matmul_first(tmp_path):
-  a = jnp.ones((768, 768), jnp.float32)
+  a = jnp.ones((1024, 1024), jnp.float32)
   compiled = jax.jit(lambda a: jnp.tanh(a @ a @ a) + 1.0).lower(a).compile()
   result = profile.breakdown(lambda: compiled(a), compiled.as_text(), iterations=2,
                              directory=str(tmp_path))

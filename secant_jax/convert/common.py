@@ -260,7 +260,7 @@ def weights_cli(description, convert_fn, what, url, argv=None):
 def load_run(run_dir):
   """(config, EMA directory) of a finished training run: its config.json and ema/."""
   config_file = os.path.join(run_dir, 'config.json')
-  if not epath.Path(config_file).is_file():
+  if not epath.Path(config_file).exists():
     raise FileNotFoundError(f'{run_dir} has no config.json: pass the --workdir of a training '
                             'run (python -m secant_jax.main --config=... --workdir=DIR).')
   return (ml_collections.ConfigDict(files.read_json(config_file)),
@@ -277,7 +277,7 @@ def existing_checkpoint(directory):
   if os.path.basename(directory) != 'ema':
     raise FileNotFoundError(f'Converted checkpoint {directory} does not exist; make it with '
                             'python -m secant_jax.convert.sit (or .edm) --in WEIGHTS --out DIR.')
-  if epath.Path(run_dir, 'config.json').is_file():
+  if epath.Path(run_dir, 'config.json').exists():
     raise FileNotFoundError(f'{directory} does not exist: the run in {run_dir} has not '
                             'finished (a training run exports its EMA there when it reaches '
                             'num_train_steps); run it again with the same --config and '
