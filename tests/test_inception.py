@@ -59,7 +59,7 @@ def test_parity_with_torch_fidelity_feature_extractor(tmp_path):
   _random_fidelity_weights(weights)
   reference = fe.FeatureExtractorInceptionV3(
       'inception-v3-compat', ['2048', 'logits_unbiased', 'logits'],
-      feature_extractor_weights_path=weights)
+      feature_extractor_weights_path=weights).eval()  # torch-fidelity < 0.4 leaves it training
   variables = convert_inception.load(weights)
   apply = jax.jit(lambda v, x: inception.InceptionV3().apply(v, x))
   rng = np.random.default_rng(0)
