@@ -193,7 +193,6 @@ def test_bad_setups_are_named():
     step_lib.make_train_step(task, None, None, optax.sgd(0.1), 0.9)
 
 
-
 def test_float16_training_and_settings_no_network_takes_are_refused():
   """float16 would need loss scaling, so the trainer's step (and the benchmark's, the same)
   refuses it; a dtype or attention no network takes is named with the ones it could be."""
@@ -223,6 +222,7 @@ def test_float16_training_and_settings_no_network_takes_are_refused():
                                        r"'cudnn'\); set --config.model.attention"):
     registry.build(bad.model, guided=False)
 
+
 def test_ema_warmup_follows_the_params_early_and_caps_at_the_decay():
   decays = [float(step_lib.ema_decay_at(k, 0.999, True)) for k in (0, 10, 2000, 100_000)]
   np.testing.assert_allclose(decays, [0.1, 11 / 20, 2001 / 2010, 0.999], rtol=1e-6)
@@ -237,7 +237,6 @@ def test_ema_warmup_follows_the_params_early_and_caps_at_the_decay():
   for e_new, e_old, p_new in zip(*(jax.tree_util.tree_leaves(t) for t in (
       new.ema_params, state.ema_params, new.params))):
     np.testing.assert_allclose(e_new, 0.1 * e_old + 0.9 * p_new, rtol=1e-5, atol=1e-6)
-
 
 
 def test_the_emas_share_of_the_initial_weights_and_the_warning_of_a_large_one(caplog):
@@ -263,6 +262,7 @@ def test_the_emas_share_of_the_initial_weights_and_the_warning_of_a_large_one(ca
     quiet.update(change)
     loop._warn_of_initial_weights_in_ema(quiet)  # pylint: disable=protected-access
   assert 'The EMA at decay' not in caplog.text
+
 
 @pytest.mark.torch
 def test_the_optimizer_steps_as_torch_adamw_does():
