@@ -88,6 +88,9 @@ def secant_config(variant, steps, guidance=(1.0, 2.5), label_dropout=0.1):
   c.label_dropout = label_dropout if variant in ('stei', 'stee', 'diffusion') else 0.0
   c.stei_lambda = 1.0
   c.stei_target = 'teacher'
+  # 'uniform' (the secant's ℓ2) or 'edm' (σ-path: the network output's, as EDM weights;
+  # models.precond.loss_weight_fn)
+  c.loss_weighting = 'uniform'
   c.sample_cfg_scale = 1.5  # classic CFG for non-embedded models when sampling
   c.sample_guidance_scale = 1.5  # the embedded scale for distilled models when sampling
   c.guidance_interval = (0.0, 1.0)

@@ -132,7 +132,8 @@ def diffusion_loss(secant_fn, path, x_data, noise, tau, y, w):
 
 
 def loss(variant, secant_fn, teacher_fn, path, x_data, noise, times, y, w, *,
-         stei_lambda=1.0, stei_target='teacher', diffusion_conditioning=None):
+         stei_lambda=1.0, stei_target='teacher', diffusion_conditioning=None,
+         weight_fn=None):
   """The per-example loss [B] of one variant, and its terms in `aux`.
 
   All randomness is in the inputs (noise ε, `times` from `sample_time_pairs`, labels y,
@@ -147,15 +148,20 @@ def loss(variant, secant_fn, teacher_fn, path, x_data, noise, times, y, w, *,
   with labels dropped for CFG, while its secant term sees the true labels and the
   teacher's CFG at w (as the official code's STEI does; `train.step` sets this up).
 
+  `weight_fn(times [B]) → [B]` weights each term per example by the time its trained
+  network call starts from (the secant term's t, the diffusion term's τ); None weights 1
+  (`precond.loss_weight_fn`).
+
   Returns:
-    (loss [B] float32, aux) with aux = {'secant': [B], 'diffusion': [B]} (the unweighted
-    terms; a term a variant does not have is zeros).
+    (loss [B] float32, aux) with aux = {'secant': [B], 'diffusion': [B]} (the terms
+    without weight_fn or stei_lambda; a term a variant does not have is zeros).
   """
+  weight = weight_fn or (lambda _: 1.0)
   check_variant(variant)
   diffusion_y, diffusion_w = diffusion_conditioning or Conditioning(y, w)
   if variant == 'diffusion':
     term = diffusion_loss(secant_fn, path, x_data, noise, times.tau, diffusion_y, diffusion_w)
-    return term, {'secant': jnp.zeros_like(term), 'diffusion': term}
+    return weight(times.tau) * term, {'secant': jnp.zeros_like(term), 'diffusion': term}
   spec = _spec(variant, stei_lambda, stei_target)
   if spec.target == 'teacher' and teacher_fn is None:
     raise ValueError(f'Secant variant {variant!r} needs teacher_fn (the guided teacher '
@@ -181,5 +187,6 @@ def loss(variant, secant_fn, teacher_fn, path, x_data, noise, times, y, w, *,
                                     diffusion_w)
   else:
     diffusion_term = jnp.zeros_like(secant_term)
-  total = secant_term + spec.diffusion_weight * diffusion_term
+  total = (weight(t) * secant_term
+           + spec.diffusion_weight * weight(times.tau) * diffusion_term)
   return total, {'secant': secant_term, 'diffusion': diffusion_term}

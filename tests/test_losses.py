@@ -8,6 +8,7 @@ import pytest
 
 from secant_jax import paths
 from secant_jax import secant
+from secant_jax.models import precond
 
 THETA = np.array([0.7, -0.3, 0.4], np.float32)
 B = 3
@@ -141,6 +142,43 @@ def test_diffusion_variant_is_flow_matching_at_tau():
                                  times, y, w)
   np.testing.assert_allclose(per_example, expected, rtol=2e-5)
   np.testing.assert_allclose(aux['diffusion'], expected, rtol=2e-5)
+
+
+@pytest.mark.parametrize('variant', ['stei', 'stee', 'diffusion'])
+def test_weight_fn_weights_each_term_at_its_start_time(variant):
+  """The secant term by its t, STEI's and the diffusion variant's term by τ; aux keeps
+  the unweighted terms."""
+  path = paths.EDM()
+  x, eps, times, y, w = inputs(path)
+  weight_fn = lambda t: 1.0 + t ** 2
+  plain, aux = secant.loss(variant, make_secant_fn(THETA), teacher_fn, path, x, eps, times, y,
+                           w, stei_lambda=0.5)
+  weighted, weighted_aux = secant.loss(variant, make_secant_fn(THETA), teacher_fn, path, x,
+                                       eps, times, y, w, stei_lambda=0.5, weight_fn=weight_fn)
+  expected = (weight_fn(times.t) * aux['secant']
+              + (1.0 if variant == 'diffusion' else 0.5) * weight_fn(times.tau) * aux['diffusion'])
+  np.testing.assert_allclose(weighted, expected, rtol=2e-6)
+  assert not np.allclose(weighted, plain)
+  for term in ('secant', 'diffusion'):
+    np.testing.assert_array_equal(weighted_aux[term], aux[term])
+
+
+def test_edm_weighting_is_the_squared_error_of_the_network_output():
+  """w(σ)·‖f₁ − f₂‖² = ‖F₁ − F₂‖² for two networks' outputs F through EDM's
+  preconditioning, from σ_min to σ_max: the loss EDM trains its denoiser with."""
+  path, sigma_data = paths.EDM(), 0.66
+  rng = np.random.default_rng(3)
+  x = rng.normal(size=(5, 4, 4, 2)).astype(np.float32)
+  outputs = [rng.normal(size=x.shape).astype(np.float32) for _ in range(2)]
+  sigma = np.array([0.002, 0.1, 1.0, 17.5, 80.0], np.float32)
+  s = 0.5 * sigma
+  secants = [precond.secant_from_network(path, lambda *a, out=out: jnp.asarray(out),
+                                         sigma_data)(x, sigma, s, None, None)
+             for out in outputs]
+  weight = precond.loss_weight_fn(path, 'edm', sigma_data)(sigma)
+  np.testing.assert_allclose(weight * secant.mean_squared_error(*secants),
+                             secant.mean_squared_error(*outputs), rtol=1e-4)
+  assert precond.loss_weight_fn(path, 'uniform', sigma_data) is None
 
 
 def test_loss_is_float32_for_bf16_models():

@@ -183,6 +183,11 @@ def test_bad_setups_are_named():
       (dict(variant='stei', stei_target='self', guidance_range=(1.0, 2.5)),
        r"stei_target='self' trains without a teacher, .* guidance_range is \(1.0, 2.5\): set "
        r"none with --config.secant.guidance='\(\)'"),
+      (dict(loss_weighting='sigma'), r"loss_weighting \(config.secant.loss_weighting\) must "
+                                     r"be one of \('uniform', 'edm'\), got 'sigma'"),
+      (dict(loss_weighting='edm'), r"loss_weighting \(config.secant.loss_weighting\)='edm' "
+                                   r"weights the network output of EDM's preconditioning, "
+                                   r"which only the EDM path has; the path is Linear\(\)"),
   ]
   for change, message in bad_settings:
     settings = dict(variant='sdei', path=paths.Linear(), num_steps=4, null_class=10)

@@ -45,6 +45,30 @@ def secant_from_network(path, net_fn, sigma_data=0.5):
   return secant_fn
 
 
+LOSS_WEIGHTINGS = ('uniform', 'edm')
+
+
+def loss_weight_fn(path, weighting, sigma_data=0.5, what='loss_weighting'):
+  """The per-example loss weight as a function of path time (`secant.loss`'s weight_fn).
+
+  'uniform': None, every example weighs 1 in the secant's own units (dx/dt, dx/dσ).
+  'edm' (EDM path only): (σ² + σ_data²)/σ_data². There f = (x − D_θ)/σ and
+  D_θ = c_skip·x + c_out·F, so an error ΔF of the network's output is an error
+  (c_out(σ)/σ)·ΔF = σ_data/√(σ² + σ_data²)·ΔF of the secant, and this weight makes the
+  loss ‖ΔF‖²: EDM's own λ(σ)·‖ΔD‖², λ = (σ² + σ_data²)/(σ·σ_data)². Uniform in f, a term
+  at σ_max = 80 weighs σ_data²/(80² + σ_data²) ≈ 7e-5 (σ_data 0.66) of one near σ = 0.
+  """
+  if weighting not in LOSS_WEIGHTINGS:
+    raise ValueError(f'{what} must be one of {LOSS_WEIGHTINGS}, got {weighting!r}.')
+  if weighting == 'uniform':
+    return None
+  if not isinstance(path, paths_lib.EDM):
+    raise ValueError(f"{what}='edm' weights the network output of EDM's preconditioning, "
+                     f'which only the EDM path has; the path is {path!r}. Use '
+                     "'uniform', or the EDM path (config.path.name='edm').")
+  return lambda sigma: (jnp.square(sigma) + sigma_data ** 2) / sigma_data ** 2
+
+
 def tangent_from_secant(secant_fn):
   """The tangent v(x, t, y, w) = f(x, t, t, y, w): the teacher is the secant model at s = t."""
   return lambda x, t, y, w: secant_fn(x, t, t, y, w)

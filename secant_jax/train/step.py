@@ -46,6 +46,7 @@ class SecantTask:
   stei_lambda: float = 1.0
   stei_target: str = 'teacher'
   sigma_data: float = 0.5
+  loss_weighting: str = 'uniform'
 
   def __post_init__(self):
     """Checks the settings when the task is made (the trainer makes it from the config
@@ -53,6 +54,7 @@ class SecantTask:
     secant.check_variant(self.variant)
     paths_lib.check_num_steps(self.num_steps, 'num_steps (config.secant.steps)')
     guidance.check_drop_prob(self.label_dropout, 'label_dropout (config.secant.label_dropout)')
+    self.weight_fn()
     if self.guidance_range is not None:
       guidance.check_scale_range(self.guidance_range, 'guidance_range (config.secant.guidance)')
     if self.variant == 'stei':
@@ -63,6 +65,11 @@ class SecantTask:
             f'embedded guidance scale needs, but guidance_range is {self.guidance_range}: set '
             "none with --config.secant.guidance='()' (STEI then drops labels and samples with "
             'classic CFG).')
+
+  def weight_fn(self):
+    """The loss's per-example weight of path time (`precond.loss_weight_fn`)."""
+    return precond.loss_weight_fn(self.path, self.loss_weighting, self.sigma_data,
+                                  'loss_weighting (config.secant.loss_weighting)')
 
   @property
   def needs_teacher(self):
@@ -161,7 +168,8 @@ def make_train_step(task: SecantTask, apply_fn: ApplyFn, teacher_apply: ApplyFn 
       per_example, aux = secant.loss(task.variant, secant_fn, teacher_fn, task.path, x_data,
                                      noise, times, *conditioning,
                                      stei_lambda=task.stei_lambda, stei_target=task.stei_target,
-                                     diffusion_conditioning=unguided)
+                                     diffusion_conditioning=unguided,
+                                     weight_fn=task.weight_fn())
       return jnp.mean(per_example), {k: jnp.mean(v) for k, v in aux.items()}
 
     (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state.params['params'])
