@@ -50,7 +50,8 @@ class SecantTask:
 
   def __post_init__(self):
     """Checks the settings when the task is made (the trainer makes it from the config
-    before loading a teacher or data), so that a bad value fails at once, naming its key."""
+    before loading a teacher or data), so that a bad value fails at once, naming its key
+    (`weight_fn` checks loss_weighting)."""
     secant.check_variant(self.variant)
     paths_lib.check_num_steps(self.num_steps, 'num_steps (config.secant.steps)')
     guidance.check_drop_prob(self.label_dropout, 'label_dropout (config.secant.label_dropout)')
