@@ -5,6 +5,7 @@ import argparse
 import os
 import shlex
 
+import ml_collections
 import pytest
 from absl import flags
 from ml_collections import config_flags
@@ -48,6 +49,18 @@ def test_guidance_is_set_either_way_from_the_command_line(variant, override, exp
   network = recipe.make_network(c)
   assert network.guided == (expected is not None)
   assert recipe.make_task(c, network).guidance_range == expected
+
+
+def test_loss_weighting_reaches_the_task_and_older_runs_train_uniform():
+  """--config.secant.loss_weighting=edm makes an EDM-weighted task; a run's config.json
+  from before the setting existed (no key) is read as 'uniform'."""
+  c = parse_main_flags(f'--config={REPO}/configs/cifar10_edm.py:variant=stee',
+                       '--config.secant.loss_weighting=edm')
+  network = recipe.make_network(c)
+  assert recipe.make_task(c, network).loss_weighting == 'edm'
+  older = ml_collections.ConfigDict(c.to_dict())
+  del older.secant['loss_weighting']
+  assert recipe.make_task(older, network).loss_weighting == 'uniform'
 
 
 def test_none_and_the_empty_tuple_are_the_same_setting_on_resume():
