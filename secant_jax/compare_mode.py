@@ -6,10 +6,11 @@ config.compare: teacher (the teacher's run directory; '' for this config's own t
 converted checkpoint: config.teacher_checkpoint or config.init_checkpoint, built as
 config.model on config.path, e.g. SiT-XL/2 from configs/imagenet_sit.py), secants
 ('name=run_dir,...'), teacher_nfe, secant_steps, num_samples, batch_size, guidance_scale,
-references. A run directory is one a training run wrote: its config.json says how to build
-and sample the model, its ema/ holds the weights. Every network computes in float32 with
-float32 products, whatever the runs trained in (config.compare_in_float32; see
-evaluation.reference_error). Writes workdir/table.md, table.json,
+step_errors (NFEs whose rows also get the error of each step alone, a table per grid after
+the main one; evaluation.step_errors), references. A run directory is one a training run
+wrote: its config.json says how to build and sample the model, its ema/ holds the weights.
+Every network computes in float32 with float32 products, whatever the runs trained in
+(config.compare_in_float32; see evaluation.reference_error). Writes workdir/table.md, table.json,
 samples/<row>.png, samples.png and CLU scalars; while it runs, it saves the running sums
 every config.eval_save_seconds (evaluation.progress), so the same command resumes a
 preempted comparison. The saves are stamped with config.compare (but references),
@@ -34,6 +35,7 @@ from secant_jax.evaluation import progress
 from secant_jax.evaluation import reference_error
 from secant_jax.evaluation import references
 from secant_jax.evaluation import sample_quality
+from secant_jax.evaluation import step_errors
 from secant_jax.train import parallel
 
 
@@ -63,6 +65,18 @@ def teacher_of(config):
   return config, common.existing_checkpoint(converted)
 
 
+def check_step_errors(nfes, samplers):
+  """Every NFE in config.compare.step_errors must be some row's, else the breakdown
+  asked for would silently be missing."""
+  have = sorted({s.nfe for s in samplers})
+  missing = [n for n in nfes if n not in have]
+  if missing:
+    raise ValueError(f'config.compare.step_errors has {missing}, which no row of the table '
+                     f'has in its NFE column (the rows have {have}): pick from those (a '
+                     'teacher row is named by the NFE it spends, e.g. EDM\'s Heun asked for '
+                     '4 spends 3; a secant row by its steps).')
+
+
 def compare(config, workdir):
   """Returns the table's rows."""
   with reference_error.precision_scope(config):
@@ -81,6 +95,7 @@ def _compare(config, workdir):
     samplers += comparison.secant_samplers(f'secant {name}', run_config, ema_dir,
                                            c.secant_steps, c.guidance_scale,
                                            config.compare_in_float32)
+  check_step_errors(c.step_errors, samplers)
   noise, labels = generate.fixed_noise_and_labels(
       config.seed + 1, c.num_samples, network.image_shape,
       teacher_config.model.get('num_classes', 0))
@@ -107,8 +122,9 @@ def _compare(config, workdir):
   rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, c.batch_size,
                                     mesh, quality,
                                     progress.Progress(workdir, stamp, config.eval_save_seconds),
-                                    kept)
-  table = comparison.format_table(rows)
+                                    kept, tuple(c.step_errors))
+  table = '\n\n'.join(filter(None, [comparison.format_table(rows),
+                                    step_errors.format_tables(rows)]))
   if jax.process_index() == 0:
     files.write_text(os.path.join(workdir, 'table.md'), table + '\n')
     files.write_json(os.path.join(workdir, 'table.json'),

@@ -142,6 +142,9 @@ def base_config():
       secants='',  # its secant runs: 'name=run_dir,...'
       teacher_nfe=(1, 2, 4, 8, 16, 35), secant_steps=(1, 2, 4, 8), num_samples=10_000,
       batch_size=256, guidance_scale=1.0,
+      # the rows whose NFE column is one of these also get the error each of their steps
+      # makes alone (evaluation.step_errors; up to N − 1 reference solves per N-step row)
+      step_errors=(),
       references=''))  # a directory to keep the teacher's reference solutions in, for reuse
   # evaluate's integration error and all of compare mode: the teacher's reference solve and
   # every sampler scored against it compute in float32 with float32 products, whatever

@@ -24,12 +24,20 @@ def sampler_secant(network, task, variables, secant_config):
   return secant_fn, None
 
 
+def secant_steps(network, task, variables, secant_config, labels, num_steps=None):
+  """The sampling.Steps of the secant sampler in `num_steps` (default: the task's) steps,
+  guided as the config says, for `labels` [B]."""
+  secant_fn, scale = sampler_secant(network, task, variables, secant_config)
+  w = None if scale is None else jnp.full(labels.shape, scale, jnp.float32)
+  return sampling.secant_steps(secant_fn, task.path, num_steps or task.num_steps, labels, w,
+                               tuple(secant_config.guidance_interval))
+
+
 def sample(network, task, variables, secant_config, noise, labels, num_steps=None):
   """Secant samples [B, H, W, C] from `noise` in `num_steps` (default: the task's) steps."""
-  secant_fn, scale = sampler_secant(network, task, variables, secant_config)
-  w = None if scale is None else jnp.full((noise.shape[0],), scale, jnp.float32)
-  return sampling.secant_sample(secant_fn, noise, task.path, num_steps or task.num_steps,
-                                labels, w, tuple(secant_config.guidance_interval))
+  return sampling.run_steps(
+      secant_steps(network, task, variables, secant_config, labels, num_steps), noise,
+      task.path)
 
 
 def image_grid(images, columns=None):

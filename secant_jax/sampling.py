@@ -4,6 +4,9 @@ adaptive high-accuracy reference solve used to measure integration error).
 All start from the path's prior at unit time 0 and walk the path's grid to unit time 1.
 """
 
+import dataclasses
+from typing import Callable
+
 import diffrax
 import jax
 import jax.numpy as jnp
@@ -14,53 +17,83 @@ from secant_jax import secant
 ODE_METHODS = ('euler', 'heun', 'edm_heun')
 
 
-def secant_sample(secant_fn, noise, path, num_steps, y, w, guidance_interval=(0.0, 1.0)):
-  """x ← x + (t_{k+1} − t_k)·f(x, t_k, t_{k+1}), k = 0..N−1, on the path's grid.
+@dataclasses.dataclass(frozen=True)
+class Steps:
+  """A fixed-grid sampler as its steps: x_{k+1} = step(x_k, k) takes the sample from
+  grid[k] to grid[k + 1], k = 0..N−1, starting from the path's prior at grid[0]
+  (`run_steps`). Step by step, it is what evaluation.step_errors takes apart."""
+  grid: jax.Array  # [N + 1] path times
+  step: Callable  # (x [B, ...], k) → x at grid[k + 1]
+
+  @property
+  def num_steps(self):
+    return self.grid.shape[0] - 1
+
+
+def run_steps(steps, noise, path):
+  """The sample of `steps` (a Steps) from `noise`."""
+  x, _ = jax.lax.scan(lambda x, k: (steps.step(x, k), None), path.prior(noise),
+                      jnp.arange(steps.num_steps))
+  return x
+
+
+def secant_steps(secant_fn, path, num_steps, y, w, guidance_interval=(0.0, 1.0)):
+  """The secant N-step sampler's Steps: x ← x + (t_{k+1} − t_k)·f(x, t_k, t_{k+1}) on the
+  path's grid.
 
   `w` (scalar or [B], or None for an unguided model) is passed to secant_fn at steps
   whose unit time k/N lies in `guidance_interval` = [a, b), and 1 elsewhere.
   """
   grid = path.grid(num_steps)
-  batch = noise.shape[0]
 
   def step(x, k):
+    batch = x.shape[0]
     t = jnp.full((batch,), grid[k])
     s = jnp.full((batch,), grid[k + 1])
     w_k = None if w is None else guidance.interval_scale(
         jnp.asarray(w, jnp.float32), k / num_steps, guidance_interval)
-    return secant.secant_step(secant_fn, x, t, s, y, w_k), None
+    return secant.secant_step(secant_fn, x, t, s, y, w_k)
 
-  x, _ = jax.lax.scan(step, path.prior(noise), jnp.arange(num_steps))
-  return x
+  return Steps(grid, step)
 
 
-def ode_sample(tangent_fn, noise, path, num_steps, method):
-  """Solves dx/dt = tangent_fn(x, t) over the path's grid with Euler (N evaluations) or
-  Heun's second-order method (2N: Euler predictor, trapezoidal corrector), or runs EDM's
-  sampler (Karras et al. 2022, Algorithm 2 without churn; 2N − 1): Heun over
+def secant_sample(secant_fn, noise, path, num_steps, y, w, guidance_interval=(0.0, 1.0)):
+  """The secant N-step sampler's sample from `noise` (`secant_steps`)."""
+  return run_steps(secant_steps(secant_fn, path, num_steps, y, w, guidance_interval), noise,
+                   path)
+
+
+def ode_steps(tangent_fn, path, num_steps, method):
+  """Steps of a solver of dx/dt = tangent_fn(x, t) over the path's grid: Euler (N
+  evaluations), Heun's second-order method (2N: Euler predictor, trapezoidal corrector), or
+  EDM's sampler (Karras et al. 2022, Algorithm 2 without churn; 2N − 1): Heun over
   `path.grid_to_data`, whose last step is Euler's, so the tangent is never evaluated at
   the data end. On the EDM path that ends at σ = 0 (the grid of N − 1 steps to σ_min, then
   D(x; σ_min)), as EDM's own sampler does; on the linear path at t = 1, after N steps."""
   if method not in ODE_METHODS:
     raise ValueError(f'Unknown ODE method {method!r}: expected one of {ODE_METHODS}.')
   grid = path.grid_to_data(num_steps) if method == 'edm_heun' else path.grid(num_steps)
-  batch = noise.shape[0]
 
   def step(x, k):
+    batch = x.shape[0]
     t = jnp.full((batch,), grid[k])
     s = jnp.full((batch,), grid[k + 1])
     h = grid[k + 1] - grid[k]
     v = tangent_fn(x, t)
     x_euler = x + h * v
     if method == 'euler':
-      return x_euler, None
+      return x_euler
     heun = lambda: x + 0.5 * h * (v + tangent_fn(x_euler, s))
     if method == 'heun':
-      return heun(), None
-    return jax.lax.cond(k == num_steps - 1, lambda: x_euler, heun), None
+      return heun()
+    return jax.lax.cond(k == num_steps - 1, lambda: x_euler, heun)
 
-  x, _ = jax.lax.scan(step, path.prior(noise), jnp.arange(num_steps))
-  return x
+  return Steps(grid, step)
+
+
+def ode_sample(tangent_fn, noise, path, num_steps, method):
+  """The solver's sample from `noise` (`ode_steps`)."""
+  return run_steps(ode_steps(tangent_fn, path, num_steps, method), noise, path)
 
 
 def nfe(method, num_steps):
@@ -87,10 +120,15 @@ def spent_evaluations(path, method, evaluations):
   return nfe(*solver_plan(path, method, evaluations))
 
 
+def steps_with_nfe(tangent_fn, path, evaluations, method):
+  """`ode_steps` with `evaluations` tangent evaluations, spent as `solver_plan` says."""
+  ode_method, num_steps = solver_plan(path, method, evaluations)
+  return ode_steps(tangent_fn, path, num_steps, ode_method)
+
+
 def solve_with_nfe(tangent_fn, noise, path, evaluations, method):
-  """`ode_sample` with `evaluations` tangent evaluations, spent as `solver_plan` says."""
-  ode_method, steps = solver_plan(path, method, evaluations)
-  return ode_sample(tangent_fn, noise, path, steps, ode_method)
+  """The sample of `steps_with_nfe` from `noise`."""
+  return run_steps(steps_with_nfe(tangent_fn, path, evaluations, method), noise, path)
 
 
 def reference_solve(tangent_fn, x, t0, t1, *, rtol=1e-6, atol=1e-6, max_steps=16384):

@@ -42,8 +42,8 @@ def _quality():
 
 
 def _run(saves, kept=None):
-  """A mixture's reference and Euler/Heun at 1 and 2 NFE: 20 samples in batches of 8 (the
-  last one partial), saved as `saves` says."""
+  """A mixture's reference and Euler/Heun at 1 and 2 NFE, those at 2 with their steps'
+  errors: 20 samples in batches of 8 (the last one partial), saved as `saves` says."""
   path = paths.Linear()
   mixture = oracle.GaussianMixture([[1.0, 0.0], [-1.0, 0.5]], [0.2, 0.3], [0.3, 0.7])
   tangent_of = lambda y: lambda x, t: mixture.velocity(x, t, path)
@@ -51,13 +51,14 @@ def _run(saves, kept=None):
   noise = np.asarray(jax.random.normal(jax.random.key(0), (20, 2)))
   return comparison.compare(comparison.teacher_samplers(task, tangent_of, (1, 2)), task,
                             tangent_of, noise, np.zeros(20, np.int32), 8,
-                            parallel.make_mesh(), _quality(), saves, kept)
+                            parallel.make_mesh(), _quality(), saves, kept, step_nfes=(2,))
 
 
 def test_a_preempted_comparison_resumes_to_the_same_table(tmp_path, progress_saves):
   rows, firsts = _run(None)
   assert set(rows[0]) == {'sampler', 'nfe', 'error', 'fd_identity', 'inception_score',
                           'inception_score_std'}
+  assert [len(r['step_errors']) for r in rows if 'step_errors' in r] == [2, 1]  # Euler, Heun
   saved = progress_saves.done
   with pytest.raises(progress_saves.Preempted):
     _run(progress.Progress(str(tmp_path), STAMP))

@@ -208,17 +208,23 @@ def test_edm_unet_teacher_and_secant_on_the_sigma_path(tmp_path, monkeypatch):
   c = _stage_config('compare', tmp_path, model='unet-tiny')
   c.fid.fmnist = ''  # no FD column: the DiT test above covers it
   c.compare.update(dict(secants=f'sdei={tmp_path / "sdei"}', teacher_nfe=(2,),
-                        secant_steps=(1, 2), num_samples=8, batch_size=8,
+                        secant_steps=(1, 2), num_samples=8, batch_size=8, step_errors=(2,),
                         references=str(tmp_path / 'references')))
   rows = main_lib.run(c, tmp_path / 'table')
   assert [(r['sampler'], r['nfe']) for r in rows] == [
       ('teacher adaptive reference', None), ('teacher Euler', 2), ('teacher Heun', 1),
       ('secant sdei', 1), ('secant sdei', 2)]
   assert all(np.isfinite(r['error']) and r['error'] > 0 for r in rows[1:])
+  assert [i for i, r in enumerate(rows) if 'step_errors' in r] == [1, 4]
+  assert all(len(r['step_errors']) == 2 and min(r['step_errors']) > 0 for r in rows[1::3])
+  table = (tmp_path / 'table' / 'table.md').read_text()
+  assert '| sampler | NFE | 80 → 2.52 | 2.52 → 0.002 | all steps |' in table, table
   # The secant rows alone, elsewhere, against the kept reference: nothing solved again.
   monkeypatch.setattr(sampling, 'reference_sample', lambda *a: pytest.fail('solved again'))
   c.compare.teacher_nfe = ()
-  assert main_lib.run(c, tmp_path / 'secants-only') == [rows[0]] + rows[3:]
+  c.compare.step_errors = ()
+  main_columns = lambda rows: [{k: r[k] for k in ('sampler', 'nfe', 'error')} for r in rows]
+  assert main_lib.run(c, tmp_path / 'secants-only') == main_columns([rows[0]] + rows[3:])
 
 
 def test_compare_errors_name_the_fix(tmp_path):

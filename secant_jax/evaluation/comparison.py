@@ -4,7 +4,8 @@ same noise and labels.
 Rows: the teacher's adaptive reference solve (Tsit5, rtol 1e-6), the teacher's Euler and
 Heun at each NFE, and each secant model at each step count. Columns: the RMS error to the
 reference solution (over pixels and samples, evaluation.reference_error), and, given a
-SampleQuality, the Fréchet distance of each row's samples to its reference statistics.
+SampleQuality, the Fréchet distance of each row's samples to its reference statistics;
+for the rows asked for, the error each step makes alone (evaluation.step_errors).
 The callers build every network as evaluation.reference_error measures (float32
 throughout, `teacher` and `secant_samplers` given float32=True) and trace `compare` under
 its precision of float32 products (reference_error.precision).
@@ -33,6 +34,7 @@ from secant_jax import sampling
 from secant_jax import writers
 from secant_jax.evaluation import progress as progress_lib
 from secant_jax.evaluation import reference_error
+from secant_jax.evaluation import step_errors
 from secant_jax.models import registry
 from secant_jax.train import loop
 from secant_jax.train import parallel
@@ -43,7 +45,7 @@ from secant_jax.train import recipe
 class Sampler:
   name: str  # 'teacher Heun', 'secant SDEI (sdei-4)'
   nfe: Optional[int]  # network evaluations per sample (None: adaptive)
-  fn: Callable  # (noise, labels) → samples; jitted by `compare`
+  steps: Callable  # labels → its sampling.Steps; run and jitted by `compare`
   # a secant model's: the digest of its weights (evaluation.progress.weights_digest)
   weights: str = ''
 
@@ -73,8 +75,8 @@ def teacher_samplers(task, tangent_of, nfes):
     for nfe in nfes:
       sampler = Sampler(f'teacher {method.capitalize()}',
                         sampling.spent_evaluations(task.path, method, nfe),
-                        lambda n, y, nfe=nfe, method=method: sampling.solve_with_nfe(
-                            tangent_of(y), n, task.path, nfe, method))
+                        lambda y, nfe=nfe, method=method: sampling.steps_with_nfe(
+                            tangent_of(y), task.path, nfe, method))
       if all((s.name, s.nfe) != (sampler.name, sampler.nfe) for s in samplers):
         samplers.append(sampler)
   return samplers
@@ -93,14 +95,16 @@ def secant_samplers(name, run_config, ema_dir, steps, scale, float32):
     sample_config.sample_guidance_scale = scale
     sample_config.sample_cfg_scale = scale
   digest = progress_lib.weights_digest(variables)
-  return [Sampler(name, n, lambda noise, y, n=n: generate.sample(
-      network, task, variables, sample_config, noise, y, n), digest) for n in steps]
+  return [Sampler(name, n, lambda y, n=n: generate.secant_steps(
+      network, task, variables, sample_config, y, n), digest) for n in steps]
 
 
 def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality=None,
-            progress=None, references=None):
+            progress=None, references=None, step_nfes=()):
   """Rows {'sampler', 'nfe', 'error' (+ quality's metrics)} for the reference and each
   sampler, and {sampler index: its first batch of samples} (index −1: the reference).
+  The rows of samplers whose NFE is in `step_nfes` also have the error each step makes
+  alone (evaluation.step_errors: 'step_errors', 'step_grid').
   `batch_size` must divide over the mesh; the number of samples need not. With a
   `progress` (evaluation.progress.Progress) the running sums are saved as it goes
   (`Progress.save_if_due`) and a rerun resumes after the latest save. With `references`
@@ -110,14 +114,18 @@ def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality
   sharding = parallel.batch_sharding(mesh)
   reference_fn = jax.jit(lambda n, y: sampling.reference_sample(tangent_of(y), n, task.path),
                          out_shardings=sharding)
-  fns = [jax.jit(s.fn, out_shardings=sharding) for s in samplers]
+  fns = [jax.jit(lambda n, y, s=s: sampling.run_steps(s.steps(y), n, task.path),
+                 out_shardings=sharding) for s in samplers]
   squared = np.zeros(len(samplers))
   scores = [quality.scores() for _ in range(len(samplers) + 1)] if quality else []
+  steps = step_errors.StepErrors(
+      samplers, [i for i, s in enumerate(samplers) if s.nfe in step_nfes], tangent_of,
+      task.path, sharding, labels[:batch_size])
   firsts = {}
   total = noise.shape[0]
   done, saved = progress.load() if progress else (0, None)
   if saved:
-    squared, firsts = _restore(saved, scores)
+    squared, firsts = _restore(saved, scores, steps)
     logging.info('comparison: resumed after %d / %d samples', done, total)
   for start in range(done, total, batch_size):
     keep = min(batch_size, total - start)
@@ -125,6 +133,7 @@ def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality
     n, y = jax.device_put((noise[index], labels[index]), sharding)
     reference = _reference(references, start, reference_fn, n, y, sharding)
     outputs = [reference] + [fn(n, y) for fn in fns]
+    steps.add(n, y, reference, keep)
     for i, x in enumerate(outputs):
       if i:
         squared[i - 1] += float(jnp.sum(jnp.square(x[:keep] - reference[:keep])))
@@ -135,13 +144,15 @@ def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality
     done = start + keep
     logging.info('comparison: %d / %d samples, %d samplers', done, total, len(samplers))
     if progress:
-      progress.save_if_due(done, total, lambda: _state(squared, scores, firsts))
+      progress.save_if_due(done, total, lambda: _state(squared, scores, steps, firsts))
   per_value = total * int(np.prod(noise.shape[1:]))
   rows = [{'sampler': 'teacher adaptive reference', 'nfe': None, 'error': 0.0}]
   rows += [{'sampler': s.name, 'nfe': s.nfe, 'error': float(np.sqrt(e / per_value))}
            for s, e in zip(samplers, squared)]
   for row, score in zip(rows, scores):
     row.update(score.result())
+  for i in steps.indices:
+    rows[i + 1].update(steps.result(i, per_value))
   return rows, firsts
 
 
@@ -157,16 +168,17 @@ def _reference(references, start, solve, n, y, sharding):
   return reference
 
 
-def _state(squared, scores, firsts):
+def _state(squared, scores, steps, firsts):
   """`compare`'s running sums as named arrays (evaluation.progress saves them)."""
-  state = {'squared': squared, **{f'first{i}': x for i, x in firsts.items()}}
+  state = {'squared': squared, **steps.state(), **{f'first{i}': x for i, x in firsts.items()}}
   for i, score in enumerate(scores):
     state.update({f'scores{i}.{k}': v for k, v in score.state().items()})
   return state
 
 
-def _restore(state, scores):
-  """Puts `_state`'s arrays back into `scores`; returns (squared, firsts)."""
+def _restore(state, scores, steps):
+  """Puts `_state`'s arrays back into `scores` and `steps`; returns (squared, firsts)."""
+  steps.restore(state)
   for i, score in enumerate(scores):
     prefix = f'scores{i}.'
     score.restore({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
@@ -176,7 +188,8 @@ def _restore(state, scores):
 
 def format_table(rows):
   """A Markdown table of `compare`'s rows."""
-  metrics = [k for k in rows[0] if k not in ('sampler', 'nfe', 'error')]
+  metrics = [k for k in rows[0] if k not in ('sampler', 'nfe', 'error', 'step_errors',
+                                              'step_grid')]
   names = {'fid': 'FID', 'fd_fmnist': 'FD-FMNIST', 'inception_score': 'IS',
            'inception_score_std': 'IS std'}
   cells = lambda values: '| ' + ' | '.join(values) + ' |'
