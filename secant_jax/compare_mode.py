@@ -6,20 +6,20 @@ config.compare: teacher (the teacher's run directory; '' for this config's own t
 converted checkpoint: config.teacher_checkpoint or config.init_checkpoint, built as
 config.model on config.path, e.g. SiT-XL/2 from configs/imagenet_sit.py), secants
 ('name=run_dir,...'), teacher_nfe, secant_steps, num_samples, batch_size, guidance_scale,
-step_errors (NFEs whose rows also get the error of each step alone, a table per grid after
-the main one; evaluation.step_errors), references. A run directory is one a training run
-wrote: its config.json says how to build and sample the model, its ema/ holds the weights.
-Every network computes in float32 with float32 products, whatever the runs trained in
-(config.compare_in_float32; see evaluation.reference_error). Writes workdir/table.md, table.json,
-samples/<row>.png, samples.png and CLU scalars; while it runs, it saves the running sums
-every config.eval_save_seconds (evaluation.progress), so the same command resumes a
-preempted comparison. The saves are stamped with config.compare (but references),
-config.seed, config.fid, the precision, the process count and a digest of each model's weights
-(evaluation.progress.weights_digest): a run retrained into the same directory is refused
-by name, not taken for the one compared before. With compare.references set, the
-teacher's reference solutions are kept there (evaluation.references) and read back by any
-later comparison with the same teacher (path and weights), guidance_scale, seed,
-num_samples, batch_size and precision.
+step_errors (NFEs whose rows also get the error of each step alone, a table per grid
+after the main one; evaluation.step_errors), references. A run directory is one a
+training run wrote: its config.json says how to build and sample the model, its ema/
+holds the weights. Every network computes in float32 with float32 products, whatever the
+runs trained in (config.compare_in_float32; see evaluation.reference_error). Writes
+workdir/table.md, table.json, samples/<row>.png, samples.png and CLU scalars; while it
+runs, it saves the running sums every config.eval_save_seconds (evaluation.progress), so
+the same command resumes a preempted comparison. The saves are stamped with
+config.compare (`stamped_settings`), config.seed, config.fid, the precision, the process
+count and a digest of each model's weights (evaluation.progress.weights_digest): a run
+retrained into the same directory is refused by name, not taken for the one compared
+before. With compare.references set, the teacher's reference solutions are kept there
+(evaluation.references) and read back by any later comparison with the same teacher (path
+and weights), guidance_scale, seed, num_samples, batch_size and precision.
 """
 
 import os
@@ -77,6 +77,15 @@ def check_step_errors(nfes, samplers):
                      '4 spends 3; a secant row by its steps).')
 
 
+def stamped_settings(compare_config):
+  """config.compare as the progress of a comparison is stamped with: without `references`
+  (where the teacher's solutions are kept does not change the table), and without
+  `step_errors` when there are none, so that progress saved before that option existed
+  resumes."""
+  return {k: v for k, v in compare_config.to_dict().items()
+          if k != 'references' and (k != 'step_errors' or v)}
+
+
 def compare(config, workdir):
   """Returns the table's rows."""
   with reference_error.precision_scope(config):
@@ -102,7 +111,7 @@ def _compare(config, workdir):
   mesh = parallel.make_mesh(config.fsdp)
   quality = (sample_quality.SampleQuality(config, workdir, mesh)
              if features.configured(config.fid) else None)
-  stamp = {'compare': {k: v for k, v in c.to_dict().items() if k != 'references'},
+  stamp = {'compare': stamped_settings(c),
            'seed': config.seed, 'fid': config.fid.to_dict(),
            'compare_in_float32': config.compare_in_float32,
            'matmul_precision': reference_error.precision(config),

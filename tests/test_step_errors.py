@@ -2,7 +2,8 @@
 whose flow the reference solver gives: a sampler exact but for one Euler step has all of
 its error in that step's column, equal to its row's error, and none in the others'; the
 EDM sampler's last step, to σ = 0, is compared without a solve; a breakdown asked for a
-count no row has is refused by name."""
+count no row has is refused by name; a comparison saved before the option existed
+resumes."""
 
 import types
 
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from secant_jax import compare_mode
+from secant_jax import config as config_lib
 from secant_jax import paths
 from secant_jax import sampling
 from secant_jax.evaluation import comparison
@@ -88,3 +90,13 @@ def test_a_breakdown_no_row_has_is_refused():
                                        r'the table has in its NFE column \(the rows have '
                                        r'\[3, 4\]\): pick from those'):
     compare_mode.check_step_errors((2, 4), samplers)
+
+
+def test_progress_stamped_before_the_option_existed_resumes():
+  """Without step errors the stamp has only the settings it had before the option."""
+  c = config_lib.base_config().compare
+  assert sorted(compare_mode.stamped_settings(c)) == [
+      'batch_size', 'guidance_scale', 'num_samples', 'secant_steps', 'secants', 'teacher',
+      'teacher_nfe']
+  c.step_errors = (4,)
+  assert compare_mode.stamped_settings(c)['step_errors'] == (4,)
