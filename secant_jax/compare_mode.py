@@ -35,7 +35,6 @@ from secant_jax.evaluation import progress
 from secant_jax.evaluation import reference_error
 from secant_jax.evaluation import references
 from secant_jax.evaluation import sample_quality
-from secant_jax.evaluation import step_errors
 from secant_jax.train import parallel
 
 
@@ -133,7 +132,7 @@ def _compare(config, workdir):
                                     progress.Progress(workdir, stamp, config.eval_save_seconds),
                                     kept, tuple(c.step_errors))
   table = '\n\n'.join(filter(None, [comparison.format_table(rows),
-                                    step_errors.format_tables(rows)]))
+                                    comparison.format_step_tables(rows)]))
   if jax.process_index() == 0:
     files.write_text(os.path.join(workdir, 'table.md'), table + '\n')
     files.write_json(os.path.join(workdir, 'table.json'),

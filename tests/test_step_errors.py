@@ -18,7 +18,6 @@ from secant_jax import paths
 from secant_jax import sampling
 from secant_jax.evaluation import comparison
 from secant_jax.evaluation import oracle
-from secant_jax.evaluation import step_errors
 from secant_jax.train import parallel
 
 MIXTURE = oracle.GaussianMixture([[1.0, 0.0], [-1.0, 0.5]], [0.2, 0.3], [0.3, 0.7])
@@ -78,7 +77,7 @@ def test_edm_samplers_last_step_to_sigma_zero_is_compared_directly():
   np.testing.assert_allclose(edm['step_errors'][1],
                              np.sqrt(np.mean(np.square(last - reference))), rtol=1e-4)
   assert 0 < edm['step_errors'][0] and 'step_errors' not in by_name['teacher Euler', 4]
-  tables = step_errors.format_tables(rows)
+  tables = comparison.format_step_tables(rows)
   assert '| sampler | NFE | 80 → 0.002 | 0.002 → 0 | all steps |' in tables
   assert '| sampler | NFE | 80 → 0.002 | all steps |' in tables
 

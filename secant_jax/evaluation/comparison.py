@@ -23,7 +23,6 @@ import re
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
@@ -136,7 +135,7 @@ def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality
     steps.add(n, y, reference, keep)
     for i, x in enumerate(outputs):
       if i:
-        squared[i - 1] += float(jnp.sum(jnp.square(x[:keep] - reference[:keep])))
+        squared[i - 1] += reference_error.squared_distance(x, reference, keep)
       if scores:
         scores[i].add(x, keep)
       if i - 1 not in firsts:
@@ -186,20 +185,36 @@ def _restore(state, scores, steps):
   return np.array(state['squared'], np.float64), firsts
 
 
+def _markdown(header, rows):
+  """A Markdown table: the `header` cells, then each of `rows` (lists of strings)."""
+  cells = lambda values: '| ' + ' | '.join(values) + ' |'
+  return '\n'.join([cells(header), cells(['---'] * len(header))] + [cells(r) for r in rows])
+
+
 def format_table(rows):
   """A Markdown table of `compare`'s rows."""
   metrics = [k for k in rows[0] if k not in ('sampler', 'nfe', 'error', 'step_errors',
                                               'step_grid')]
   names = {'fid': 'FID', 'fd_fmnist': 'FD-FMNIST', 'inception_score': 'IS',
            'inception_score_std': 'IS std'}
-  cells = lambda values: '| ' + ' | '.join(values) + ' |'
-  lines = [cells(['sampler', 'NFE', 'error to reference'] + [names.get(m, m) for m in metrics]),
-           cells(['---'] * (3 + len(metrics)))]
+  return _markdown(
+      ['sampler', 'NFE', 'error to reference'] + [names.get(m, m) for m in metrics],
+      [[r['sampler'], 'adaptive' if r['nfe'] is None else str(r['nfe']), f"{r['error']:.4f}"]
+       + [f'{r[m]:.3f}' for m in metrics] for r in rows])
+
+
+def format_step_tables(rows):
+  """Markdown tables of the rows with step errors (evaluation.step_errors), one per grid:
+  a column per step (t_k → t_{k+1}) and the row's error; '' when no row has them."""
+  grids = {}
   for r in rows:
-    nfe = 'adaptive' if r['nfe'] is None else str(r['nfe'])
-    lines.append(cells([r['sampler'], nfe, f"{r['error']:.4f}"] +
-                       [f'{r[m]:.3f}' for m in metrics]))
-  return '\n'.join(lines)
+    if 'step_errors' in r:
+      grids.setdefault(tuple(r['step_grid']), []).append(r)
+  return '\n\n'.join(_markdown(
+      ['sampler', 'NFE'] + [f'{a:.3g} → {b:.3g}' for a, b in zip(grid[:-1], grid[1:])]
+      + ['all steps'],
+      [[r['sampler'], str(r['nfe'])] + [f'{e:.4f}' for e in r['step_errors']]
+       + [f"{r['error']:.4f}"] for r in grouped]) for grid, grouped in grids.items())
 
 
 def _png(image, path, zoom):

@@ -72,6 +72,12 @@ def rms(x, reference):
   return float(jnp.sqrt(jnp.mean(jnp.square(x - reference))))
 
 
+def squared_distance(x, reference, keep):
+  """Σ (x − reference)² over the first `keep` samples: what a batch adds to an RMS error
+  (a last partial batch is filled up with samples that are not counted)."""
+  return float(jnp.sum(jnp.square(x[:keep] - reference[:keep])))
+
+
 def teacher_solver_errors(tangent, noise, path, reference, nfe):
   """{'teacher_euler', 'teacher_heun', 'teacher_heun_nfe'}: errors at `nfe` evaluations,
   and the evaluations Heun spent (sampling.solver_plan: one fewer for an even count on the

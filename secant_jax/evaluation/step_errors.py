@@ -23,10 +23,10 @@ solves spend most of their steps at small σ.
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from secant_jax import sampling
+from secant_jax.evaluation import reference_error
 
 
 class StepErrors:
@@ -68,7 +68,7 @@ class StepErrors:
         x = self._steps[i](points[k], labels, k)
         if k < len(grid) - 2:
           x = self._solve(x, labels, grid[k + 1], self.end)
-        self.squared[i][k] += float(jnp.sum(jnp.square(x[:keep] - reference[:keep])))
+        self.squared[i][k] += reference_error.squared_distance(x, reference, keep)
 
   def state(self):
     return {f'step_squared{i}': e for i, e in self.squared.items()}
@@ -81,21 +81,3 @@ class StepErrors:
     return {'step_errors': [float(np.sqrt(e / per_value)) for e in self.squared[i]],
             'step_grid': [float(t) for t in self.grids[i]]}
 
-
-def format_tables(rows):
-  """Markdown tables of the rows with step errors, one per grid: a column per step
-  (t_k → t_{k+1}) and the row's error; '' when no row has them."""
-  grids = {}
-  for r in rows:
-    if 'step_errors' in r:
-      grids.setdefault(tuple(r['step_grid']), []).append(r)
-  cells = lambda values: '| ' + ' | '.join(values) + ' |'
-  tables = []
-  for grid, grouped in grids.items():
-    steps = [f'{a:.3g} → {b:.3g}' for a, b in zip(grid[:-1], grid[1:])]
-    lines = [cells(['sampler', 'NFE'] + steps + ['all steps']),
-             cells(['---'] * (len(steps) + 3))]
-    lines += [cells([r['sampler'], str(r['nfe'])] + [f'{e:.4f}' for e in r['step_errors']]
-                    + [f"{r['error']:.4f}"]) for r in grouped]
-    tables.append('\n'.join(lines))
-  return '\n\n'.join(tables)
