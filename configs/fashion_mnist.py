@@ -18,7 +18,8 @@ model, teacher (the teacher's run directory). The secant runs the table compares
   linear path; distillation (SDEI/SDEE) embeds the guidance scale w ~ U(1, 2).
 - 'unet' ('unet-tiny' for CPU tests): EDM's DDPM++ SongUNet, class-conditional by EDM's
   one-hot labels, on the σ-path with EDM's preconditioning (σ_data = 0.66, the std of the
-  padded training images). It has no guidance input, so distillation learns the
+  padded training images), its teacher trained with EDM's loss (log-normal σ, the
+  network output's ℓ2). It has no guidance input, so distillation learns the
   conditional teacher (w = 1) and STEE samples with classic CFG.
 
 Give the same model to all three stages of one table.
@@ -83,6 +84,9 @@ def get_config(arg=None):
   teacher_ema = args['teacher'] + '/ema'
   if args['stage'] == 'teacher':
     c.secant = config_lib.secant_config('diffusion', 1)
+    if unet:  # EDM's training loss: ln σ ~ N(−1.2, 1.2²), the network output's ℓ2
+      c.secant.loss_weighting = 'edm'
+      c.secant.diffusion_log_sigma = (-1.2, 1.2)
     c.optimizer.learning_rate = 3e-4
     c.optimizer.warmup_steps = 1000
     c.ema_decay = 0.999

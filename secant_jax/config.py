@@ -4,6 +4,8 @@ Every key here is read by the trainer. `parse_arg` turns the config-file argumen
 'variant=stee,steps=8' into values, rejecting unknown keys.
 """
 
+import copy
+
 import jax
 import ml_collections
 from ml_collections import config_dict
@@ -32,6 +34,26 @@ RESUMABLE_CHANGES = ('mode', 'num_train_steps', 'log_every', 'checkpoint_every',
                      'secant.sample_cfg_scale', 'secant.sample_guidance_scale',
                      'secant.guidance_interval', 'allow_config_change', 'demo')
 
+# Settings added after runs had trained, each with the value in effect before it existed.
+# A run's config.json without one holds that value (`with_added_settings`), so a run from
+# before is rebuilt as it trained (compare, evaluate), and resuming it under a config that
+# now sets another value is refused as the change it is (`changed_settings`).
+ADDED_SETTINGS = {'ema_warmup': False, 'secant.loss_weighting': 'uniform',
+                  'secant.diffusion_log_sigma': None}
+
+
+def with_added_settings(saved):
+  """A copy of `saved` (a run's config.json as a dict) with each ADDED_SETTINGS key that it
+  lacks set to the value that key's setting had before it existed."""
+  saved = copy.deepcopy(saved)
+  for key, value in ADDED_SETTINGS.items():
+    *sections, name = key.split('.')
+    node = saved
+    for section in sections:
+      node = node.setdefault(section, {})
+    node.setdefault(name, value)
+  return saved
+
 
 def parse_arg(arg, defaults):
   """'k=v,k=v' → {k: v} over `defaults` (values typed like the defaults)."""
@@ -59,9 +81,11 @@ def matmul_precision(config):
 
 def changed_settings(saved, current):
   """'key: saved → current' for each setting (dotted key) that both configs (JSON dicts)
-  hold with different values, those in RESUMABLE_CHANGES aside. A key only one of them
+  hold with different values, those in RESUMABLE_CHANGES aside. The saved config holds
+  ADDED_SETTINGS at their values from before they existed; another key only one of them
   holds (a setting added or removed between versions) is not a change."""
-  saved, current = (traverse_util.flatten_dict(c, sep='.') for c in (saved, current))
+  saved, current = (traverse_util.flatten_dict(c, sep='.')
+                    for c in (with_added_settings(saved), current))
   free = lambda key: any(key == f or key.startswith(f + '.') for f in RESUMABLE_CHANGES)
   return [f'{key}: {saved[key]!r} → {current[key]!r}' for key in current
           if key in saved and not _same(saved[key], current[key]) and not free(key)]
@@ -91,6 +115,9 @@ def secant_config(variant, steps, guidance=(1.0, 2.5), label_dropout=0.1):
   # 'uniform' (the secant's ℓ2) or 'edm' (σ-path: the network output's, as EDM weights;
   # models.precond.loss_weight_fn)
   c.loss_weighting = 'uniform'
+  # The diffusion term's σ (teacher, STEI; EDM path): None or '()' from the path's grid,
+  # (P_mean, P_std) log-normal as EDM trains its denoiser, EDM's own (-1.2, 1.2)
+  c.diffusion_log_sigma = config_dict.placeholder(tuple)
   c.sample_cfg_scale = 1.5  # classic CFG for non-embedded models when sampling
   c.sample_guidance_scale = 1.5  # the embedded scale for distilled models when sampling
   c.guidance_interval = (0.0, 1.0)

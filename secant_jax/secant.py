@@ -33,6 +33,7 @@ from secant_jax import paths as paths_lib
 
 VARIANTS = ('sdei', 'stei', 'sdee', 'stee', 'diffusion')
 STEI_TARGETS = ('teacher', 'self')
+DIFFUSION_VARIANTS = ('stei', 'diffusion')  # the variants with a diffusion term at τ
 
 
 class TimePairs(NamedTuple):
@@ -56,7 +57,23 @@ def check_variant(variant):
                      'set the config\'s variant to one of them.')
 
 
-def sample_time_pairs(key, batch_size, variant, num_steps, path):
+def check_log_sigma(log_sigma, variant, path, what='log_sigma'):
+  """Refuses a log-normal τ (`sample_time_pairs`' log_sigma) that is not (P_mean, P_std)
+  with P_std > 0, is given off the EDM path, or to a variant without a diffusion term."""
+  if log_sigma is None:
+    return
+  if len(log_sigma) != 2 or not log_sigma[1] > 0:
+    raise ValueError(f'{what} must be (P_mean, P_std) with P_std > 0, as EDM\'s (-1.2, 1.2), '
+                     f'got {tuple(log_sigma)!r}.')
+  if not isinstance(path, paths_lib.EDM):
+    raise ValueError(f'{what} draws the diffusion term\'s σ log-normal, which needs the EDM '
+                     f"path (config.path.name='edm'); the path is {path!r}. Leave it unset.")
+  if variant not in DIFFUSION_VARIANTS:
+    raise ValueError(f'{what} is {tuple(log_sigma)!r}, but variant {variant!r} has no '
+                     f'diffusion term (only {DIFFUSION_VARIANTS} have one): leave it unset.')
+
+
+def sample_time_pairs(key, batch_size, variant, num_steps, path, log_sigma=None):
   """Draws (t, s, r, τ) for a model meant for `num_steps` sampling steps.
 
   In unit time: d ~ U(0, 1/N), t ~ U(0, 1 − d), s = t + d. 'sdei' snaps t down to the grid
@@ -64,9 +81,14 @@ def sample_time_pairs(key, batch_size, variant, num_steps, path):
   probability ½, so the model also learns the inverse direction; τ ~ U(0, 1). t, s and τ are
   then mapped to path time, and r = t + u·(s − t), u ~ U(0, 1), is drawn in path time, so
   that the average over r is the average of dx/d(path time) that the secant is.
+
+  log_sigma = (P_mean, P_std) (EDM path) draws the diffusion term's τ instead as EDM draws
+  the σ it trains its denoiser at (Karras et al. 2022, Table 1: (−1.2, 1.2)):
+  ln τ ~ N(P_mean, P_std²), not clipped to [σ_min, σ_max].
   """
   check_variant(variant)
   paths_lib.check_num_steps(num_steps)
+  check_log_sigma(log_sigma, variant, path)
   k_d, k_t, k_swap, k_r, k_tau = jax.random.split(key, 5)
   shape = (batch_size,)
   d = jax.random.uniform(k_d, shape) / num_steps
@@ -79,7 +101,10 @@ def sample_time_pairs(key, batch_size, variant, num_steps, path):
     t, s = jnp.where(swap, s, t), jnp.where(swap, t, s)
   t, s = path.time(t), path.time(s)
   r = t + jax.random.uniform(k_r, shape) * (s - t)
-  tau = path.time(jax.random.uniform(k_tau, shape))
+  if log_sigma is None:
+    tau = path.time(jax.random.uniform(k_tau, shape))
+  else:
+    tau = jnp.exp(log_sigma[0] + log_sigma[1] * jax.random.normal(k_tau, shape))
   return TimePairs(t=t, s=s, r=r, tau=tau)
 
 

@@ -2,6 +2,7 @@
 line as `python -m secant_jax.main` parses it (ml_collections' config_flags, locked)."""
 
 import argparse
+import json
 import os
 import shlex
 
@@ -51,6 +52,16 @@ def test_guidance_is_set_either_way_from_the_command_line(variant, override, exp
   assert recipe.make_task(c, network).guidance_range == expected
 
 
+def older_run(config, *keys):
+  """`config` as `common.load_run` reads the config.json of a run from before the settings
+  `keys` (dotted) existed."""
+  saved = config.to_dict()
+  for key in keys:
+    section, name = key.split('.')
+    del saved[section][name]
+  return ml_collections.ConfigDict(config_lib.with_added_settings(saved))
+
+
 def test_loss_weighting_reaches_the_task_and_older_runs_train_uniform():
   """--config.secant.loss_weighting=edm makes an EDM-weighted task; a run's config.json
   from before the setting existed (no key) is read as 'uniform'."""
@@ -58,9 +69,47 @@ def test_loss_weighting_reaches_the_task_and_older_runs_train_uniform():
                        '--config.secant.loss_weighting=edm')
   network = recipe.make_network(c)
   assert recipe.make_task(c, network).loss_weighting == 'edm'
-  older = ml_collections.ConfigDict(c.to_dict())
-  del older.secant['loss_weighting']
+  older = older_run(c, 'secant.loss_weighting')
   assert recipe.make_task(older, network).loss_weighting == 'uniform'
+
+
+def test_log_normal_sigma_reaches_the_task_and_older_runs_draw_from_the_grid():
+  """--config.secant.diffusion_log_sigma='(-1.2, 1.2)' makes a task that draws the
+  diffusion term's σ as EDM does; '()' and a config.json from before the setting existed
+  draw it from the path's grid; a secant variant without a diffusion term refuses it."""
+  teacher = f'--config={REPO}/configs/fashion_mnist.py:stage=teacher,model=unet-tiny'
+  c = parse_main_flags(teacher, "--config.secant.diffusion_log_sigma=(-1.2, 1.2)")
+  network = recipe.make_network(c)
+  assert recipe.make_task(c, network).diffusion_log_sigma == (-1.2, 1.2)
+  c = parse_main_flags(teacher, '--config.secant.diffusion_log_sigma=()')
+  assert recipe.make_task(c, network).diffusion_log_sigma is None
+  older = older_run(c, 'secant.diffusion_log_sigma')
+  assert recipe.make_task(older, network).diffusion_log_sigma is None
+  c = parse_main_flags(f'--config={REPO}/configs/cifar10_edm.py:variant=sdei',
+                       "--config.secant.diffusion_log_sigma=(-1.2, 1.2)")
+  with pytest.raises(ValueError, match=r"diffusion_log_sigma \(config.secant.diffusion_log_"
+                                       r"sigma\) is \(-1.2, 1.2\), but variant 'sdei' has no "
+                                       'diffusion term'):
+    recipe.make_task(c, recipe.make_network(c))
+
+
+def test_a_run_from_before_a_setting_existed_resumes_as_it_trained():
+  """A config.json without a setting added since holds the value from before: resuming
+  it under the config that now sets another (the Fashion-MNIST U-Net teacher's EDM loss
+  and EMA warm-up) is refused as changes; with the old values on the command line it is
+  none."""
+  teacher = f'--config={REPO}/configs/fashion_mnist.py:stage=teacher,model=unet-tiny'
+  as_saved = lambda c: json.loads(c.to_json_best_effort())
+  older = as_saved(parse_main_flags(teacher))
+  for section, name in (('secant', 'loss_weighting'), ('secant', 'diffusion_log_sigma'),
+                        (None, 'ema_warmup')):
+    del (older[section] if section else older)[name]
+  assert sorted(config_lib.changed_settings(older, as_saved(parse_main_flags(teacher)))) == [
+      'ema_warmup: False → True', 'secant.diffusion_log_sigma: None → [-1.2, 1.2]',
+      "secant.loss_weighting: 'uniform' → 'edm'"]
+  as_before = parse_main_flags(teacher, '--config.ema_warmup=False', '--config.secant.'
+                               'loss_weighting=uniform', '--config.secant.diffusion_log_sigma=()')
+  assert config_lib.changed_settings(older, as_saved(as_before)) == []
 
 
 def test_none_and_the_empty_tuple_are_the_same_setting_on_resume():

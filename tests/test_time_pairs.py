@@ -67,6 +67,37 @@ def test_edm_times_are_sigmas_and_r_is_uniform_in_sigma():
   np.testing.assert_allclose(np.median(tau), float(path.time(0.5)), rtol=0.05)
 
 
+@pytest.mark.parametrize('variant', ['stei', 'diffusion'])
+def test_log_normal_tau_is_edms_and_leaves_the_secant_times_alone(variant):
+  path = paths.EDM()
+  key = jax.random.key(5)
+  grid = secant.sample_time_pairs(key, B, variant, 4, path)
+  edm = secant.sample_time_pairs(key, B, variant, 4, path, log_sigma=(-1.2, 1.2))
+  log_tau = np.log(np.asarray(edm.tau))
+  np.testing.assert_allclose([log_tau.mean(), log_tau.std()], [-1.2, 1.2], atol=0.03)
+  # not clipped to [σ_min, σ_max], as EDM's are not: ln σ_min = −6.21 is the 42nd percentile
+  # of N(−6, 1)
+  low = secant.sample_time_pairs(key, B, variant, 4, path, log_sigma=(-6.0, 1.0))
+  np.testing.assert_allclose(np.mean(np.asarray(low.tau) < path.sigma_min), 0.417, atol=0.02)
+  for name in ('t', 's', 'r'):
+    np.testing.assert_array_equal(getattr(grid, name), getattr(edm, name))
+
+
+@pytest.mark.parametrize('variant, path, log_sigma, message', [
+    ('diffusion', paths.EDM(), (-1.2,), r'must be \(P_mean, P_std\) with P_std > 0, as '
+                                        r"EDM's \(-1.2, 1.2\), got \(-1.2,\)"),
+    ('diffusion', paths.EDM(), (-1.2, 0.0), r'with P_std > 0, .* got \(-1.2, 0.0\)'),
+    ('diffusion', paths.Linear(), (-1.2, 1.2), r"log-normal, which needs the EDM path "
+                                               r"\(config.path.name='edm'\); the path is "
+                                               r'Linear\(\)'),
+    ('sdei', paths.EDM(), (-1.2, 1.2), r"variant 'sdei' has no diffusion term \(only "
+                                       r"\('stei', 'diffusion'\) have one\): leave it unset"),
+])
+def test_a_log_normal_tau_that_cannot_apply_is_named(variant, path, log_sigma, message):
+  with pytest.raises(ValueError, match=message):
+    secant.sample_time_pairs(jax.random.key(0), 4, variant, 4, path, log_sigma)
+
+
 def test_same_key_same_draws():
   a, b = _draw('sdee', 4, seed=3), _draw('sdee', 4, seed=3)
   for x, y in zip(a, b):

@@ -19,6 +19,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
+from secant_jax import config as config_lib
 from secant_jax import files
 from secant_jax import orbax_context
 
@@ -258,13 +259,14 @@ def weights_cli(description, convert_fn, what, url, argv=None):
 
 
 def load_run(run_dir):
-  """(config, EMA directory) of a finished training run: its config.json and ema/."""
+  """(config, EMA directory) of a finished training run: its config.json (with the settings
+  added since at the values it trained with, `config.with_added_settings`) and ema/."""
   config_file = os.path.join(run_dir, 'config.json')
   if not epath.Path(config_file).exists():
     raise FileNotFoundError(f'{run_dir} has no config.json: pass the --workdir of a training '
                             'run (python -m secant_jax.main --config=... --workdir=DIR).')
-  return (ml_collections.ConfigDict(files.read_json(config_file)),
-          existing_checkpoint(os.path.join(run_dir, 'ema')))
+  config = config_lib.with_added_settings(files.read_json(config_file))
+  return ml_collections.ConfigDict(config), existing_checkpoint(os.path.join(run_dir, 'ema'))
 
 
 def existing_checkpoint(directory):

@@ -35,15 +35,15 @@ def make_network(config):
 
 
 def make_task(config, network):
-  """The SecantTask of `config` (a run's config.json from before a setting existed
-  trains with its default)."""
+  """The SecantTask of `config` (a run's config.json as `common.load_run` reads it)."""
   s = config.secant
   return step_lib.SecantTask(
       variant=s.variant, path=make_path(config.path), num_steps=s.steps,
       null_class=network.null_class, label_dropout=s.label_dropout,
       guidance_range=guidance_range(s),
       stei_lambda=s.stei_lambda, stei_target=s.stei_target,
-      sigma_data=config.path.sigma_data, loss_weighting=s.get('loss_weighting', 'uniform'))
+      sigma_data=config.path.sigma_data, loss_weighting=s.loss_weighting,
+      diffusion_log_sigma=tuple(s.diffusion_log_sigma or ()) or None)
 
 
 def make_train_step(config, task, network, teacher, optimizer, mesh):

@@ -36,6 +36,8 @@ class SecantTask:
   guidance_range: (w_min, w_max) for embedded CFG (SDEI, STEI, SDEE): w ~ U(w_min, w_max)
     is the teacher's CFG scale and, normalised to [0, 1], the student's input; None: no
     guidance (the teacher is called with the labels only).
+  diffusion_log_sigma: (P_mean, P_std) draws the diffusion term's σ as EDM does, ln σ ~
+    N(P_mean, P_std²) (EDM path; `secant.sample_time_pairs`); None: the path's grid.
   """
   variant: str
   path: paths_lib.AffinePath
@@ -47,6 +49,7 @@ class SecantTask:
   stei_target: str = 'teacher'
   sigma_data: float = 0.5
   loss_weighting: str = 'uniform'
+  diffusion_log_sigma: tuple[float, float] | None = None
 
   def __post_init__(self):
     """Checks the settings when the task is made (the trainer makes it from the config
@@ -56,6 +59,8 @@ class SecantTask:
     paths_lib.check_num_steps(self.num_steps, 'num_steps (config.secant.steps)')
     guidance.check_drop_prob(self.label_dropout, 'label_dropout (config.secant.label_dropout)')
     self.weight_fn()
+    secant.check_log_sigma(self.diffusion_log_sigma, self.variant, self.path,
+                           'diffusion_log_sigma (config.secant.diffusion_log_sigma)')
     if self.guidance_range is not None:
       guidance.check_scale_range(self.guidance_range, 'guidance_range (config.secant.guidance)')
     if self.variant == 'stei':
@@ -151,7 +156,8 @@ def make_train_step(task: SecantTask, apply_fn: ApplyFn, teacher_apply: ApplyFn 
     size = x_data.shape[0]
     k_time, k_noise, k_drop, k_scale, k_dropout = jax.random.split(
         jax.random.fold_in(state.key, state.step), 5)
-    times = secant.sample_time_pairs(k_time, size, task.variant, task.num_steps, task.path)
+    times = secant.sample_time_pairs(k_time, size, task.variant, task.num_steps, task.path,
+                                     task.diffusion_log_sigma)
     noise = jax.random.normal(k_noise, x_data.shape, jnp.float32)
     dropped = labels
     if task.label_dropout:
