@@ -20,12 +20,17 @@ def make_path(path_config):
                    'config.path.name.')
 
 
+def optional_tuple(value):
+  """A tuple field that is None by default as the train step takes it: the tuple, or None
+  for the config's None and for the () that --config.X='()' sets (ml_collections cannot
+  set a tuple field to None from the command line)."""
+  return tuple(value) if value else None
+
+
 def guidance_range(secant_config):
   """config.secant.guidance as the train step takes it: (w_min, w_max) for embedded
-  guidance, or None for none (the config's None, or the () that
-  --config.secant.guidance='()' sets; ml_collections cannot set a tuple field to None)."""
-  guidance = secant_config.guidance
-  return tuple(guidance) if guidance else None
+  guidance, or None for none (`optional_tuple`)."""
+  return optional_tuple(secant_config.guidance)
 
 
 def make_network(config):
@@ -43,7 +48,7 @@ def make_task(config, network):
       guidance_range=guidance_range(s),
       stei_lambda=s.stei_lambda, stei_target=s.stei_target,
       sigma_data=config.path.sigma_data, loss_weighting=s.loss_weighting,
-      diffusion_log_sigma=tuple(s.diffusion_log_sigma or ()) or None)
+      diffusion_log_sigma=optional_tuple(s.diffusion_log_sigma))
 
 
 def make_train_step(config, task, network, teacher, optimizer, mesh):
