@@ -52,14 +52,23 @@ def test_guidance_is_set_either_way_from_the_command_line(variant, override, exp
   assert recipe.make_task(c, network).guidance_range == expected
 
 
+def saved_before(config, *keys):
+  """The config.json (a JSON dict, as the trainer writes it) that a run of `config` from
+  before the settings `keys` (dotted) existed would have."""
+  saved = json.loads(config.to_json_best_effort())
+  for key in keys:
+    *sections, name = key.split('.')
+    node = saved
+    for section in sections:
+      node = node[section]
+    del node[name]
+  return saved
+
+
 def older_run(config, *keys):
   """`config` as `common.load_run` reads the config.json of a run from before the settings
   `keys` (dotted) existed."""
-  saved = config.to_dict()
-  for key in keys:
-    section, name = key.split('.')
-    del saved[section][name]
-  return ml_collections.ConfigDict(config_lib.with_added_settings(saved))
+  return ml_collections.ConfigDict(config_lib.with_added_settings(saved_before(config, *keys)))
 
 
 def test_loss_weighting_reaches_the_task_and_older_runs_train_uniform():
@@ -99,17 +108,15 @@ def test_a_run_from_before_a_setting_existed_resumes_as_it_trained():
   and EMA warm-up) is refused as changes; with the old values on the command line it is
   none."""
   teacher = f'--config={REPO}/configs/fashion_mnist.py:stage=teacher,model=unet-tiny'
-  as_saved = lambda c: json.loads(c.to_json_best_effort())
-  older = as_saved(parse_main_flags(teacher))
-  for section, name in (('secant', 'loss_weighting'), ('secant', 'diffusion_log_sigma'),
-                        (None, 'ema_warmup')):
-    del (older[section] if section else older)[name]
-  assert sorted(config_lib.changed_settings(older, as_saved(parse_main_flags(teacher)))) == [
+  older = saved_before(parse_main_flags(teacher), 'secant.loss_weighting',
+                       'secant.diffusion_log_sigma', 'ema_warmup')
+  now = saved_before(parse_main_flags(teacher))
+  assert sorted(config_lib.changed_settings(older, now)) == [
       'ema_warmup: False → True', 'secant.diffusion_log_sigma: None → [-1.2, 1.2]',
       "secant.loss_weighting: 'uniform' → 'edm'"]
   as_before = parse_main_flags(teacher, '--config.ema_warmup=False', '--config.secant.'
                                'loss_weighting=uniform', '--config.secant.diffusion_log_sigma=()')
-  assert config_lib.changed_settings(older, as_saved(as_before)) == []
+  assert config_lib.changed_settings(older, saved_before(as_before)) == []
 
 
 def test_none_and_the_empty_tuple_are_the_same_setting_on_resume():
