@@ -115,6 +115,39 @@ def test_counts_must_be_positive_integers(capsys):
         capsys.readouterr().err)
 
 
+# Run in a fresh interpreter in which importing any of DATA_STACK fails, as on a GPU image
+# that has only JAX's libraries and the benchmark's own dependencies.
+DATA_STACK = ('tensorflow', 'tensorflow_datasets', 'clu', 'grain', 'array_record', 'sklearn',
+              'torch', 'torchvision', 'PIL', 'safetensors', 'diffusers')
+_WITHOUT_DATA_STACK = f"""
+import importlib.abc, runpy, sys
+class Refuse(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name.split('.')[0] in {DATA_STACK!r}:
+      raise ModuleNotFoundError(f'no module named {{name!r}} here', name=name)
+sys.meta_path.insert(0, Refuse())
+try:
+  import clu
+except ModuleNotFoundError:
+  print('clu refused')
+sys.argv = ['throughput', *sys.argv[1:]]
+runpy.run_module('secant_jax.bench.throughput', run_name='__main__')
+"""
+
+
+def test_the_benchmark_needs_no_data_stack():
+  """Its docstring's promise: the train step, model and optimizer without TensorFlow, CLU,
+  grain, torch, scikit-learn or PIL."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)  # one CPU device, not the suite's eight
+  result = subprocess.run(
+      [sys.executable, '-c', _WITHOUT_DATA_STACK, '--model', 'DiT-S/8', '--variant', 'stee',
+       '--batch', '2', '--steps', '1', '--warmup', '1', '--dtype', 'float32'],
+      env=env, cwd=REPO, capture_output=True, text=True)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.startswith('clu refused') and 'images_per_second' in result.stdout
+
+
 def test_the_table_script_runs_each_setting_in_its_own_process_into_one_table(tmp_path):
   """launch/throughput_table.sh at CPU size: one row, both qkv forms; a bad setting is named
   before anything runs."""

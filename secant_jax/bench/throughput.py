@@ -21,7 +21,9 @@ the bytes per kind of kernel. --target h100|h200 or a TPU slice (v4-32, v5e-16, 
 compiles for that accelerator on a machine without it (`bench.targets`) and prints the
 floors, the traffic and the compiled memory next to the device's instead of timing; a
 program that does not fit ends the run with XLA's verdict and what to change. Needs no
-data stack: jax, flax, optax and ml_collections.
+data stack: jax, flax, optax, ml_collections and diffrax (the samplers' adaptive
+solver), not TensorFlow, CLU, grain, torch, scikit-learn or PIL (tests/test_throughput.py
+runs it with those refused).
 """
 
 import argparse
