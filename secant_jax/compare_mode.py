@@ -64,6 +64,17 @@ def teacher_of(config):
   return config, common.existing_checkpoint(converted)
 
 
+def check_same_path(name, run_dir, run_config, teacher_config):
+  """A secant run must sample the teacher's ODE: trained on the same kind of path (its
+  limits may differ, see evaluation.comparison), else its error to the teacher's
+  reference would compare points of different spaces."""
+  if run_config.path.name != teacher_config.path.name:
+    raise ValueError(f'Secant run {name} ({run_dir}) was trained on the '
+                     f'{run_config.path.name!r} path and the teacher on the '
+                     f'{teacher_config.path.name!r} path: a table compares samplers of the '
+                     "teacher's ODE; compare it with a teacher trained on its path.")
+
+
 def check_step_errors(nfes, samplers):
   """Every NFE in config.compare.step_errors must be some row's, else the breakdown
   asked for would silently be missing."""
@@ -100,6 +111,7 @@ def _compare(config, workdir):
   samplers = comparison.teacher_samplers(task, tangent_of, c.teacher_nfe)
   for name, run_dir in parse_runs(c.secants):
     run_config, ema_dir = common.load_run(run_dir)
+    check_same_path(name, run_dir, run_config, teacher_config)
     samplers += comparison.secant_samplers(f'secant {name}', run_config, ema_dir,
                                            c.secant_steps, c.guidance_scale,
                                            config.compare_in_float32)

@@ -80,9 +80,10 @@ class AffinePath(abc.ABC):
     (The EDM path's grid ends at σ_min and its data at σ = 0; see `EDM.grid_to_data`.)"""
     return self.grid(num_steps)
 
-  def prior(self, noise):
-    """The sampler's starting point at unit time 0: σ(time(0))·ε (data term dropped)."""
-    return self.sigma(self.time(jnp.float32(0.0))) * noise
+  def prior(self, noise, t=None):
+    """A sampler's starting point at path time t (default the path's start, time(0)):
+    σ(t)·ε, the data term dropped."""
+    return self.sigma(self.time(jnp.float32(0.0)) if t is None else t) * noise
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """Samplers: the secant N-step sampler, and the teacher's ODE solvers (Euler, Heun and an
 adaptive high-accuracy reference solve used to measure integration error).
 
-All start from the path's prior at unit time 0 and walk the path's grid to unit time 1.
+All start from the path's prior at their grid's first time (the path's start, unit time 0,
+unless a secant model's own path starts elsewhere) and walk their grid to the data end.
 """
 
 import dataclasses
@@ -21,7 +22,7 @@ ODE_METHODS = ('euler', 'heun', 'edm_heun')
 class Steps:
   """A fixed-grid sampler as its steps: x_{k+1} = step(x_k, k) takes the sample from
   grid[k] to grid[k + 1], k = 0..N−1, starting from the path's prior at grid[0]
-  (`run_steps`). Step by step, it is what evaluation.step_errors takes apart."""
+  (`run_steps`), σ(grid[0])·ε. Step by step, it is what evaluation.step_errors takes apart."""
   grid: jax.Array  # [N + 1] path times
   step: Callable  # (x [B, ...], k) → x at grid[k + 1]
 
@@ -31,9 +32,9 @@ class Steps:
 
 
 def run_steps(steps, noise, path):
-  """The sample of `steps` (a Steps) from `noise`."""
-  x, _ = jax.lax.scan(lambda x, k: (steps.step(x, k), None), path.prior(noise),
-                      jnp.arange(steps.num_steps))
+  """The sample of `steps` (a Steps) from `noise`, started at the steps' first grid time."""
+  start = path.prior(noise, steps.grid[0])
+  x, _ = jax.lax.scan(lambda x, k: (steps.step(x, k), None), start, jnp.arange(steps.num_steps))
   return x
 
 

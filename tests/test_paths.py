@@ -49,10 +49,12 @@ def test_linear_grid_is_uniform_from_noise_to_data():
   np.testing.assert_allclose(paths.Linear().grid(4), [0.0, 0.25, 0.5, 0.75, 1.0])
 
 
-def test_prior_is_noise_at_unit_time_zero():
+def test_prior_is_noise_at_unit_time_zero_or_where_asked():
   eps = jnp.ones((2, 3))
   np.testing.assert_allclose(paths.Linear().prior(eps), eps)
   np.testing.assert_allclose(paths.EDM(sigma_max=80.0).prior(eps), 80.0 * eps, rtol=1e-6)
+  np.testing.assert_allclose(paths.EDM(sigma_max=80.0).prior(eps, 20.0), 20.0 * eps)
+  np.testing.assert_allclose(paths.Linear().prior(eps, 0.25), 0.75 * eps)
 
 
 def test_bad_settings_are_named():

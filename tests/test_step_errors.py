@@ -1,7 +1,8 @@
 """The comparison's error of each step alone (evaluation.step_errors), on a Gaussian mixture
 whose flow the reference solver gives: a sampler exact but for one Euler step has all of
 its error in that step's column, equal to its row's error, and none in the others'; the
-EDM sampler's last step, to σ = 0, is compared without a solve; a breakdown asked for a
+EDM sampler's last step, to σ = 0, is compared without a solve; a sampler whose path starts
+later starts there, from the reference trajectory in its steps; a breakdown asked for a
 count no row has is refused by name; a comparison saved before the option existed
 resumes."""
 
@@ -80,6 +81,34 @@ def test_edm_samplers_last_step_to_sigma_zero_is_compared_directly():
   tables = comparison.format_step_tables(rows)
   assert '| sampler | NFE | 80 → 0.002 | 0.002 → 0 | all steps |' in tables
   assert '| sampler | NFE | 80 → 0.002 | all steps |' in tables
+
+
+def test_a_sampler_whose_path_starts_later_starts_from_its_own_noise_level():
+  """A secant model trained on the EDM path with σ_max 20 runs from 20·ε in the table (its
+  error: how far the exact flow from there ends from the reference, solved from 80·ε), and
+  its steps, taken from the reference trajectory at σ 20 on, carry none of that."""
+  path, later = paths.EDM(), paths.EDM(sigma_max=20.0)
+  exact_from_20 = comparison.Sampler('exact from 20', 3, lambda y: _exact_but(later, 3, -1))
+  row = _compare(path, [exact_from_20], step_nfes=(3,))[1]
+  noise = np.asarray(jax.random.normal(jax.random.key(0), (20, 2)))
+  ends = [MIXTURE.flow(start * noise, start, 0.002, path) for start in (20.0, 80.0)]
+  expected = np.sqrt(np.mean(np.square(ends[0] - ends[1])))
+  assert expected > 1e-3  # far above the solver's tolerance
+  np.testing.assert_allclose(row['error'], expected, rtol=1e-3)
+  np.testing.assert_allclose(row['step_grid'], later.grid(3), rtol=1e-6)
+  assert max(row['step_errors']) < 1e-2 * expected, row
+
+
+def test_a_secant_run_on_another_kind_of_path_is_refused():
+  teacher = config_lib.base_config()
+  secant_run = config_lib.base_config()
+  teacher.path.name, secant_run.path.name = 'edm', 'linear'
+  with pytest.raises(ValueError, match=r"Secant run sdei \(runs/a\) was trained on the "
+                                       r"'linear' path and the teacher on the 'edm' path: a "
+                                       r"table compares samplers of the teacher's ODE"):
+    compare_mode.check_same_path('sdei', 'runs/a', secant_run, teacher)
+  secant_run.path.update(name='edm', sigma_max=20.0)
+  compare_mode.check_same_path('sdei', 'runs/a', secant_run, teacher)
 
 
 def test_a_breakdown_no_row_has_is_refused():

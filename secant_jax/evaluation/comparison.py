@@ -10,7 +10,10 @@ The callers build every network as evaluation.reference_error measures (float32
 throughout, `teacher` and `secant_samplers` given float32=True) and trace `compare` under
 its precision of float32 products (reference_error.precision).
 One pass over the noise: each batch's reference is solved once and every sampler is
-scored against it, so every row sees exactly the same noise. The running sums can be
+scored against it, so every row sees exactly the same noise. Each sampler starts from it at
+its own grid's first time (sampling.run_steps): a secant model trained on the teacher's
+path with a later start (the EDM path with a smaller σ_max) from its σ_max·ε, its error
+still to the reference solved from the teacher's start. The running sums can be
 saved as it goes (evaluation.progress), so a preempted comparison resumes where it was, and
 the reference solutions kept (evaluation.references), so a later comparison of the same
 teacher on the same noise skips its most expensive part.

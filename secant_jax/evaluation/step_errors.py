@@ -37,7 +37,7 @@ class StepErrors:
 
   def __init__(self, samplers, indices, tangent_of, path, sharding, labels):
     self.indices = tuple(indices)
-    self.end = path.grid(1)[1]
+    self.start, self.end = np.asarray(path.grid(1))
     self.grids = {i: np.asarray(samplers[i].steps(labels).grid) for i in self.indices}
     self.squared = {i: np.zeros(len(self.grids[i]) - 1) for i in self.indices}
     self._solve = jax.jit(
@@ -49,8 +49,10 @@ class StepErrors:
 
   def _trajectory(self, grid, noise, labels):
     """[x*(t_0), ..., x*(t_{N−1})]: the reference trajectory at the grid's times but the
-    last, each solved on from the one before."""
-    points = [self._prior(noise)]
+    last, each solved on from the one before (the first from the path's start, where a
+    secant model's own path starts later)."""
+    x = self._prior(noise)
+    points = [x if grid[0] == self.start else self._solve(x, labels, self.start, grid[0])]
     for k in range(1, len(grid) - 1):
       points.append(self._solve(points[-1], labels, grid[k - 1], grid[k]))
     return points
