@@ -88,7 +88,8 @@ def test_a_sampler_whose_path_starts_later_starts_from_its_own_noise_level():
   error: how far the exact flow from there ends from the reference, solved from 80·ε), and
   its steps, taken from the reference trajectory at σ 20 on, carry none of that."""
   path, later = paths.EDM(), paths.EDM(sigma_max=20.0)
-  exact_from_20 = comparison.Sampler('exact from 20', 3, lambda y: _exact_but(later, 3, -1))
+  exact_from_20 = comparison.Sampler('exact from 20', 3,
+                                     lambda y: _exact_but(later, 3, wrong=-1))  # no step
   row = _compare(path, [exact_from_20], step_nfes=(3,))[1]
   noise = np.asarray(jax.random.normal(jax.random.key(0), (20, 2)))
   ends = [MIXTURE.flow(start * noise, start, 0.002, path) for start in (20.0, 80.0)]
