@@ -115,6 +115,14 @@ def test_counts_must_be_positive_integers(capsys):
         capsys.readouterr().err)
 
 
+def _one_cpu_device(**settings):
+  """The environment with `settings` for a subprocess on one CPU device, not the suite's
+  eight (its XLA_FLAGS)."""
+  env = dict(os.environ, **settings)
+  env.pop('XLA_FLAGS', None)
+  return env
+
+
 # Run in a fresh interpreter in which importing any of DATA_STACK fails, as on a GPU image
 # that has only JAX's libraries and the benchmark's own dependencies.
 DATA_STACK = ('tensorflow', 'tensorflow_datasets', 'clu', 'grain', 'array_record', 'sklearn',
@@ -138,8 +146,7 @@ runpy.run_module('secant_jax.bench.throughput', run_name='__main__')
 def test_the_benchmark_needs_no_data_stack():
   """Its docstring's promise: the train step, model and optimizer without TensorFlow, CLU,
   grain, torch, scikit-learn or PIL."""
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)  # one CPU device, not the suite's eight
+  env = _one_cpu_device(JAX_PLATFORMS='cpu')
   result = subprocess.run(
       [sys.executable, '-c', _WITHOUT_DATA_STACK, '--model', 'DiT-S/8', '--variant', 'stee',
        '--batch', '2', '--steps', '1', '--warmup', '1', '--dtype', 'float32'],
@@ -151,10 +158,9 @@ def test_the_benchmark_needs_no_data_stack():
 def test_the_table_script_runs_each_setting_in_its_own_process_into_one_table(tmp_path):
   """launch/throughput_table.sh at CPU size: one row, both qkv forms; a bad setting is named
   before anything runs."""
-  env = dict(os.environ, PYTHON=sys.executable, MODEL='DiT-S/8', ATTENTION='xla',
-             ROWS='sample', GEMMS='triton', QKV='fused split',
-             EXTRA='--batch 2 --steps 1 --warmup 1 --dtype float32 --num-steps 1')
-  env.pop('XLA_FLAGS', None)  # one CPU device, not the suite's eight
+  env = _one_cpu_device(PYTHON=sys.executable, MODEL='DiT-S/8', ATTENTION='xla',
+                        ROWS='sample', GEMMS='triton', QKV='fused split',
+                        EXTRA='--batch 2 --steps 1 --warmup 1 --dtype float32 --num-steps 1')
   script = os.path.join(REPO, 'launch', 'throughput_table.sh')
   subprocess.run(['bash', script, str(tmp_path)], env=env, check=True, capture_output=True)
   rows = (tmp_path / 'table.md').read_text().splitlines()[2:]
