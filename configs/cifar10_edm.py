@@ -1,8 +1,8 @@
 """EDM DDPM++ (VP) on CIFAR-10, σ-path: --config=configs/cifar10_edm.py:variant=stee,steps=10
 
 Start from the converted EDM teacher (python -m secant_jax.convert.edm --in
-edm-cifar10-uncond-vp.pt --out ckpt/edm-ddpmpp). classes=10 uses EDM's class-conditional
-network instead (edm-cifar10-32x32-cond-vp, converted with --label-dim 10 to
+edm-cifar10-32x32-uncond-vp.pkl --out ckpt/edm-ddpmpp). classes=10 uses EDM's
+class-conditional network instead (edm-cifar10-32x32-cond-vp.pkl, converted to
 ckpt/edm-ddpmpp-cond). CIFAR-10 comes from TFDS (data.dir).
 """
 

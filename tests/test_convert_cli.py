@@ -112,8 +112,9 @@ def test_missing_or_unknown_files_are_named(tmp_path):
     common.load_variables(run / 'ema')
 
 
-def test_edm_pickle_gets_the_export_instructions(tmp_path):
-  with pytest.raises(SystemExit, match='is an EDM pickle; export its state dict first'):
+def test_a_missing_edm_pickle_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r'EDM pickle .*/edm.pkl does not exist; pass the '
+                                              r'path of the downloaded network pickle'):
     convert_edm.main(['--in', str(tmp_path / 'edm.pkl'), '--out', str(tmp_path / 'o')])
 
 

@@ -253,6 +253,48 @@ def test_edm_song_unet_matches_nvlabs_edm(edm_networks, arch, label_dim):
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('arch', ['ddpmpp', 'ncsnpp'])
+def test_a_pickle_of_its_networks_converts_without_its_code(edm_networks, arch, tmp_path):
+  """An EDMPrecond(SongUNet) of its networks.py pickled through its torch_utils.persistence
+  in a snapshot as its training loop writes them (with its EDMLoss), read by
+  convert.edm_pickle in a process without its code: the state dict and the SongUNet's
+  settings are the network's."""
+  import copy
+  import pickle
+  import subprocess
+  import torch
+  import torch_dit
+  settings = _reduced(arch, label_dim=10)
+  channels = settings.pop('in_channels')
+  settings.pop('out_channels')
+  net = edm_networks.EDMPrecond(
+      img_channels=channels, model_type='SongUNet', dropout=0.13, decoder_type='standard',
+      use_fp16=False, **{**settings, 'channel_mult': list(settings['channel_mult']),
+                         'resample_filter': list(settings['resample_filter'])})
+  torch_dit.randomize(net, 3)
+  from training import loss as edm_loss  # pylint: disable=import-outside-toplevel
+  snapshot = dict(ema=copy.deepcopy(net).eval().requires_grad_(False).cpu(),
+                  loss_fn=edm_loss.EDMLoss(), augment_pipe=None,
+                  dataset_kwargs=dict(path='cifar10-32x32.zip'))
+  with open(tmp_path / 'net.pkl', 'wb') as f:
+    pickle.dump(snapshot, f)
+  torch.save(net.state_dict(), tmp_path / 'state.pt')
+  code = (f'from secant_jax.convert import edm; import sys; state, model, sd = '
+          f"edm.from_pickle({str(tmp_path / 'net.pkl')!r}); "
+          "assert 'dnnlib' not in sys.modules and 'torch_utils' not in sys.modules; "
+          'import numpy as np; np.savez(sys.argv[1], **state); print(edm.settings(model), sd)')
+  printed = subprocess.run([sys.executable, '-c', code, str(tmp_path / 'state.npz')],
+                           check=True, capture_output=True, text=True).stdout
+  expected = edm_unet.SongUNet(in_channels=channels, out_channels=channels, dropout=0.13,
+                               **settings)
+  assert printed.strip() == f'{convert_edm.settings(expected)} 0.5'
+  state = np.load(tmp_path / 'state.npz')
+  reference = torch.load(tmp_path / 'state.pt')
+  assert sorted(state) == sorted(reference)
+  for key, value in reference.items():
+    np.testing.assert_array_equal(state[key], value.numpy(), err_msg=key)
+
+
 @pytest.mark.parametrize('evaluations,num_steps', [(35, 18), (7, 4)])
 def test_the_sigma_path_heun_is_edms_own_sampler(edm_networks, evaluations, num_steps):
   """Its generate.edm_sampler (float64, S_churn 0) on a Gaussian mixture's exact denoiser

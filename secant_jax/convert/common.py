@@ -80,10 +80,10 @@ def state_dict(data, key, path):
       raise ConversionError(f'Checkpoint {path} has no entry {key!r}; its top-level keys are '
                             f'{sorted(data)[:10]}.')
     data = data[key]
-  return {k: _to_numpy(v) for k, v in data.items()}
+  return {k: to_numpy(v) for k, v in data.items()}
 
 
-def _to_numpy(value):
+def to_numpy(value):
   if hasattr(value, 'detach'):
     value = value.detach().cpu().float().numpy()
   return np.asarray(value, np.float32)
