@@ -196,3 +196,25 @@ def test_networks_that_are_not_implemented_are_named(tmp_path, capsys):
                       '--label-dim', '10'])
   assert ('net.pkl is an EDM pickle, which records its architecture and label_dim: leave '
           'out --arch and --label-dim.') in capsys.readouterr().err
+
+
+def test_a_pickle_on_a_bucket_is_read_through_epath(tmp_path):
+  """As test_convert_cli's bucket test: gs://bucket is a directory behind epath's mock."""
+  from unittest import mock
+  from etils.epath import gpath
+  from etils.epath import testing
+  net, settings = _precond('ddpmpp', 0)
+  (tmp_path / 'bucket').mkdir()
+  write_edm_pickle(tmp_path / 'bucket' / 'net.pkl', net, _edm_kwargs(settings, 0))
+
+  def from_bucket(original, path, *args):
+    return original(str(path).replace('gs://bucket', str(tmp_path / 'bucket')), *args)
+
+  with testing.mock_epath(open=from_bucket, exists=from_bucket), \
+       mock.patch.object(gpath, '_is_tf_installed', lambda: False):
+    state, model, _ = convert_edm.from_pickle('gs://bucket/net.pkl')
+    with pytest.raises(FileNotFoundError, match='EDM pickle gs://bucket/gone.pkl does not'):
+      convert_edm.from_pickle('gs://bucket/gone.pkl')
+  assert model.num_blocks == 2 and sorted(state) == sorted(net.state_dict())
+  for key, value in net.state_dict().items():
+    np.testing.assert_array_equal(state[key], value.numpy(), err_msg=key)
