@@ -101,6 +101,11 @@ def test_missing_or_unknown_files_are_named(tmp_path):
     common.load_state_dict(tmp_path / 'w.ckpt')
   with pytest.raises(FileNotFoundError, match=r'Converted checkpoint .*nope does not exist'):
     common.load_variables(tmp_path / 'nope')
+  (tmp_path / 'edm.pkl').write_text('x')
+  with pytest.raises(FileNotFoundError, match=r'edm.pkl is a weights file, not a converted '
+                                              r'checkpoint \(a directory\): convert it once '
+                                              r'with python -m secant_jax.convert.edm --in '):
+    common.load_variables(tmp_path / 'edm.pkl')
   run = tmp_path / 'teacher-run'
   with pytest.raises(FileNotFoundError, match=r'teacher-run/ema does not exist and .*teacher-run '
                                               r'holds no training run; train one there'):

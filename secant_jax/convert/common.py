@@ -275,6 +275,12 @@ def existing_checkpoint(directory):
   directory = files.absolute(directory)
   if epath.Path(directory).is_dir():
     return directory
+  if epath.Path(directory).exists():
+    converter = 'edm' if directory.endswith('.pkl') else 'sit (or .edm)'
+    raise FileNotFoundError(f'{directory} is a weights file, not a converted checkpoint (a '
+                            f'directory): convert it once with python -m secant_jax.convert.'
+                            f'{converter} --in {directory} --out DIR and point the config '
+                            'at DIR.')
   run_dir = os.path.dirname(directory)
   if os.path.basename(directory) != 'ema':
     raise FileNotFoundError(f'Converted checkpoint {directory} does not exist; make it with '
