@@ -100,13 +100,13 @@ def _edm_kwargs(settings, label_dim):
   return kwargs_of
 
 
-def _precond(arch, label_dim, seed=0):
+def _precond(arch, label_dim, sigma_data=0.5, seed=0):
   import torch
   import torch_song_unet
   settings = test_edm_unet._reduced(arch)
   torch.manual_seed(seed)
-  net = torch_song_unet.Precond(label_dim=label_dim, **settings).eval().requires_grad_(False)
-  return net, settings
+  net = torch_song_unet.Precond(sigma_data=sigma_data, label_dim=label_dim, **settings)
+  return net.eval().requires_grad_(False), settings
 
 
 @pytest.mark.parametrize('arch,label_dim', [('ddpmpp', 10), ('ncsnpp', 0)])
@@ -138,10 +138,12 @@ def test_a_pickle_converts_as_its_state_dict_and_runs_nothing_it_carries(
 
 
 def test_the_printed_config_entries_build_the_pickled_network(tmp_path):
-  net, settings = _precond('ncsnpp', 10)
+  net, settings = _precond('ncsnpp', 10, sigma_data=0.66)
   write_edm_pickle(tmp_path / 'net.pkl', net, _edm_kwargs(settings, 10))
   _, model, sigma_data = convert_edm.from_pickle(tmp_path / 'net.pkl')
-  assert sigma_data == 0.5 and convert_edm.settings(model)['num_blocks'] == 2
+  assert sigma_data == 0.66 and convert_edm.settings(model)['num_blocks'] == 2
+  assert convert_edm.config_for(model, sigma_data).endswith(
+      'config.path.sigma_data = 0.66 to build it')
   # and a SongUNet of neither arch's settings: the entries override the arch's
   mixed = model.clone(encoder_type='standard')
   for network in (model, mixed):
