@@ -117,6 +117,19 @@ def test_missing_or_unknown_files_are_named(tmp_path):
     common.load_variables(run / 'ema')
 
 
+def test_files_that_need_torch_say_so_without_it(tmp_path, monkeypatch):
+  from secant_jax.convert import edm_pickle
+  for name in ('w.pt', 'net.pkl'):
+    (tmp_path / name).write_bytes(b'x')
+  monkeypatch.setitem(sys.modules, 'torch', None)  # import torch fails
+  with pytest.raises(ImportError, match=r'Reading .*w.pt needs PyTorch: pip install torch \(the '
+                                        r'CPU build is enough\), or export it to .safetensors'):
+    common.load_state_dict(tmp_path / 'w.pt')
+  with pytest.raises(ImportError, match=r'Reading .*net.pkl needs PyTorch: pip install torch '
+                                        r'\(the CPU build is enough\)\.$'):
+    edm_pickle.load(tmp_path / 'net.pkl')
+
+
 def test_a_missing_edm_pickle_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match=r'EDM pickle .*/edm.pkl does not exist; pass the '
                                               r'path of the downloaded network pickle'):

@@ -36,6 +36,17 @@ def load_state_dict(path, key=None):
   return state_dict(read_checkpoint(path), key, path)
 
 
+def import_torch(doing, otherwise=''):
+  """The torch module, or an ImportError saying that `doing` ('Reading FILE') needs it and
+  how to install it (then `otherwise`, another way)."""
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f'{doing} needs PyTorch: pip install torch (the CPU build is '
+                      f'enough){otherwise}.') from e
+  return torch
+
+
 def read_checkpoint(path):
   """The top-level dict of a .pt/.pth (torch), .safetensors or .npz file, local or on a
   bucket (gs://), read through epath. Torch and npz files stream tensor by tensor, so the
@@ -52,11 +63,7 @@ def read_checkpoint(path):
     raise ConversionError(f'Unknown checkpoint format {ext!r} for {path}: expected .pt, '
                           '.pth, .bin, .safetensors or .npz.')
   if ext in ('.pt', '.pth', '.bin'):
-    try:
-      import torch  # pylint: disable=import-outside-toplevel
-    except ImportError as e:
-      raise ImportError(f'Reading {path} needs PyTorch: pip install torch (CPU build is '
-                        'enough), or export it to .safetensors/.npz elsewhere.') from e
+    torch = import_torch(f'Reading {path}', ', or export it to .safetensors/.npz elsewhere')
   with epath.Path(path).open('rb') as stream:
     if ext == '.safetensors':
       from safetensors.numpy import load  # pylint: disable=import-outside-toplevel

@@ -14,7 +14,6 @@ arguments, its state), except torch's tensor rebuilders, whose storages are read
 """
 
 import functools
-import importlib.util
 import io
 import pickle
 
@@ -93,9 +92,7 @@ def load(path):
   if not epath.Path(path).exists():
     raise FileNotFoundError(f'EDM pickle {path} does not exist; pass the path of the '
                             'downloaded network pickle (e.g. edm-cifar10-32x32-uncond-vp.pkl).')
-  if importlib.util.find_spec('torch') is None:
-    raise ImportError(f'Reading {path} needs PyTorch (its tensors are torch tensors): pip '
-                      'install torch (the CPU build is enough).')
+  common.import_torch(f'Reading {path}')
   with epath.Path(path).open('rb') as stream:
     return _Unpickler(stream).load()
 

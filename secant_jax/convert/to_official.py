@@ -124,11 +124,7 @@ def export(run_dir):
 def write(out, state_dict, train_args):
   """Writes {'ema': state dict as torch tensors[, 'args': train_args]} to `out` (.pt, local
   or gs://), whole or not at all."""
-  try:
-    import torch  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(f'Writing {out} needs PyTorch: pip install torch (the CPU build is '
-                      'enough).') from e
+  torch = common.import_torch(f'Writing {out}')
   checkpoint = {'ema': {k: torch.from_numpy(v) for k, v in state_dict.items()}}
   if train_args is not None:
     checkpoint['args'] = train_args
