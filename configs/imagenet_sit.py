@@ -1,7 +1,8 @@
 """SiT-XL/2 on ImageNet-256 VAE latents: --config=configs/imagenet_sit.py:variant=sdei,steps=4
 
 Start from the converted teacher (python -m secant_jax.convert.sit --in SiT-XL-2-256.pt
---out ckpt/sit-xl2); set data.dir to the imported latents (python -m secant_jax.data.latents).
+--out ckpt/sit-xl2); set data.dir to the imported latents (python -m secant_jax.data.latents),
+or to those of ImageNet's images encoded here (python -m secant_jax.data.encode).
 """
 
 from secant_jax import config as config_lib

@@ -120,6 +120,7 @@ def _compare(config, workdir):
       config.seed + 1, c.num_samples, network.image_shape,
       teacher_config.model.get('num_classes', 0))
   mesh = parallel.make_mesh(config.fsdp)
+  parallel.check_batch_size(c.batch_size, mesh, 'config.compare.batch_size')
   quality = (sample_quality.SampleQuality(config, workdir, mesh)
              if features.configured(config.fid) else None)
   stamp = {'compare': stamped_settings(c),

@@ -542,8 +542,8 @@ def test_errors_are_one_line_and_name_the_fix(tmp_path, latent_dir):
     _config(TINY_DIT, {}, 'sdxx')
   odd_batch = _config(TINY_DIT, dict(name='imagenet_latents', dir=latent_dir), 'stee',
                       batch_size=12)
-  with pytest.raises(ValueError, match=r'Global batch size 12 is not a positive multiple '
-                                       r'of the 8 devices'):
+  with pytest.raises(ValueError, match=r"Global batch size 12 is not a positive multiple "
+                                       r"of the 8 devices; set the config's batch_size to"):
     loop.train_and_evaluate(odd_batch, tmp_path / 'r4')
   with pytest.raises(ValueError, match=r"Unknown mode 'eval'"):
     main_lib.run(_config(TINY_DIT, {}, 'stee', mode='eval'), tmp_path / 'r5')

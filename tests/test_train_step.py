@@ -163,8 +163,9 @@ def test_no_recompilation_after_the_first_step():
 def test_bad_setups_are_named():
   for batch in (30, 0):
     with pytest.raises(ValueError, match=rf'Global batch size {batch} is not a positive '
-                                         'multiple of the 8 devices'):
-      parallel.check_batch_size(batch, parallel.make_mesh(1))
+                                         r'multiple of the 8 devices; set config.fid.'
+                                         r'batch_size to a multiple of 8\.'):
+      parallel.check_batch_size(batch, parallel.make_mesh(1), 'config.fid.batch_size')
   with pytest.raises(ValueError, match='fsdp=3 does not divide the 8 devices'):
     parallel.make_mesh(3)
   with pytest.raises(ValueError, match="Unknown secant variant 'sdie'"):

@@ -2,17 +2,22 @@
 tests/torch_song_unet.py, test_official_losses, test_sampling's Algorithm 2): the official
 secant code (SECANT_EXPECTATION_DIR, a checkout of poppuppy/secant_expectation: its
 models.py, models_original.py, transport/ and train.py, which need timm, torchdiffeq and
-accelerate) and EDM's training/networks.py and generate.py's sampler (EDM_DIR, a checkout
-of NVlabs/edm; its generate.py needs click). Neither can be fetched where CI runs, so each
-test is skipped unless its variable names a checkout:
+accelerate), EDM's training/networks.py and generate.py's sampler (EDM_DIR, a checkout
+of NVlabs/edm; its generate.py needs click) and the crop of fast-DiT's
+extract_features.py, which made the official code's latents (FASTDIT_DIR, a checkout of
+chuanyangjin/fast-DiT; only that function is run). None can be fetched where CI runs, so
+each test is skipped unless its variable names a checkout:
 
     git clone https://github.com/poppuppy/secant_expectation /src/secant_expectation
     git clone https://github.com/NVlabs/edm /src/edm
+    git clone https://github.com/chuanyangjin/fast-DiT /src/fast-DiT
     pip install timm torchdiffeq click accelerate
-    SECANT_EXPECTATION_DIR=/src/secant_expectation EDM_DIR=/src/edm pytest -m upstream -s tests
+    SECANT_EXPECTATION_DIR=/src/secant_expectation EDM_DIR=/src/edm FASTDIT_DIR=/src/fast-DiT \
+      pytest -m upstream -s tests
 """
 
 import argparse
+import ast
 import importlib
 import os
 import shlex
@@ -24,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from PIL import Image
 
 from secant_jax import paths
 from secant_jax import sampling
@@ -32,6 +38,7 @@ from secant_jax.convert import common
 from secant_jax.convert import edm as convert_edm
 from secant_jax.convert import sit as convert_sit
 from secant_jax.convert import to_official
+from secant_jax.data import encode
 from secant_jax.models import dit
 from secant_jax.models import edm_unet
 from secant_jax.models import precond
@@ -326,3 +333,21 @@ def test_the_sigma_path_heun_is_edms_own_sampler(edm_networks, evaluations, num_
   error = np.abs(np.asarray(ours) - theirs).max()
   print(f'{num_steps} steps: max |ours − edm_sampler| {error:.2e}')
   np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
+def test_the_crop_is_the_one_fast_dits_extraction_made_the_latents_with():
+  """Its extract_features.py's center_crop_arr (ADM's), run alone from its source, against
+  `encode.center_crop` on images of ImageNet-like and awkward sizes."""
+  directory = _checkout('FASTDIT_DIR', 'extract_features.py')
+  with open(os.path.join(directory, 'extract_features.py'), encoding='utf-8') as f:
+    tree = ast.parse(f.read())
+  function = next(node for node in tree.body
+                  if isinstance(node, ast.FunctionDef) and node.name == 'center_crop_arr')
+  namespace = {'Image': Image, 'np': np}
+  exec(compile(ast.Module([function], []), 'extract_features.py', 'exec'), namespace)  # pylint: disable=exec-used
+  rng = np.random.default_rng(0)
+  for width, height in ((500, 375), (1024, 683), (256, 256), (300, 700), (513, 512),
+                        (257, 1000), (2000, 97)):
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    theirs = np.asarray(namespace['center_crop_arr'](image, 256))
+    np.testing.assert_array_equal(encode.center_crop(image, 256), theirs)

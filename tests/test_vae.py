@@ -1,5 +1,5 @@
-"""The SD-VAE decoder against diffusers' AutoencoderKL (reduced config, random weights), and
-the converter on the full sd-vae-ft-ema parameter shapes."""
+"""The SD-VAE encoder and decoder against diffusers' AutoencoderKL (reduced config, random
+weights), and the converter on the full sd-vae-ft-ema parameter shapes."""
 
 import jax
 import numpy as np
@@ -27,18 +27,45 @@ def _autoencoder(torch, settings, seed=0):
   return model.eval()
 
 
-@pytest.mark.torch
-def test_decoder_parity_with_diffusers(tmp_path):
-  torch = pytest.importorskip('torch')
+def _randomised_file(torch, directory):
+  """A reduced AutoencoderKL with norms and biases randomised too (not only the default
+  init), saved by diffusers' save_pretrained into directory/vae (config.json beside
+  diffusion_pytorch_model.safetensors)."""
   reference = _autoencoder(torch, REDUCED)
-  with torch.no_grad():  # randomise norms and biases too, not only the default init
+  with torch.no_grad():
     for name, p in reference.named_parameters():
       if name.endswith('bias') or 'norm' in name:
         p.copy_(p + 0.1 * torch.randn_like(p))
-  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
-  save_file(reference.state_dict(), tmp_path / 'vae.safetensors')
+  reference.save_pretrained(directory / 'vae')
+  return reference
+
+
+@pytest.mark.torch
+def test_encoder_parity_with_diffusers(tmp_path):
+  torch = pytest.importorskip('torch')
+  reference = _randomised_file(torch, tmp_path)
+  model, variables, scale = convert_vae.load_encoder(tmp_path / 'vae')
+  assert model == vae.VAEEncoder(**{k: v for k, v in REDUCED.items() if k != 'out_channels'})
+  assert scale == reference.config.scaling_factor == 0.18215
+  images = np.random.default_rng(0).uniform(-1, 1, size=(2, 24, 16, 3)).astype(np.float32)
+  with torch.no_grad():
+    posterior = reference.encode(torch.from_numpy(images).permute(0, 3, 1, 2)).latent_dist
+  mean, std = jax.jit(model.apply)(variables, images)
+  assert mean.shape == std.shape == (2, 12, 8, 4)
+  for name, ours, theirs in (('mean', mean, posterior.mean), ('std', std, posterior.std)):
+    theirs = theirs.permute(0, 2, 3, 1).numpy()
+    err = float(np.max(np.abs(np.asarray(ours) - theirs)))
+    print(f'VAE encoder {name}: max abs error {err:.2e} (max {np.abs(theirs).max():.2f})')
+    assert err <= 1e-4
+
+
+@pytest.mark.torch
+def test_decoder_parity_with_diffusers(tmp_path):
+  torch = pytest.importorskip('torch')
+  reference = _randomised_file(torch, tmp_path)
   model = vae.VAEDecoder(**REDUCED)
-  variables = convert_vae.convert(common.load_state_dict(tmp_path / 'vae.safetensors'), model)
+  variables = convert_vae.convert(
+      common.load_state_dict(tmp_path / 'vae' / 'diffusion_pytorch_model.safetensors'), model)
   latents = np.random.default_rng(0).normal(size=(2, 8, 8, 4)).astype(np.float32) * 0.18215
   with torch.no_grad():
     expected = reference.decode(torch.from_numpy(latents).permute(0, 3, 1, 2) / 0.18215).sample
@@ -62,6 +89,19 @@ def test_converter_accepts_the_full_sd_vae_shapes():
   again = convert_vae.convert(old_names)
   np.testing.assert_array_equal(
       again['params']['decoder']['mid_block']['attentions_0']['to_q']['kernel'], kernel)
+  encoder = convert_vae.convert(state, vae.VAEEncoder())['params']
+  assert sorted(encoder) == ['encoder', 'quant_conv']
+  np.testing.assert_array_equal(
+      encoder['encoder']['down_blocks_2']['downsamplers_0']['conv']['kernel'],
+      state['encoder.down_blocks.2.downsamplers.0.conv.weight'].transpose(2, 3, 1, 0))
+
+
+def test_the_encoder_is_read_from_the_weights_not_a_converted_directory(tmp_path):
+  with pytest.raises(FileNotFoundError, match=r'is not a diffusers AutoencoderKL directory '
+                                              r'\(config.json and diffusion_pytorch_model.'
+                                              r'safetensors or .*\); converted VAE checkpoints '
+                                              r'hold only the decoder'):
+    convert_vae.load_encoder(tmp_path)
 
 
 def test_missing_weights_name_where_they_are_published(tmp_path):

@@ -344,7 +344,7 @@ def main(argv=None):
 def _benchmark(config, args):
   mesh = parallel.make_mesh(config.fsdp,
                             None if args.target is None else args.target.devices())
-  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.batch_size, mesh, '--batch')
   device_kind = mesh.devices.flat[0].device_kind
   program = _compile(config, args, mesh)
   hlo_text = program.compiled.as_text()

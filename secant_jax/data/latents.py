@@ -30,6 +30,7 @@ delete --out first).
 """
 
 import argparse
+import functools
 import glob
 import os
 import re
@@ -39,8 +40,8 @@ from etils import epath
 from flax import serialization
 
 from secant_jax import files
+from secant_jax.models.vae import SD_VAE_SCALE
 
-SD_VAE_SCALE = 0.18215
 MANIFEST = 'manifest.json'
 PLAN = 'import.json'
 
@@ -138,7 +139,6 @@ def import_npy(features_dir, labels_dir, out_dir, already_scaled=False, shard_si
   """Writes ArrayRecord shards of raw NHWC latents and their manifest into `out_dir` (a
   local directory or a bucket), about `shard_size` latents each; returns the number of
   records."""
-  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
   features = sorted(glob.glob(os.path.join(features_dir, '*.npy')), key=_natural_key)
   if not features:
     raise FileNotFoundError(f'No .npy files in {features_dir}; expected one latent per '
@@ -147,35 +147,50 @@ def import_npy(features_dir, labels_dir, out_dir, already_scaled=False, shard_si
   check_scale(features, already_scaled)
   first = np.load(features[0], mmap_mode='r').shape
   files_per_shard = max(1, shard_size // int(np.prod(first[:-3])))
-  out = epath.Path(files.make_directory(out_dir))
   plan = {'features': files.absolute(features_dir), 'labels': files.absolute(labels_dir),
           'already_scaled': already_scaled, 'shard_size': shard_size,
           'files': len(features), 'first': os.path.basename(features[0]),
           'last': os.path.basename(features[-1])}
+  return write_shards(out_dir, plan, [
+      functools.partial(_npy_records, features[start:start + files_per_shard], labels_dir,
+                        already_scaled)
+      for start in range(0, len(features), files_per_shard)])
+
+
+def _npy_records(features, labels_dir, already_scaled):
+  for path in features:
+    batch = _raw_latents(path, already_scaled)
+    for latent, label in zip(batch, _labels(path, labels_dir, len(batch))):
+      yield latent.transpose(1, 2, 0), label
+
+
+def write_shards(out_dir, plan, shards):
+  """Writes shard k of `shards` (functions, each giving its (raw NHWC latent, label)
+  records) as latents-0000k.array_record into `out_dir` (local or a bucket), each whole,
+  then the manifest; returns the number of records. `plan` (what is written, as JSON) goes
+  to import.json first: a rerun with the same plan keeps the shards already there."""
+  from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
+  out = epath.Path(files.make_directory(out_dir))
   kept = _shards_of(out, plan)
   (out / MANIFEST).unlink(missing_ok=True)
   files.write_json(out / PLAN, plan)
   if kept:
     print(f'{out}: keeping the {len(kept)} shards an earlier run of this import finished')
-  shards, records = [], 0
-  for start in range(0, len(features), files_per_shard):
-    shards.append(f'latents-{start // files_per_shard:05d}.array_record')
-    if shards[-1] in kept:
-      reader = array_record_module.ArrayRecordReader(str(out / shards[-1]))
-      records += reader.num_records()
-      reader.close()
-      continue
-    with files.written_whole(out / shards[-1]) as staged:
-      writer = array_record_module.ArrayRecordWriter(staged, 'group_size:1')
-      try:
-        for path in features[start:start + files_per_shard]:
-          batch = _raw_latents(path, already_scaled)
-          for latent, label in zip(batch, _labels(path, labels_dir, len(batch))):
-            writer.write(encode(latent.transpose(1, 2, 0), label))
-          records += len(batch)
-      finally:
-        writer.close()
-  files.write_json(out / MANIFEST, {'records': records, 'shards': shards})
+  names, records = [], 0
+  for k, shard_records in enumerate(shards):
+    names.append(f'latents-{k:05d}.array_record')
+    if names[-1] not in kept:
+      with files.written_whole(out / names[-1]) as staged:
+        writer = array_record_module.ArrayRecordWriter(staged, 'group_size:1')
+        try:
+          for latent, label in shard_records():
+            writer.write(encode(latent, label))
+        finally:
+          writer.close()
+    reader = array_record_module.ArrayRecordReader(str(out / names[-1]))
+    records += reader.num_records()
+    reader.close()
+  files.write_json(out / MANIFEST, {'records': records, 'shards': names})
   return records
 
 

@@ -112,7 +112,7 @@ def compare(samplers, task, tangent_of, noise, labels, batch_size, mesh, quality
   (`Progress.save_if_due`) and a rerun resumes after the latest save. With `references`
   (evaluation.references.References) each batch's reference solution is read where kept,
   and kept where solved."""
-  parallel.check_batch_size(batch_size, mesh)
+  parallel.check_batch_size(batch_size, mesh, 'batch_size')
   sharding = parallel.batch_sharding(mesh)
   reference_fn = jax.jit(lambda n, y: sampling.reference_sample(tangent_of(y), n, task.path),
                          out_shardings=sharding)

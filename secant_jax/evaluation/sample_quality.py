@@ -163,7 +163,7 @@ class SampleQuality:
     `image_dir` each sample is also written there as the PNG it was scored as, sample i as
     image_name(i) (before the save that counts it)."""
     batch = self.config.fid.batch_size
-    parallel.check_batch_size(batch, self.mesh)
+    parallel.check_batch_size(batch, self.mesh, 'config.fid.batch_size')
     if image_dir:
       image_dir = files.make_directory(image_dir)
       check_image_dir(image_dir, num_samples)

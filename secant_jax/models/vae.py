@@ -1,18 +1,26 @@
-"""The SD-VAE decoder (diffusers' AutoencoderKL, as in stabilityai/sd-vae-ft-ema) in Flax, NHWC.
+"""The SD-VAE (diffusers' AutoencoderKL, as in stabilityai/sd-vae-ft-ema) in Flax, NHWC.
 
-latents [B, h, w, 4] (scaled, as the secant models produce them) → ÷ latent_scale →
-post_quant_conv → decoder → RGB [B, 8h, 8w, 3] in about [−1, 1]. The decoder: conv_in;
-a middle block (ResNet, single-head self-attention over all pixels, ResNet); up blocks
-from the widest channels down, each `layers_per_block + 1` ResNets then (except the last)
-nearest 2× upsampling and a 3×3 conv; GroupNorm, SiLU, conv_out. ResNet blocks are
-GroupNorm → SiLU → conv3×3 twice, with a 1×1 conv shortcut when the width changes;
-GroupNorm ε = 1e-6 throughout. Module names follow diffusers' state dict keys.
+Encoder: RGB [B, H, W, 3] in [−1, 1] → conv_in; down blocks from the narrowest channels
+up, each `layers_per_block` ResNets then (except the last) a 3×3 convolution of stride 2
+after one zero row and column at the bottom and right; the middle block; GroupNorm, SiLU,
+conv_out to 2C channels; quant_conv → the mean and log-variance (clipped to [−30, 20]) of
+the raw latent's diagonal Gaussian [B, H/8, W/8, C].
+
+Decoder: scaled latents [B, h, w, C] (as the secant models produce them) → ÷ latent_scale
+→ post_quant_conv → conv_in; the middle block; up blocks from the widest channels down,
+each `layers_per_block + 1` ResNets then (except the last) nearest 2× upsampling and a 3×3
+conv; GroupNorm, SiLU, conv_out → RGB [B, 8h, 8w, 3] in about [−1, 1].
+
+The middle block is ResNet, single-head self-attention over all pixels, ResNet. ResNet
+blocks are GroupNorm → SiLU → conv3×3 twice, with a 1×1 conv shortcut when the width
+changes; GroupNorm ε = 1e-6 throughout. Module names follow diffusers' state dict keys.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+SD_VAE_SCALE = 0.18215  # ≈ 1 / the std of its raw latents; the secant models see latents ×this
 SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
               latent_channels=4, out_channels=3)
 
@@ -72,19 +80,50 @@ class Upsample(nn.Module):
     return _conv(self.features, 3, 'conv')(x)
 
 
-class UpBlock(nn.Module):
+class Downsample(nn.Module):
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    x = jnp.pad(x, ((0, 0), (0, 1), (0, 1), (0, 0)))
+    return nn.Conv(self.features, (3, 3), strides=2, padding='VALID', name='conv')(x)
+
+
+class Stage(nn.Module):
+  """`num_resnets` ResNets, then diffusers' downsampler ('down') or upsampler ('up'), or
+  none (''): an encoder's down block or a decoder's up block."""
   features: int
   num_resnets: int
   groups: int
-  upsample: bool
+  resample: str
 
   @nn.compact
   def __call__(self, x):
     for j in range(self.num_resnets):
       x = ResnetBlock(self.features, self.groups, name=f'resnets_{j}')(x)
-    if self.upsample:
+    if self.resample == 'down':
+      x = Downsample(self.features, name='downsamplers_0')(x)
+    elif self.resample == 'up':
       x = Upsample(self.features, name='upsamplers_0')(x)
     return x
+
+
+class Encoder(nn.Module):
+  block_out_channels: tuple
+  layers_per_block: int
+  norm_num_groups: int
+  latent_channels: int
+
+  @nn.compact
+  def __call__(self, images):
+    widths = self.block_out_channels
+    x = _conv(widths[0], 3, 'conv_in')(images)
+    for i, width in enumerate(widths):
+      x = Stage(width, self.layers_per_block, self.norm_num_groups,
+                'down' if i < len(widths) - 1 else '', name=f'down_blocks_{i}')(x)
+    x = MidBlock(self.norm_num_groups, name='mid_block')(x)
+    x = nn.silu(nn.GroupNorm(self.norm_num_groups, epsilon=1e-6, name='conv_norm_out')(x))
+    return _conv(2 * self.latent_channels, 3, 'conv_out')(x)
 
 
 class Decoder(nn.Module):
@@ -99,8 +138,8 @@ class Decoder(nn.Module):
     x = _conv(widths[0], 3, 'conv_in')(z)
     x = MidBlock(self.norm_num_groups, name='mid_block')(x)
     for i, width in enumerate(widths):
-      x = UpBlock(width, self.layers_per_block + 1, self.norm_num_groups,
-                  upsample=i < len(widths) - 1, name=f'up_blocks_{i}')(x)
+      x = Stage(width, self.layers_per_block + 1, self.norm_num_groups,
+                'up' if i < len(widths) - 1 else '', name=f'up_blocks_{i}')(x)
     x = nn.silu(nn.GroupNorm(self.norm_num_groups, epsilon=1e-6, name='conv_norm_out')(x))
     return _conv(self.out_channels, 3, 'conv_out')(x)
 
@@ -112,7 +151,7 @@ class VAEDecoder(nn.Module):
   norm_num_groups: int = SD_VAE['norm_num_groups']
   latent_channels: int = SD_VAE['latent_channels']
   out_channels: int = SD_VAE['out_channels']
-  latent_scale: float = 0.18215
+  latent_scale: float = SD_VAE_SCALE
 
   @nn.compact
   def __call__(self, latents):
@@ -123,3 +162,23 @@ class VAEDecoder(nn.Module):
     z = _conv(self.latent_channels, 1, 'post_quant_conv')(z)
     return Decoder(tuple(self.block_out_channels), self.layers_per_block,
                    self.norm_num_groups, self.out_channels, name='decoder')(z)
+
+
+class VAEEncoder(nn.Module):
+  """Images [B, H, W, 3] in [−1, 1] → (mean, std) of the raw latent [B, H/8, W/8, C] (for
+  the SD-VAE; a sample is mean + std·ε, and × SD_VAE_SCALE makes it what the models see)."""
+  block_out_channels: tuple = SD_VAE['block_out_channels']
+  layers_per_block: int = SD_VAE['layers_per_block']
+  norm_num_groups: int = SD_VAE['norm_num_groups']
+  latent_channels: int = SD_VAE['latent_channels']
+
+  @nn.compact
+  def __call__(self, images):
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f'VAEEncoder takes NHWC RGB images [B, H, W, 3], got {images.shape}.')
+    moments = Encoder(tuple(self.block_out_channels), self.layers_per_block,
+                      self.norm_num_groups, self.latent_channels,
+                      name='encoder')(images.astype(jnp.float32))
+    moments = _conv(2 * self.latent_channels, 1, 'quant_conv')(moments)
+    mean, log_variance = jnp.split(moments, 2, axis=-1)
+    return mean, jnp.exp(0.5 * jnp.clip(log_variance, -30.0, 20.0))

@@ -33,11 +33,11 @@ def batch_sharding(mesh):
   return NamedSharding(mesh, P(('data', 'fsdp')))
 
 
-def check_batch_size(batch_size, mesh):
+def check_batch_size(batch_size, mesh, setting="the config's batch_size"):
+  """Raises unless `batch_size` (what `setting` names) splits evenly over the mesh."""
   if batch_size < 1 or batch_size % mesh.size:
     raise ValueError(f'Global batch size {batch_size} is not a positive multiple of the '
-                     f"{mesh.size} devices; set the config's batch_size to a multiple of "
-                     f'{mesh.size}.')
+                     f'{mesh.size} devices; set {setting} to a multiple of {mesh.size}.')
 
 
 def _leaf_sharding(leaf, mesh, fsdp, min_size):
