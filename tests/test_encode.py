@@ -158,8 +158,9 @@ def test_images_are_listed_as_torchvisions_image_folder_lists_them(tmp_path):
 def test_bad_input_is_named_with_the_fix(tmp_path):
   root = _image_folder(tmp_path / 'images')
   _vae_directory(tmp_path / 'vae')
-  with pytest.raises(ValueError, match=r'--image-size 20 is not a positive multiple of 8'):
-    _encode(tmp_path, tmp_path / 'out', '--image-size', '20')
+  with pytest.raises(ValueError, match=r'--image-size 15 is not a positive multiple of 2, '
+                                       r'which the VAE downsamples by'):
+    _encode(tmp_path, tmp_path / 'out', '--image-size', '15')  # the reduced VAE's 2
   with pytest.raises(ValueError, match=r'Global batch size 12 is not a positive multiple of '
                                        r'the 8 devices; set --batch-size to a multiple of 8'):
     _encode(tmp_path, tmp_path / 'out', '--batch-size', '12')

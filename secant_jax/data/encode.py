@@ -117,11 +117,13 @@ def encode_folder(images_dir, out_dir, vae_path, image_size=256, batch_size=64, 
                   matmul_precision='highest'):
   """Writes the latents of the images in `images_dir` as ArrayRecord shards of
   `shard_size` images into `out_dir`; returns (record count, the VAE's scaling factor)."""
-  if image_size < 8 or image_size % 8:
-    raise ValueError(f'--image-size {image_size} is not a positive multiple of 8, which the '
-                     'VAE downsamples by; use 256 for ImageNet-256 (512 for ImageNet-512).')
   items, classes = image_folder(images_dir)
   encoder, variables, scaling_factor = convert_vae.load_encoder(vae_path)
+  factor = encoder.downsampling
+  if image_size < factor or image_size % factor:
+    raise ValueError(f'--image-size {image_size} is not a positive multiple of {factor}, '
+                     'which the VAE downsamples by; use 256 for ImageNet-256 (512 for '
+                     'ImageNet-512).')
   mesh = parallel.make_mesh(devices=jax.local_devices())
   parallel.check_batch_size(batch_size, mesh, '--batch-size')
   variables = jax.device_put(variables, parallel.replicated(mesh))

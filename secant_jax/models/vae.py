@@ -172,6 +172,11 @@ class VAEEncoder(nn.Module):
   norm_num_groups: int = SD_VAE['norm_num_groups']
   latent_channels: int = SD_VAE['latent_channels']
 
+  @property
+  def downsampling(self):
+    """The ratio of image to latent size (8 for the SD-VAE)."""
+    return 2 ** (len(self.block_out_channels) - 1)
+
   @nn.compact
   def __call__(self, images):
     if images.ndim != 4 or images.shape[-1] != 3:
