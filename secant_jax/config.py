@@ -39,7 +39,7 @@ RESUMABLE_CHANGES = ('mode', 'num_train_steps', 'log_every', 'checkpoint_every',
 # before is rebuilt as it trained (compare, evaluate), and resuming it under a config that
 # now sets another value is refused as the change it is (`changed_settings`).
 ADDED_SETTINGS = {'ema_warmup': False, 'secant.loss_weighting': 'uniform',
-                  'secant.diffusion_log_sigma': None}
+                  'secant.diffusion_log_sigma': None, 'path.schedule': 'rho'}
 
 
 def with_added_settings(saved):
@@ -130,7 +130,7 @@ def base_config():
   c.seed = 0
   c.model = ml_collections.ConfigDict()
   c.path = ml_collections.ConfigDict(dict(name='linear', sigma_min=0.002, sigma_max=80.0,
-                                          rho=7.0, sigma_data=0.5))
+                                          rho=7.0, schedule='rho', sigma_data=0.5))
   c.secant = secant_config('sdei', 4)
   c.init_checkpoint = ''  # converted weights to start from ('' = random init)
   c.teacher_checkpoint = ''  # converted teacher ('' = init_checkpoint)

@@ -9,6 +9,12 @@ u ∈ [0, 1] runs from noise (u = 0) to data (u = 1) on both, and `time(u)` maps
 |--------|------------------|------|-------|-----------------------------------------------------|
 | Linear | t ∈ [0, 1]       | t    | 1 − t | u                                                   |
 | EDM    | σ ∈ [σmin, σmax] | 1    | σ     | (σmax^{1/ρ} + u(σmin^{1/ρ} − σmax^{1/ρ}))^ρ          |
+
+The EDM path's time(u) above is Karras et al.'s ρ-schedule (`schedule='rho'`, EDM's own);
+`schedule='linear'` spaces σ as the linear path spaces its time: σ = 1/τ − 1 with τ
+uniform in u from 1/(1 + σmax) to 1/(1 + σmin) (x_data + σ·ε is the linear path's
+x_τ = τ·x_data + (1 − τ)·ε divided by τ), so a grid of N steps meets the linear path's
+k/N between the two ends.
 """
 
 import abc
@@ -113,15 +119,23 @@ class EDM(AffinePath):
   sigma_min: float = 0.002
   sigma_max: float = 80.0
   rho: float = 7.0
+  schedule: str = 'rho'
   heun_is_edm_sampler: ClassVar[bool] = True
 
   def __post_init__(self):
     if not 0 < self.sigma_min < self.sigma_max:
       raise ValueError('EDM path needs 0 < sigma_min < sigma_max, got '
                        f'sigma_min={self.sigma_min}, sigma_max={self.sigma_max}.')
+    if self.schedule not in ('rho', 'linear'):
+      raise ValueError(f"Unknown σ schedule {self.schedule!r}: expected 'rho' (EDM's) or "
+                       "'linear' (the linear path's times); set config.path.schedule.")
 
   def time(self, u):
     u = jnp.asarray(u, jnp.float32)
+    if self.schedule == 'linear':  # (1 − τ)/τ, both interpolated, exact at the ends
+      hi, lo = self.sigma_max, self.sigma_min
+      return (((1 - u) * hi / (1 + hi) + u * lo / (1 + lo))
+              / ((1 - u) / (1 + hi) + u / (1 + lo)))
     lo = self.sigma_min ** (1.0 / self.rho)
     hi = self.sigma_max ** (1.0 / self.rho)
     return (hi + u * (lo - hi)) ** self.rho

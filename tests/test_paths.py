@@ -45,6 +45,21 @@ def test_edm_grid_endpoints_and_karras_schedule():
   np.testing.assert_allclose(grid, karras, rtol=1e-5)
 
 
+def test_edm_linear_schedule_spaces_sigma_as_the_linear_path_its_time():
+  """σ = 1/τ − 1 with τ uniform between the ends: where τ is a linear-path time k/N
+  inside them, the grid point is that time's σ = (1 − τ)/τ (the two paths' points agree
+  up to the factor τ)."""
+  path = paths.EDM(sigma_min=0.002, sigma_max=80.0, schedule='linear')
+  grid = np.asarray(path.grid(4))
+  tau = 1 / 81 + np.arange(5) / 4 * (1 / 1.002 - 1 / 81)
+  np.testing.assert_allclose(grid, 1 / tau - 1, rtol=1e-5)
+  np.testing.assert_allclose(grid[[0, -1]], [80.0, 0.002], rtol=1e-5)
+  x, eps = jnp.array([[2.0, -1.0]]), jnp.array([[0.5, 3.0]])
+  sigma = grid[2]
+  np.testing.assert_allclose(paths.Linear().at(x, eps, 1 / (1 + sigma)),
+                             path.at(x, eps, sigma) / (1 + sigma), rtol=1e-6)
+
+
 def test_linear_grid_is_uniform_from_noise_to_data():
   np.testing.assert_allclose(paths.Linear().grid(4), [0.0, 0.25, 0.5, 0.75, 1.0])
 
@@ -62,3 +77,6 @@ def test_bad_settings_are_named():
     paths.Linear().grid(0)
   with pytest.raises(ValueError, match='0 < sigma_min < sigma_max'):
     paths.EDM(sigma_min=1.0, sigma_max=0.5)
+  with pytest.raises(ValueError, match=r"Unknown σ schedule 'karras': expected 'rho' \(EDM's\) "
+                                       r"or 'linear' .*; set config.path.schedule"):
+    paths.EDM(schedule='karras')

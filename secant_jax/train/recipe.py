@@ -15,7 +15,8 @@ def make_path(path_config):
   if path_config.name == 'linear':
     return paths_lib.Linear()
   if path_config.name == 'edm':
-    return paths_lib.EDM(path_config.sigma_min, path_config.sigma_max, path_config.rho)
+    return paths_lib.EDM(path_config.sigma_min, path_config.sigma_max, path_config.rho,
+                         path_config.schedule)
   raise ValueError(f"Unknown path {path_config.name!r}: expected 'linear' or 'edm'; set "
                    'config.path.name.')
 
