@@ -26,7 +26,8 @@ trained on in part. `import.json`, written first, records what is imported (the
 directories, the flag, the shard size, the number of files and the first and last names);
 a rerun of the same import keeps the shards already there and writes only the missing
 ones, so a stopped import goes on where it was (to import changed files of the same names,
-delete --out first).
+delete --out first). `write_shards` is that mechanism; `data.encode` writes its latents of
+images through it too.
 """
 
 import argparse
