@@ -6,8 +6,10 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
+from etils import epath
 from flax import traverse_util
 from PIL import Image
 from safetensors.numpy import save_file
@@ -129,6 +131,30 @@ def test_a_stopped_encoding_goes_on_where_it_was(tmp_path):
   np.testing.assert_array_equal(again[0], whole[0])
   assert again[1] == whole[1]
   assert json.loads((out / latents.PLAN).read_text())['classes'] == ['cat', 'dog']
+
+
+def test_images_on_a_bucket_encode_as_on_a_disk(gcs_bucket, tmp_path):
+  """Listed, read and written through epath: the same records from gs:// as from a disk."""
+  root = _image_folder(tmp_path / 'images')
+  _vae_directory(tmp_path / 'vae')
+  for path in sorted(root.rglob('*')):
+    if path.is_file():
+      epath.Path(f'{gcs_bucket}/images/{path.relative_to(root)}').write_bytes(
+          path.read_bytes())
+  assert encode.image_folder(f'{gcs_bucket}/images') == (
+      [(f'{gcs_bucket}/images/{os.path.relpath(p, root)}', y)
+       for p, y in encode.image_folder(str(root))[0]], ['cat', 'dog'])
+  _encode(tmp_path, tmp_path / 'local', '--batch-size', '8')
+  encode.main(['--images', f'{gcs_bucket}/images', '--vae', str(tmp_path / 'vae'), '--out',
+               f'{gcs_bucket}/latents', '--image-size', '16', '--shard-size', '3',
+               '--batch-size', '8', '--read-threads', '1'])
+  plan = json.loads(epath.Path(f'{gcs_bucket}/latents/{latents.PLAN}').read_text())
+  assert plan['images'] == f'{gcs_bucket}/images' and plan['first'] == 'cat/1.png'
+  on_bucket = latents.source(ml_collections.ConfigDict(
+      dict(dir=f'{gcs_bucket}/latents', latent_scale=1.0)))
+  local = _records(tmp_path / 'local')
+  np.testing.assert_array_equal(np.stack([on_bucket[i]['x'] for i in range(5)]), local[0])
+  assert [int(on_bucket[i]['y']) for i in range(5)] == local[1]
 
 
 def test_center_crop_halves_then_cuts_the_middle():

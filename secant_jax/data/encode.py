@@ -4,31 +4,32 @@
         --out data/imagenet256-latents [--image-size 256] [--batch-size 64]
 
 For images without the official code's pre-extracted latents (another resolution, another
-dataset, or ImageNet itself). The images are listed as torchvision's ImageFolder lists
-them: one subdirectory per class, classes numbered in sorted name order, the files with an
-image extension in sorted order. Each is prepared as fast-DiT's extract_features.py (the
-extraction the official code's latents come from) prepares it: converted to RGB, cut to
-image_size² as ADM does (`center_crop`), flipped left-right with probability ½ (--flip
-random; --flip none never flips) and scaled to [−1, 1]. Its record holds a draw from the
-encoder's Gaussian (--latent sample, as fast-DiT) or the Gaussian's mean, raw (not
-×scaling factor, as the importer's records). The flip and the draw come from a key folded
-with --seed and the image's index in the listing, so a rerun, or a stopped run run again,
-writes the same records, whatever the batch size. Shards, manifest and resuming are the
-importer's (`latents.write_shards`); import.json also records the class names in label
-order.
+dataset, or ImageNet itself). The images (a local directory or a bucket, gs://…) are
+listed as torchvision's ImageFolder lists them: one subdirectory per class, classes
+numbered in sorted name order, the files with an image extension in sorted order. Each is
+prepared as fast-DiT's extract_features.py (the extraction the official code's latents
+come from) prepares it: converted to RGB, cut to image_size² as ADM does (`center_crop`),
+flipped left-right with probability ½ (--flip random; --flip none never flips) and scaled
+to [−1, 1]. Its record holds a draw from the encoder's Gaussian (--latent sample, as
+fast-DiT) or the Gaussian's mean, raw (not ×scaling factor, as the importer's records).
+The flip and the draw come from a key folded with --seed and the image's index in the
+listing, so a rerun, or a stopped run run again, writes the same records, whatever the
+batch size. Shards, manifest and resuming are the importer's (`latents.write_shards`);
+import.json also records the class names in label order.
 
 The encoder computes in float32 with --matmul-precision highest (full float32 products);
 `default` is faster: TF32 on recent NVIDIA GPUs (as fast-DiT's extraction ran), one bf16
-pass on TPUs. It runs on every local device, the batch split over them.
+pass on TPUs. It runs on every device of its host, the batch split over them (one process:
+on a pod, run it on one host).
 """
 
 import argparse
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from secant_jax import files
@@ -41,30 +42,47 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.t
 
 
 def image_folder(directory):
-  """([(path, label)], class names) of a directory of class subdirectories, in the order
-  torchvision's ImageFolder gives (sorted classes; within one, os.walk's directories sorted,
-  their files sorted)."""
-  if not os.path.isdir(directory):
+  """([(path, label)], class names) of a directory (local or a bucket) of class
+  subdirectories, in the order torchvision's ImageFolder gives: classes sorted; within one,
+  its directories and theirs sorted by path, each one's files sorted. An entry named with
+  an image extension is taken for a file without asking (a bucket would be asked once per
+  image)."""
+  root = epath.Path(directory)
+  if not root.is_dir():
     raise FileNotFoundError(f'Image directory {directory} does not exist; pass --images, a '
                             'directory with one subdirectory of images per class (as '
                             "ImageNet's train/).")
-  classes = sorted(entry.name for entry in os.scandir(directory) if entry.is_dir())
+  classes = sorted(p.name for p in root.iterdir()
+                   if not _is_image(p.name) and p.is_dir())
   items = []
   for label, name in enumerate(classes):
-    found = [os.path.join(root, f)
-             for root, _, names in sorted(os.walk(os.path.join(directory, name),
-                                                  followlinks=True))
-             for f in sorted(names) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    found = _images_under(root / name)
     if not found:
-      raise FileNotFoundError(f'Class directory {os.path.join(directory, name)} holds no '
-                              f'images (files ending {", ".join(IMAGE_EXTENSIONS)}); remove '
-                              'it or add its images.')
+      raise FileNotFoundError(f'Class directory {root / name} holds no images (files ending '
+                              f'{", ".join(IMAGE_EXTENSIONS)}); remove it or add its '
+                              'images.')
     items.extend((path, label) for path in found)
   if not items:
     raise FileNotFoundError(f'{directory} has no class subdirectories; expected one '
                             'subdirectory of images per class (as ImageNet\'s train/n01440764/'
                             '...).')
   return items, classes
+
+
+def _is_image(name):
+  return name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def _images_under(directory):
+  """The image files in `directory` and its subdirectories, as os.walk sorted by path
+  lists them."""
+  listed, pending = [], [directory]
+  while pending:
+    here = pending.pop()
+    entries = list(here.iterdir())
+    listed.append((str(here), sorted(p.name for p in entries if _is_image(p.name))))
+    pending.extend(p for p in entries if not _is_image(p.name) and p.is_dir())
+  return [f'{where}/{name}' for where, names in sorted(listed) for name in names]
 
 
 def center_crop(image, size):
@@ -85,7 +103,7 @@ def load_image(item, size):
   """{'x': uint8 [size, size, 3], 'y': int32} of an (image path, label) item."""
   path, label = item
   try:
-    with Image.open(path) as image:
+    with epath.Path(path).open('rb') as f, Image.open(f) as image:
       pixels = center_crop(image.convert('RGB'), size)
   except (OSError, ValueError) as e:
     raise ValueError(f'{path} could not be read as an image ({e}); remove or replace '
@@ -136,8 +154,8 @@ def encode_folder(images_dir, out_dir, vae_path, image_size=256, batch_size=64, 
                         jax.device_put(indices, parallel.batch_sharding(mesh)))
 
   plan = {'images': files.absolute(images_dir), 'classes': classes, 'files': len(items),
-          'first': os.path.relpath(items[0][0], images_dir),
-          'last': os.path.relpath(items[-1][0], images_dir), 'vae': files.absolute(vae_path),
+          'first': items[0][0][len(str(epath.Path(images_dir))) + 1:],
+          'last': items[-1][0][len(str(epath.Path(images_dir))) + 1:], 'vae': files.absolute(vae_path),
           'image_size': image_size, 'flip': flip, 'sample': sample, 'seed': seed,
           'matmul_precision': matmul_precision, 'shard_size': shard_size}
   shards = [functools.partial(_shard_records, items[start:start + shard_size], start, run,
