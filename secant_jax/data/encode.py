@@ -153,11 +153,12 @@ def encode_folder(images_dir, out_dir, vae_path, image_size=256, batch_size=64, 
       return latents_of(variables, key, jax.device_put(pixels, parallel.batch_sharding(mesh)),
                         jax.device_put(indices, parallel.batch_sharding(mesh)))
 
+  prefix = len(str(epath.Path(images_dir))) + 1  # a listed path's part before its class
   plan = {'images': files.absolute(images_dir), 'classes': classes, 'files': len(items),
-          'first': items[0][0][len(str(epath.Path(images_dir))) + 1:],
-          'last': items[-1][0][len(str(epath.Path(images_dir))) + 1:], 'vae': files.absolute(vae_path),
-          'image_size': image_size, 'flip': flip, 'sample': sample, 'seed': seed,
-          'matmul_precision': matmul_precision, 'shard_size': shard_size}
+          'first': items[0][0][prefix:], 'last': items[-1][0][prefix:],
+          'vae': files.absolute(vae_path), 'image_size': image_size, 'flip': flip,
+          'sample': sample, 'seed': seed, 'matmul_precision': matmul_precision,
+          'shard_size': shard_size}
   shards = [functools.partial(_shard_records, items[start:start + shard_size], start, run,
                               image_size, batch_size, read_threads)
             for start in range(0, len(items), shard_size)]
@@ -172,6 +173,10 @@ def _shard_records(items, first_index, run, image_size, batch_size, read_threads
   batches = (grain.MapDataset.source(items)
              .map(functools.partial(load_image, size=image_size)).batch(batch_size)
              .to_iter_dataset(grain.ReadOptions(num_threads=read_threads)))
+
+  def records(latents_of_batch, labels):  # waits for the device; drops the padding
+    return zip(np.asarray(latents_of_batch)[:len(labels)], labels)
+
   pending = None
   for k, batch in enumerate(batches):
     count = len(batch['y'])
@@ -179,10 +184,10 @@ def _shard_records(items, first_index, run, image_size, batch_size, read_threads
     pixels[:count] = batch['x']
     indices = np.arange(batch_size, dtype=np.int32) + first_index + k * batch_size
     if pending is not None:
-      yield from zip(np.asarray(pending[0])[:len(pending[1])], pending[1])
+      yield from records(*pending)
     pending = run(pixels, indices), batch['y']
   if pending is not None:
-    yield from zip(np.asarray(pending[0])[:len(pending[1])], pending[1])
+    yield from records(*pending)
 
 
 def main(argv=None):

@@ -180,17 +180,19 @@ def write_shards(out_dir, plan, shards):
   names, records = [], 0
   for k, shard_records in enumerate(shards):
     names.append(f'latents-{k:05d}.array_record')
-    if names[-1] not in kept:
-      with files.written_whole(out / names[-1]) as staged:
-        writer = array_record_module.ArrayRecordWriter(staged, 'group_size:1')
-        try:
-          for latent, label in shard_records():
-            writer.write(encode(latent, label))
-        finally:
-          writer.close()
-    reader = array_record_module.ArrayRecordReader(str(out / names[-1]))
-    records += reader.num_records()
-    reader.close()
+    if names[-1] in kept:
+      reader = array_record_module.ArrayRecordReader(str(out / names[-1]))
+      records += reader.num_records()
+      reader.close()
+      continue
+    with files.written_whole(out / names[-1]) as staged:
+      writer = array_record_module.ArrayRecordWriter(staged, 'group_size:1')
+      try:
+        for latent, label in shard_records():
+          writer.write(encode(latent, label))
+          records += 1
+      finally:
+        writer.close()
   files.write_json(out / MANIFEST, {'records': records, 'shards': names})
   return records
 
