@@ -213,6 +213,12 @@ def convert(state_dict, template, *, ignore=(), keep_from_template=(), copy_miss
              keep_from_template=keep_from_template, copy_missing=copy_missing)
 
 
+def module_fields(arguments):
+  """Constructor arguments read from a file (a pickle, a config.json) as Flax module fields:
+  lists become tuples, as a module's fields must be hashable."""
+  return {k: tuple(v) if isinstance(v, list) else v for k, v in arguments.items()}
+
+
 def abstract_variables(model, *args, **kwargs):
   """The model's variables as ShapeDtypeStructs (no memory, no compute)."""
   return jax.eval_shape(lambda: model.init(jax.random.key(0), *args, **kwargs))

@@ -75,8 +75,7 @@ def from_pickle(path, key='ema'):
   if unknown:
     raise common.ConversionError(f"{path}'s SongUNet was built with {unknown}, which "
                                  'edm_unet.SongUNet does not implement.')
-  model = edm_unet.SongUNet(**{k: tuple(v) if isinstance(v, list) else v
-                               for k, v in kwargs.items()})
+  model = edm_unet.SongUNet(**common.module_fields(kwargs))
   return edm_pickle.state_dict(net), model, float(net.state.get('sigma_data', 0.5))
 
 

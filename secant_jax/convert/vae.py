@@ -70,8 +70,7 @@ def load_encoder(path):
           f'decoder. Pass the diffusers weights file ({WEIGHTS_URL}) or the directory '
           'save_pretrained writes.')
     settings, path = json.loads((path / 'config.json').read_text()), weights[0]
-  model = vae.VAEEncoder(**{k: tuple(v) if isinstance(v, list) else v
-                            for k, v in _encoder_settings(settings, path).items()})
+  model = vae.VAEEncoder(**common.module_fields(_encoder_settings(settings, path)))
   variables = common.load_or_convert(path, lambda state: convert(state, model), 'VAE',
                                      WEIGHTS_URL + ' (sd-vae-ft-ema)', '--vae')
   return model, variables, settings.get('scaling_factor', vae.SD_VAE_SCALE)
