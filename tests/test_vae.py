@@ -102,6 +102,10 @@ def test_the_encoder_is_read_from_the_weights_not_a_converted_directory(tmp_path
                                               r'safetensors or .*\); converted VAE checkpoints '
                                               r'hold only the decoder'):
     convert_vae.load_encoder(tmp_path)
+  with pytest.raises(FileNotFoundError, match=r'vae.safetensors do not exist; download '
+                                              r'https://huggingface.co/stabilityai/sd-vae-ft-ema'
+                                              r'.*and pass it as --vae\.$'):
+    convert_vae.load_encoder(tmp_path / 'vae.safetensors')
 
 
 def test_missing_weights_name_where_they_are_published(tmp_path):

@@ -60,6 +60,10 @@ def load_encoder(path):
   weights file alone (SD-VAE's architecture and 0.18215). A converted directory holds
   only the decoder."""
   path = epath.Path(path)
+  if not path.exists():
+    raise FileNotFoundError(f'VAE weights {path} do not exist; download {WEIGHTS_URL} '
+                            "(sd-vae-ft-ema), or use the directory diffusers' save_pretrained "
+                            'writes, and pass it as --vae.')
   settings = {}
   if path.is_dir():
     weights = [path / name for name in DIFFUSERS_WEIGHTS if (path / name).exists()]
@@ -71,8 +75,7 @@ def load_encoder(path):
           'save_pretrained writes.')
     settings, path = json.loads((path / 'config.json').read_text()), weights[0]
   model = vae.VAEEncoder(**common.module_fields(_encoder_settings(settings, path)))
-  variables = common.load_or_convert(path, lambda state: convert(state, model), 'VAE',
-                                     WEIGHTS_URL + ' (sd-vae-ft-ema)', '--vae')
+  variables = convert(common.load_state_dict(path), model)
   return model, variables, settings.get('scaling_factor', vae.SD_VAE_SCALE)
 
 
