@@ -60,8 +60,8 @@ def _vae_directory(directory):
 
 
 def _records(directory):
-  source = latents.LatentSource([str(directory / name) for name in
-                                 latents.read_manifest(directory)['shards']], 1.0)
+  """(raw latents, labels) of an encoding, read as training reads them (unscaled)."""
+  source = latents.source(ml_collections.ConfigDict(dict(dir=str(directory), latent_scale=1.0)))
   return (np.stack([source[i]['x'] for i in range(len(source))]),
           [int(source[i]['y']) for i in range(len(source))])
 
@@ -150,11 +150,9 @@ def test_images_on_a_bucket_encode_as_on_a_disk(gcs_bucket, tmp_path):
                '--batch-size', '8', '--read-threads', '1'])
   plan = json.loads(epath.Path(f'{gcs_bucket}/latents/{latents.PLAN}').read_text())
   assert plan['images'] == f'{gcs_bucket}/images' and plan['first'] == 'cat/1.png'
-  on_bucket = latents.source(ml_collections.ConfigDict(
-      dict(dir=f'{gcs_bucket}/latents', latent_scale=1.0)))
-  local = _records(tmp_path / 'local')
-  np.testing.assert_array_equal(np.stack([on_bucket[i]['x'] for i in range(5)]), local[0])
-  assert [int(on_bucket[i]['y']) for i in range(5)] == local[1]
+  on_bucket, local = _records(f'{gcs_bucket}/latents'), _records(tmp_path / 'local')
+  np.testing.assert_array_equal(on_bucket[0], local[0])
+  assert on_bucket[1] == local[1]
 
 
 def test_center_crop_halves_then_cuts_the_middle():

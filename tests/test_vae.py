@@ -27,7 +27,7 @@ def _autoencoder(torch, settings, seed=0):
   return model.eval()
 
 
-def _randomised_file(torch, directory):
+def _randomised_autoencoder(torch, directory):
   """A reduced AutoencoderKL with norms and biases randomised too (not only the default
   init), saved by diffusers' save_pretrained into directory/vae (config.json beside
   diffusion_pytorch_model.safetensors)."""
@@ -43,7 +43,7 @@ def _randomised_file(torch, directory):
 @pytest.mark.torch
 def test_encoder_parity_with_diffusers(tmp_path):
   torch = pytest.importorskip('torch')
-  reference = _randomised_file(torch, tmp_path)
+  reference = _randomised_autoencoder(torch, tmp_path)
   model, variables, scale = convert_vae.load_encoder(tmp_path / 'vae')
   assert model == vae.VAEEncoder(**{k: v for k, v in REDUCED.items() if k != 'out_channels'})
   assert scale == reference.config.scaling_factor == 0.18215
@@ -62,7 +62,7 @@ def test_encoder_parity_with_diffusers(tmp_path):
 @pytest.mark.torch
 def test_decoder_parity_with_diffusers(tmp_path):
   torch = pytest.importorskip('torch')
-  reference = _randomised_file(torch, tmp_path)
+  reference = _randomised_autoencoder(torch, tmp_path)
   model = vae.VAEDecoder(**REDUCED)
   variables = convert_vae.convert(
       common.load_state_dict(tmp_path / 'vae' / 'diffusion_pytorch_model.safetensors'), model)
