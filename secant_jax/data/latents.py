@@ -47,12 +47,14 @@ MANIFEST = 'manifest.json'
 PLAN = 'import.json'
 
 
-def encode(latent_nhwc, label):
+def to_record(latent_nhwc, label):
+  """The ArrayRecord record of one raw NHWC latent and its label (float16 latent)."""
   return serialization.msgpack_serialize(
       {'latent': np.asarray(latent_nhwc, np.float16), 'label': int(label)})
 
 
-def decode(record):
+def from_record(record):
+  """{'latent': float16 [H, W, C], 'label': int} of a record `to_record` wrote."""
   return serialization.msgpack_restore(record)
 
 
@@ -68,7 +70,7 @@ class LatentSource:
     return len(self._records)
 
   def __getitem__(self, index):
-    record = decode(self._records[index])
+    record = from_record(self._records[index])
     return {'x': record['latent'].astype(np.float32) * self._scale,
             'y': np.int32(record['label'])}
 
@@ -189,7 +191,7 @@ def write_shards(out_dir, plan, shards):
       writer = array_record_module.ArrayRecordWriter(staged, 'group_size:1')
       try:
         for latent, label in shard_records():
-          writer.write(encode(latent, label))
+          writer.write(to_record(latent, label))
           records += 1
       finally:
         writer.close()
