@@ -5,7 +5,8 @@ weights are set (FD-FMNIST on Fashion-MNIST).
 config.compare: teacher (the teacher's run directory; '' for this config's own teacher, a
 converted checkpoint: config.teacher_checkpoint or config.init_checkpoint, built as
 config.model on config.path, e.g. SiT-XL/2 from configs/imagenet_sit.py), secants
-('name=run_dir,...'), teacher_nfe, secant_steps, num_samples, batch_size, guidance_scale,
+('name=run_dir,...'), teacher_nfe, secant_steps (each secant run is also sampled with the
+step count it was trained for), num_samples, batch_size, guidance_scale,
 step_errors (NFEs whose rows also get the error of each step alone, a table per grid
 after the main one; evaluation.step_errors), references. A run directory is one a
 training run wrote: its config.json says how to build and sample the model, its ema/
@@ -109,12 +110,16 @@ def _compare(config, workdir):
   network, task, tangent_of, teacher_digest = comparison.teacher(
       teacher_config, teacher_weights, c.guidance_scale, config.compare_in_float32)
   samplers = comparison.teacher_samplers(task, tangent_of, c.teacher_nfe)
+  added_steps = {}
   for name, run_dir in parse_runs(c.secants):
     run_config, ema_dir = common.load_run(run_dir)
     check_same_path(name, run_dir, run_config, teacher_config)
-    samplers += comparison.secant_samplers(f'secant {name}', run_config, ema_dir,
-                                           c.secant_steps, c.guidance_scale,
-                                           config.compare_in_float32)
+    if run_config.secant.steps not in c.secant_steps:
+      added_steps[name] = run_config.secant.steps
+    samplers += comparison.secant_samplers(
+        f'secant {name}', run_config, ema_dir,
+        sorted({*c.secant_steps, run_config.secant.steps}), c.guidance_scale,
+        config.compare_in_float32)
   check_step_errors(c.step_errors, samplers)
   noise, labels = generate.fixed_noise_and_labels(
       config.seed + 1, c.num_samples, network.image_shape,
@@ -132,6 +137,8 @@ def _compare(config, workdir):
                        **{s.name: s.weights for s in samplers if s.weights}}}
   if not c.teacher:
     stamp['teacher_weights'] = teacher_weights
+  if added_steps:  # rows beyond config.compare's, at which the saved sums were summed
+    stamp['added_steps'] = added_steps
   kept = None
   if c.references:
     kept = references.References(c.references, {

@@ -166,7 +166,8 @@ def base_config():
       image_dir=''))
   c.compare = ml_collections.ConfigDict(dict(  # compare mode (compare_mode.py)
       teacher='',  # the teacher's run directory (the --workdir it trained in)
-      secants='',  # its secant runs: 'name=run_dir,...'
+      secants='',  # its secant runs: 'name=run_dir,...', each sampled with secant_steps
+      # and with the step count it was trained for
       teacher_nfe=(1, 2, 4, 8, 16, 35), secant_steps=(1, 2, 4, 8), num_samples=10_000,
       batch_size=256, guidance_scale=1.0,
       # the rows whose NFE column is one of these also get the error each of their steps
