@@ -61,7 +61,10 @@ def test_module_name_error_names_what_to_pass():
 
 
 def test_breakdown_of_a_traced_program_puts_a_large_matmul_first(tmp_path):
-  a = jnp.ones((1024, 1024), jnp.float32)
+  # Each 2048² product takes some 100 ms on a 2-core CPU, the elementwise fusion 3.5 ms:
+  # a margin that a busy machine's stalls do not close (at 1024², 12 ms against 0.2 ms, a
+  # stall in the fusion once put it first while another job shared the cores).
+  a = jnp.ones((2048, 2048), jnp.float32)
   compiled = jax.jit(lambda a: jnp.tanh(a @ a @ a) + 1.0).lower(a).compile()
   result = profile.breakdown(lambda: compiled(a), compiled.as_text(), iterations=2,
                              directory=str(tmp_path))
