@@ -114,12 +114,12 @@ def _compare(config, workdir):
   for name, run_dir in parse_runs(c.secants):
     run_config, ema_dir = common.load_run(run_dir)
     check_same_path(name, run_dir, run_config, teacher_config)
-    if run_config.secant.steps not in c.secant_steps:
+    steps = tuple(c.secant_steps)
+    if run_config.secant.steps not in steps:  # after the rows asked for, which keep their order
       added_steps[name] = run_config.secant.steps
-    samplers += comparison.secant_samplers(
-        f'secant {name}', run_config, ema_dir,
-        sorted({*c.secant_steps, run_config.secant.steps}), c.guidance_scale,
-        config.compare_in_float32)
+      steps += (run_config.secant.steps,)
+    samplers += comparison.secant_samplers(f'secant {name}', run_config, ema_dir, steps,
+                                           c.guidance_scale, config.compare_in_float32)
   check_step_errors(c.step_errors, samplers)
   noise, labels = generate.fixed_noise_and_labels(
       config.seed + 1, c.num_samples, network.image_shape,
