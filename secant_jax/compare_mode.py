@@ -122,8 +122,7 @@ def _compare(config, workdir):
                                            c.guidance_scale, config.compare_in_float32)
   check_step_errors(c.step_errors, samplers)
   noise, labels = generate.fixed_noise_and_labels(
-      config.seed + 1, c.num_samples, network.image_shape,
-      teacher_config.model.get('num_classes', 0))
+      config.seed + 1, c.num_samples, network.image_shape, network.num_classes)
   mesh = parallel.make_mesh(config.fsdp)
   parallel.check_batch_size(c.batch_size, mesh, 'config.compare.batch_size')
   quality = (sample_quality.SampleQuality(config, workdir, mesh)
@@ -137,7 +136,7 @@ def _compare(config, workdir):
                        **{s.name: s.weights for s in samplers if s.weights}}}
   if not c.teacher:
     stamp['teacher_weights'] = teacher_weights
-  if added_steps:  # rows beyond config.compare's, at which the saved sums were summed
+  if added_steps:  # saved sums are per row, so a save without these rows must not resume
     stamp['added_steps'] = added_steps
   kept = None
   if c.references:

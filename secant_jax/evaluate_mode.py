@@ -46,8 +46,7 @@ def integration_error(config, variables):
   task = recipe.make_task(measured, network)
   teacher, teacher_variables = loop.teacher_of(measured, jax.random.key(config.seed))
   noise, labels = generate.fixed_noise_and_labels(
-      config.seed + 1, config.num_eval_samples, network.image_shape,
-      config.model.get('num_classes', 0))
+      config.seed + 1, config.num_eval_samples, network.image_shape, network.num_classes)
   _, scale = generate.sampler_secant(network, task, variables, config.secant)
   tangent = reference_error.teacher_tangent(teacher, teacher_variables, task, labels, scale)
   with reference_error.precision_scope(config):

@@ -53,6 +53,9 @@ def image_grid(images, columns=None):
 
 
 def fixed_noise_and_labels(seed, count, image_shape, num_classes):
+  """`count` noises [count, *image_shape] from key(seed), and labels that cycle through
+  0 … num_classes − 1 (all 0 for an unconditional network, num_classes 0), so that every
+  class is sampled as evenly as `count` allows."""
   key = jax.random.key(seed)
   noise = jax.random.normal(key, (count, *image_shape))
   return noise, jnp.arange(count, dtype=jnp.int32) % max(num_classes, 1)

@@ -18,8 +18,7 @@ def write_samples(config, workdir):
   task = recipe.make_task(config, network)
   variables = loop.load_into(network, os.path.join(workdir, 'ema'), jax.random.key(0))
   noise, labels = generate.fixed_noise_and_labels(
-      config.seed, config.num_sample_images, network.image_shape,
-      config.model.get('num_classes', 0))
+      config.seed, config.num_sample_images, network.image_shape, network.num_classes)
   samples = np.asarray(jax.jit(lambda v: generate.sample(
       network, task, v, config.secant, noise, labels))(variables))
   path = os.path.join(workdir, 'samples.png')

@@ -53,6 +53,19 @@ SIT_XL2_TORCH_COUNT = 675_129_632  # PyTorch's count: includes the fixed pos_emb
 SIT_XL2_POS_EMBED = 256 * 1152
 
 
+@pytest.mark.parametrize('family, num_classes', [('dit', 7), ('dit', 0), ('edm_unet', 10),
+                                                 ('edm_unet', 0)])
+def test_a_built_network_knows_its_classes_and_puts_the_null_class_after_them(
+    family, num_classes):
+  import ml_collections
+  settings = (dict(name='DiT-S/8', input_size=16, in_channels=4) if family == 'dit' else
+              dict(arch='ddpmpp', unet=dict(img_resolution=16, model_channels=16,
+                                            channel_mult=(1,), num_blocks=1)))
+  network = registry.build(ml_collections.ConfigDict(dict(
+      family=family, num_classes=num_classes, dtype='float32', **settings)), guided=False)
+  assert (network.num_classes, network.null_class) == (num_classes, num_classes)
+
+
 def test_sit_xl2_parameter_count():
   """Flax holds the pos_embed as a constant, not a parameter; the secant model adds an
   s-embedder and a guidance embedder, each the size of the t-embedder."""

@@ -167,12 +167,11 @@ class SampleQuality:
     if image_dir:
       image_dir = files.make_directory(image_dir)
       check_image_dir(image_dir, num_samples)
-    num_classes = self.config.model.get('num_classes', 0)
 
     def draw(v, key):
       k_noise, k_label = jax.random.split(key)
       noise = jax.random.normal(k_noise, (batch, *network.image_shape))
-      labels = jax.random.randint(k_label, (batch,), 0, max(num_classes, 1))
+      labels = jax.random.randint(k_label, (batch,), 0, max(network.num_classes, 1))
       return generate.sample(network, task, v, self.config.secant, noise, labels)
 
     sample = jax.jit(draw, out_shardings=parallel.batch_sharding(self.mesh))

@@ -31,6 +31,12 @@ class Network:
   image_shape: tuple  # H, W, C
   null_class: int
 
+  @property
+  def num_classes(self):
+    """Its labels are 0 … num_classes − 1 (0: an unconditional network); the null class
+    that follows them is num_classes in both families."""
+    return self.null_class
+
   def apply(self, variables, x, t, s, y, w, dropout_key=None):
     if isinstance(self.module, dit.DiT):
       return self.module.apply(variables, x, t, s, y, w if self.guided else None)

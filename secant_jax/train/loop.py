@@ -224,8 +224,7 @@ def write_samples(config, network, task, variables, writer, step):
   model's in its task's steps; a teacher's (variant 'diffusion') by solving its ODE with
   Heun at config.teacher_sample_nfe (one step of a teacher only shows the class mean)."""
   noise, labels = generate.fixed_noise_and_labels(
-      config.seed, config.num_sample_images, network.image_shape,
-      config.model.get('num_classes', 0))
+      config.seed, config.num_sample_images, network.image_shape, network.num_classes)
 
   def sample(v):
     if task.variant != 'diffusion':
