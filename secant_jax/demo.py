@@ -51,7 +51,7 @@ def evaluate(config, workdir, teacher_dir, secant_runs):
   network, task, tangent_of, _ = comparison.teacher(teacher_config, teacher_dir,
                                                      d.eval_scale, float32)
   noise, labels = generate.fixed_noise_and_labels(config.seed + 1, d.num_eval,
-                                                  network.image_shape, 10)
+                                                  network.image_shape, network.num_classes)
   samplers = comparison.teacher_samplers(task, tangent_of, d.eval_step_counts)
   for name, runs in secant_runs.items():
     for run_config, ema_dir, steps in runs:
