@@ -1,5 +1,6 @@
-"""The profile breakdown: HLO instructions classified by kind (GPU-style HLO written here),
-and a traced CPU program whose time lands on the right kinds."""
+"""The profile breakdown: HLO instructions classified by kind (GPU-style HLO written here)
+and by layer (JAX's name stacks as jax 0.10 writes them), and a traced CPU program whose
+time lands on the right kinds and layers."""
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +56,33 @@ def test_instruction_kinds_of_gpu_hlo():
   assert profile.module_name(GPU_HLO) == 'jit_train_step'
 
 
+@pytest.mark.parametrize('op_name, layer', [
+    ('jit(train_step)/transpose(jvp(student))/DiT/blocks_13/mlp/fc1/dot_general',
+     'student/DiT/blocks_*/mlp/fc1 (backward)'),
+    ('jit(train_step)/jvp(teacher)/DiT/blocks_0/attn/dot_product_attention_fwd',
+     'teacher/DiT/blocks_*/attn (forward)'),
+    ('jit(train_step)/add', 'top level'),
+    ('jit(loss)/jvp()/mul', 'top level (forward)'),
+    ('jit(train_step)/jit(_threefry_split)/make_train_step.<locals>.train_step/shift_left',
+     'top level'),
+    ('jit(loss)/transpose(jvp(student))/Net/jvp(student)/Net/checkpoint/'
+     'rematted_computation/blocks_1/tanh', 'student/Net/blocks_* (backward)'),
+    ('jit(<lambda>)/while/body/closed_call/Net/checkpoint/blocks_0/fc/dot_general',
+     'Net/blocks_*/fc'),
+    ('jit(f)/SongUNet/enc_32x32_block0/jit(silu)/logistic', 'SongUNet/enc_32x32_block0'),
+])
+def test_scope_reads_the_layer_and_pass_from_a_name_stack(op_name, layer):
+  assert profile.scope(op_name) == layer
+
+
+def test_largest_scopes_keeps_the_top_and_sums_the_rest():
+  totals = {'a': 5.0, 'b': 1.0, 'c': 3.0, 'd': 2.0}
+  assert profile.largest_scopes(totals, top=2) == [('a', 5.0), ('c', 3.0),
+                                                   ('(2 more layers)', 3.0)]
+  assert profile.largest_scopes(totals, top=3) == [('a', 5.0), ('c', 3.0), ('d', 2.0),
+                                                   ('b', 1.0)]
+
+
 def test_module_name_error_names_what_to_pass():
   with pytest.raises(ValueError, match=r'compiled\.as_text\(\)'):
     profile.module_name('not hlo')
@@ -64,13 +92,20 @@ def test_breakdown_of_a_traced_program_puts_a_large_matmul_first(tmp_path):
   # Each 2048² product takes some 100 ms on a 2-core CPU, the elementwise fusion 3.5 ms:
   # a margin that a busy machine's stalls do not close (at 1024², 12 ms against 0.2 ms, a
   # stall in the fusion once put it first while another job shared the cores).
+  def program(a):
+    with jax.named_scope('product'):
+      b = a @ a @ a
+    return jnp.tanh(b) + 1.0
+
   a = jnp.ones((2048, 2048), jnp.float32)
-  compiled = jax.jit(lambda a: jnp.tanh(a @ a @ a) + 1.0).lower(a).compile()
+  compiled = jax.jit(program).lower(a).compile()
   result = profile.breakdown(lambda: compiled(a), compiled.as_text(), iterations=2,
                              directory=str(tmp_path))
   assert result['trace'].startswith(str(tmp_path))
   assert result['kinds']['matmul'] > result['kinds']['elementwise'] > 0
   assert result['busy_ms'] == pytest.approx(sum(result['kinds'].values()))
-  assert result['top'][0][1] == 'matmul'
+  assert result['top'][0][1] == 'matmul' and result['top'][0][4] == 'product'
+  assert result['scopes']['product'] > result['scopes']['top level'] > 0
+  assert sum(result['scopes'].values()) == pytest.approx(result['busy_ms'])
   lines = profile.format_breakdown(result, step_ms=10.0)
   assert lines[0].startswith('device busy') and any('matmul' in l for l in lines[2:])

@@ -61,6 +61,10 @@ def test_benchmark_runs_on_cpu_and_prints_its_fields(extra, capsys):
   assert fields['compiled_memory_gib'] * 2 ** 30 > copies * 4 * parameters
   if '--traffic' in extra:
     assert 'static memory traffic' in printed and fields['traffic']['kinds']['matmul'] > 0
+    layers = fields['traffic']['scopes']  # the student's layers told from the teacher's
+    assert layers['teacher/DiT/blocks_*/mlp/fc1 (forward)'] > 0
+    assert layers['student/DiT/blocks_*/mlp/fc1 (backward)'] > 0
+    assert sum(layers.values()) == fields['traffic']['bytes']
   if '--profile' in extra:
     assert 'device busy' in printed and fields['profile']['kinds']['matmul'] > 0
 

@@ -111,8 +111,10 @@ def test_traffic_counts_each_kernel_once_and_loop_bodies_per_trip():
   summary = traffic.summarize(_HLO)
   assert summary['bytes'] == 2556 and summary['kernels'] == 12
   assert summary['kinds'] == {'matmul': 320, 'elementwise': 5 * (12 + 384), 'layout': 256}
-  rows = {name: (kind, moved, count) for name, _, kind, moved, count in summary['top']}
-  assert rows['y'] == ('elementwise', 5 * 384, 5) and rows['c'] == ('layout', 256, 1)
+  rows = {name: (kind, moved, count, layer)
+          for name, _, kind, moved, count, layer in summary['top']}
+  assert rows['y'] == ('elementwise', 5 * 384, 5, 'unnamed')  # HLO without op_name metadata
+  assert rows['c'] == ('layout', 256, 1, 'unnamed')
 
 
 def test_a_fusion_reads_an_operand_it_only_slices_as_the_slices():
@@ -121,9 +123,14 @@ def test_a_fusion_reads_an_operand_it_only_slices_as_the_slices():
 
 
 def test_traffic_of_a_compiled_matmul():
-  compiled = jax.jit(lambda x, w: x @ w).lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile()
+  def program(x, w):
+    with jax.named_scope('proj'):
+      return x @ w
+
+  compiled = jax.jit(program).lower(jnp.ones((64, 32)), jnp.ones((32, 16))).compile()
   summary = traffic.summarize(compiled.as_text())
   assert summary['kinds']['matmul'] == 4 * (64 * 32 + 32 * 16 + 64 * 16)
+  assert summary['scopes']['proj'] == summary['kinds']['matmul']
   lines = traffic.format_summary(summary, bandwidth=1e12)
   assert lines[0].startswith('static memory traffic 0.00 GB per call in') and 'TB/s' in lines[0]
 

@@ -12,9 +12,12 @@ launches), and group the instructions by kind:
 | collective  | all-reduce, all-gather, reduce-scatter, all-to-all, collective-permute |
 | other       | the rest (RNG, scatter/gather, while loops' bookkeeping, ...)         |
 
-The table says which kind of kernel is worth optimising next; the top instructions name
-the HLO to look up in an `XLA_FLAGS=--xla_dump_to=...` dump. Device busy time below the
-step's wall time is time the device waited for the host.
+The table says which kind of kernel is worth optimising next. The same time is also
+summed by layer (`scope`: where JAX's name stack, kept in each instruction's op_name
+metadata, puts it, e.g. `student/DiT/blocks_*/mlp/fc1 (backward)`), and the top
+instructions name the HLO to look up in an `XLA_FLAGS=--xla_dump_to=...` dump with their
+layer beside. Device busy time below the step's wall time is time the device waited for
+the host.
 """
 
 import collections
@@ -42,6 +45,16 @@ _ELEMENTWISE = frozenset((
 _COMPUTATION = re.compile(r'^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = .*?\s([a-z][\w\-]*)\(')
 CALLS = re.compile(r'\bcalls=%?([\w.\-]+)')
+_OP_NAME = re.compile(r'\bop_name="([^"]*)"')
+_WRAPPED = re.compile(r'^(\w+)\((.*)\)$')
+# Name-stack entries of a transformation wrap the scopes traced under it (jvp(student));
+# any other wrapper names a function (jit(train_step), jit(relu)), left out with it.
+_TRANSFORMS = frozenset(('jvp', 'transpose', 'vmap'))
+_PLUMBING = frozenset(('while', 'body', 'cond', 'closed_call', 'checkpoint', 'remat',
+                       'rematted_computation', 'scan', 'shard_map'))
+_LAYER = re.compile(r'[A-Za-z_]\w*')
+_NUMBERED = re.compile(r'_\d+$')
+SCOPE_ROWS = 16  # layers listed by the printed summaries; the rest are summed in one row
 
 
 def parse_computations(hlo_text):
@@ -115,6 +128,56 @@ def instruction_kinds(hlo_text):
   return kinds
 
 
+def scope(op_name):
+  """The layer an instruction belongs to, from its op_name (JAX's name stack): the named
+  scopes and Flax modules it was traced in, numbered layers merged (blocks_13 → blocks_*),
+  with ' (backward)' in a transposed pass and ' (forward)' in the pass it differentiates;
+  'top level' outside every scope (the optimizer, the EMA, the loss). Under remat the
+  stack restarts at each transformation, and is read from the last restart:
+
+      jit(train_step)/transpose(jvp(student))/DiT/blocks_13/mlp/fc1/dot_general
+      → student/DiT/blocks_*/mlp/fc1 (backward)
+  """
+  names, restart, transforms = [], None, set()
+  for part in op_name.split('/')[:-1]:  # the last is the primitive
+    wrappers = []
+    while wrapped := _WRAPPED.match(part):
+      wrappers.append(wrapped.group(1))
+      part = wrapped.group(2)
+    if not _TRANSFORMS.issuperset(wrappers):
+      continue
+    if wrappers:
+      transforms.update(wrappers)
+      restart = len(names) if restart is None else restart
+      names = names[:restart]
+    if _LAYER.fullmatch(part) and part not in _PLUMBING:
+      names.append(_NUMBERED.sub('_*', part))
+  layer = '/'.join(names) or 'top level'
+  if 'transpose' in transforms:
+    return f'{layer} (backward)'
+  return f'{layer} (forward)' if 'jvp' in transforms else layer
+
+
+def instruction_scopes(hlo_text):
+  """{instruction name: its `scope`} for every instruction of compiled HLO text ('unnamed'
+  without op_name metadata); a fusion carries the op_name of the op at its root."""
+  scopes = {}
+  for instructions in parse_computations(hlo_text).values():
+    for name, _, line in instructions:
+      op_name = _OP_NAME.search(line)
+      scopes[name] = scope(op_name.group(1)) if op_name else 'unnamed'
+  return scopes
+
+
+def largest_scopes(totals, top=SCOPE_ROWS):
+  """[(scope, total)] of the `top` largest of {scope: total}, then the rest in one row."""
+  ranked = sorted(totals.items(), key=lambda item: -item[1])
+  rest = ranked[top:]
+  if len(rest) > 1:
+    ranked = ranked[:top] + [(f'({len(rest)} more layers)', sum(v for _, v in rest))]
+  return ranked
+
+
 _DERIVED_LINES = ('XLA Modules', 'Steps', 'Framework Ops', 'Framework Name Scope',
                   'Source code', 'XLA TraceMe')
 
@@ -181,23 +244,26 @@ def breakdown(run, hlo_text, iterations=3, directory=None, top=12):
   """Profiles `iterations` calls of run(), whose compiled program's HLO is `hlo_text`.
 
   Returns {'busy_ms': device ms per call, 'kinds': {kind: ms per call},
-  'top': [(instruction, kind, ms per call, kernels per call)], 'trace': the trace file}.
+  'scopes': {layer (`scope`): ms per call},
+  'top': [(instruction, kind, ms per call, kernels per call, layer)], 'trace': the trace file}.
   """
   path = trace(run, iterations, directory)
   times = hlo_op_times(path, module_name(hlo_text))
   if not times:
     raise RuntimeError(f'The trace {path} has no kernels of module '
                        f'{module_name(hlo_text)!r}: was run() the compiled program?')
-  kinds = instruction_kinds(hlo_text)
+  kinds, scopes = instruction_kinds(hlo_text), instruction_scopes(hlo_text)
   per_kind = dict.fromkeys(KINDS, 0.0)
+  per_scope = collections.Counter()
   rows = []
   for op, (ns, count) in times.items():
-    kind = kinds.get(op, 'other')
+    kind, layer = kinds.get(op, 'other'), scopes.get(op, 'unnamed')
     per_kind[kind] += ns / iterations / 1e6
-    rows.append((op, kind, ns / iterations / 1e6, count / iterations))
+    per_scope[layer] += ns / iterations / 1e6
+    rows.append((op, kind, ns / iterations / 1e6, count / iterations, layer))
   rows.sort(key=lambda row: -row[2])
-  return {'busy_ms': sum(per_kind.values()), 'kinds': per_kind, 'top': rows[:top],
-          'trace': path}
+  return {'busy_ms': sum(per_kind.values()), 'kinds': per_kind, 'scopes': dict(per_scope),
+          'top': rows[:top], 'trace': path}
 
 
 def format_breakdown(result, step_ms=None):
@@ -209,7 +275,10 @@ def format_breakdown(result, step_ms=None):
   for kind, ms in sorted(result['kinds'].items(), key=lambda item: -item[1]):
     if ms:
       lines.append(f'{kind:>12}  {ms:9.3f}  {100 * ms / busy:5.1f}%')
+  lines.append(f'{"ms":>9}  share  layer')
+  for layer, ms in largest_scopes(result['scopes']):
+    lines.append(f'{ms:9.3f}  {100 * ms / busy:5.1f}%  {layer}')
   lines.append(f'top instructions ({result["trace"]}):')
-  for op, kind, ms, count in result['top']:
-    lines.append(f'  {op:<40} {kind:<12} {ms:9.3f} ms  {count:g} kernels')
+  for op, kind, ms, count, layer in result['top']:
+    lines.append(f'  {op:<40} {kind:<12} {ms:9.3f} ms  {count:g} kernels  {layer}')
   return lines

@@ -14,16 +14,16 @@ step, peak device memory, achieved TFLOP/s (from `bench.flops`) and MFU against 
 device's dense bf16 peak (--peak-tflops for devices it does not know), and the memory the
 compiled program asks for. --profile N then compiles the program again with each kernel
 launched on its own (`bench.profile.COMPILER_OPTIONS`), traces N calls of it and prints
-device time per kind of kernel and the top HLO instructions (`bench.profile`). Every run
-also counts the compiled program's static memory traffic (`bench.traffic`) and prints the
-two floors of a call: FLOPs over the peak rate, bytes over the bandwidth; --traffic adds
-the bytes per kind of kernel. --target h100|h200 or a TPU slice (v4-32, v5e-16, ...)
-compiles for that accelerator on a machine without it (`bench.targets`) and prints the
-floors, the traffic and the compiled memory next to the device's instead of timing; a
-program that does not fit ends the run with XLA's verdict and what to change. Needs no
-data stack: jax, flax, optax, ml_collections and diffrax (the samplers' adaptive
-solver), not TensorFlow, CLU, grain, torch, scikit-learn or PIL (tests/test_throughput.py
-runs it with those refused).
+device time per kind of kernel, per layer and the top HLO instructions (`bench.profile`).
+Every run also counts the compiled program's static memory traffic (`bench.traffic`) and
+prints the two floors of a call: FLOPs over the peak rate, bytes over the bandwidth;
+--traffic adds the bytes per kind of kernel and per layer. --target h100|h200 or a TPU
+slice (v4-32, v5e-16, ...) compiles for that accelerator on a machine without it
+(`bench.targets`) and prints the floors, the traffic and the compiled memory next to the
+device's instead of timing; a program that does not fit ends the run with XLA's verdict
+and what to change. Needs no data stack: jax, flax, optax, ml_collections and diffrax (the
+samplers' adaptive solver), not TensorFlow, CLU, grain, torch, scikit-learn or PIL
+(tests/test_throughput.py runs it with those refused).
 """
 
 import argparse
@@ -322,7 +322,7 @@ def parse_args(argv=None):
   parser.add_argument('--profile-dir', default='', help='where the trace goes (default: a '
                       'temporary directory); open it with TensorBoard/XProf')
   parser.add_argument('--traffic', action='store_true', help='print the compiled program\'s '
-                      'static memory traffic by kind of kernel (bench.traffic)')
+                      'static memory traffic by kind of kernel and by layer (bench.traffic)')
   parser.add_argument('--target', default=None, type=_target,
                       help='compile for this accelerator on a machine without it and print '
                       'the compiled memory, static traffic and floors instead of timing: '

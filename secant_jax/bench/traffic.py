@@ -14,8 +14,9 @@ are M/P and B/W: a fusion structure that moves fewer bytes shows here before any
 The count is static: it ignores caches (small operands re-read from L2 are counted as if
 from memory) and a kernel's own re-reads (a matmul reading a tile twice).
 
-Grouped by the kinds of `bench.profile` (matmul, attention, elementwise, ...), so the
-static bytes and a measured profile line up kind by kind.
+Grouped by the kinds of `bench.profile` (matmul, attention, elementwise, ...) and by its
+layers (`profile.scope`), so the static bytes and a measured profile line up kind by kind
+and layer by layer.
 """
 
 import collections
@@ -100,10 +101,11 @@ def _sliced_reads(fused):
 
 
 def instruction_traffic(hlo_text):
-  """[(instruction, opcode, kind, bytes per call, kernels per call)] of compiled HLO text,
-  heaviest first; kinds as `profile.instruction_kinds`."""
+  """[(instruction, opcode, kind, bytes per call, kernels per call, layer)] of compiled HLO
+  text, heaviest first; kinds as `profile.instruction_kinds`, layers as `profile.scope`."""
   computations = profile.parse_computations(hlo_text)
   kinds = profile.instruction_kinds(hlo_text)
+  scopes = profile.instruction_scopes(hlo_text)
   rows = []
 
   def walk(computation, trips):
@@ -123,7 +125,8 @@ def instruction_traffic(hlo_text):
       full_reads = [array_bytes(shapes.get(op, '')) for op in operands]
       moved = _written_bytes(opcode, shape) + sum(min(sliced.get(i, full), full)
                                                   for i, full in enumerate(full_reads))
-      rows.append((name, opcode, kinds.get(name, 'other'), moved * trips, trips))
+      rows.append((name, opcode, kinds.get(name, 'other'), moved * trips, trips,
+                   scopes.get(name, 'unnamed')))
 
   walk(profile.entry_computation(hlo_text), 1)
   rows.sort(key=lambda row: -row[3])
@@ -131,14 +134,16 @@ def instruction_traffic(hlo_text):
 
 
 def summarize(hlo_text, top=12):
-  """{'bytes': per call, 'kernels': per call, 'kinds': {kind: bytes}, 'top': rows}."""
+  """{'bytes': per call, 'kernels': per call, 'kinds': {kind: bytes},
+  'scopes': {layer: bytes}, 'top': rows}."""
   rows = instruction_traffic(hlo_text)
-  per_kind = collections.Counter()
-  for _, _, kind, moved, _ in rows:
+  per_kind, per_scope = collections.Counter(), collections.Counter()
+  for _, _, kind, moved, _, layer in rows:
     per_kind[kind] += moved
+    per_scope[layer] += moved
   return {'bytes': sum(row[3] for row in rows), 'kernels': sum(row[4] for row in rows),
           'kinds': {kind: per_kind[kind] for kind in profile.KINDS if per_kind[kind]},
-          'top': rows[:top]}
+          'scopes': dict(per_scope), 'top': rows[:top]}
 
 
 def format_summary(summary, bandwidth=None):
@@ -151,7 +156,10 @@ def format_summary(summary, bandwidth=None):
            f'{"kind":>12}  {"GB":>8}  share']
   for kind, moved in sorted(summary['kinds'].items(), key=lambda item: -item[1]):
     lines.append(f'{kind:>12}  {moved / 1e9:8.3f}  {100 * moved / total:5.1f}%{ms(moved)}')
+  lines.append(f'{"GB":>8}  share  layer')
+  for layer, moved in profile.largest_scopes(summary['scopes']):
+    lines.append(f'{moved / 1e9:8.3f}  {100 * moved / total:5.1f}%{ms(moved)}  {layer}')
   lines.append('heaviest instructions:')
-  for name, opcode, kind, moved, count in summary['top']:
-    lines.append(f'  {name:<40} {kind:<12} {moved / 1e9:8.3f} GB  {count:g} kernels')
+  for name, _, kind, moved, count, layer in summary['top']:
+    lines.append(f'  {name:<40} {kind:<12} {moved / 1e9:8.3f} GB  {count:g} kernels  {layer}')
   return lines

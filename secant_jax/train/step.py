@@ -88,10 +88,20 @@ class SecantTask:
 ApplyFn = Callable
 
 
+def _named(scope, fn):
+  """fn traced under jax.named_scope(scope): a profile (`bench.profile.scope`) then tells the
+  student's layers from the teacher's, which are the same modules."""
+  def named(*args):
+    with jax.named_scope(scope):
+      return fn(*args)
+  return named
+
+
 def student_secant(task, apply_fn, variables, dropout_key):
   """secant_fn(x, t, s, y, w) of the trained network; with embedded guidance it takes the
   CFG scale w and feeds the network w normalised to [0, 1] by the task's range."""
-  net = lambda x, t, s, y, w: apply_fn(variables, x, t, s, y, w, dropout_key)
+  net = _named('student', lambda x, t, s, y, w: apply_fn(variables, x, t, s, y, w,
+                                                         dropout_key))
   secant_fn = precond.secant_from_network(task.path, net, task.sigma_data)
   if task.guidance_range is None:
     return secant_fn
@@ -102,7 +112,8 @@ def student_secant(task, apply_fn, variables, dropout_key):
 def teacher_tangent(task, teacher_apply, teacher_variables):
   """teacher_fn(x, t, y, w): the teacher's tangent, with two-pass CFG at scale w when the
   task is guided (conditional and null labels in one batched call)."""
-  net = lambda x, t, s, y, w: teacher_apply(teacher_variables, x, t, s, y, None, None)
+  net = _named('teacher', lambda x, t, s, y, w: teacher_apply(teacher_variables, x, t, s, y,
+                                                               None, None))
   tangent = precond.tangent_from_secant(
       precond.secant_from_network(task.path, net, task.sigma_data))
   if task.guidance_range is None:
