@@ -69,7 +69,9 @@ def test_instruction_kinds_of_gpu_hlo():
      'rematted_computation/blocks_1/tanh', 'student/Net/blocks_* (backward)'),
     ('jit(<lambda>)/while/body/closed_call/Net/checkpoint/blocks_0/fc/dot_general',
      'Net/blocks_*/fc'),
-    ('jit(f)/SongUNet/enc_32x32_block0/jit(silu)/logistic', 'SongUNet/enc_32x32_block0'),
+    ('jit(f)/SongUNet/enc_32x32_block3/jit(silu)/logistic', 'SongUNet/enc_32x32_block*'),
+    ('jit(f)/SongUNet/dec_16x16_in1/conv0/conv_general_dilated', 'SongUNet/dec_16x16_in1/conv0'),
+    ('jit(f)/SongUNet/map_layer0/dot_general', 'SongUNet/map_layer0'),
 ])
 def test_scope_reads_the_layer_and_pass_from_a_name_stack(op_name, layer):
   assert profile.scope(op_name) == layer

@@ -53,7 +53,8 @@ _TRANSFORMS = frozenset(('jvp', 'transpose', 'vmap'))
 _PLUMBING = frozenset(('while', 'body', 'cond', 'closed_call', 'checkpoint', 'remat',
                        'rematted_computation', 'scan', 'shard_map'))
 _LAYER = re.compile(r'[A-Za-z_]\w*')
-_NUMBERED = re.compile(r'_\d+$')
+# A numbered layer: DiT's blocks_13, EDM's U-Net's enc_32x32_block2 (not fc1, conv0, in0).
+_NUMBERED = re.compile(r'(_|_block)\d+$')
 SCOPE_ROWS = 16  # layers listed by the printed summaries; the rest are summed in one row
 
 
@@ -130,10 +131,11 @@ def instruction_kinds(hlo_text):
 
 def scope(op_name):
   """The layer an instruction belongs to, from its op_name (JAX's name stack): the named
-  scopes and Flax modules it was traced in, numbered layers merged (blocks_13 → blocks_*),
-  with ' (backward)' in a transposed pass and ' (forward)' in the pass it differentiates;
-  'top level' outside every scope (the optimizer, the EMA, the loss). Under remat the
-  stack restarts at each transformation, and is read from the last restart:
+  scopes and Flax modules it was traced in, numbered layers merged (blocks_13 → blocks_*,
+  enc_32x32_block2 → enc_32x32_block*), with ' (backward)' in a transposed pass and
+  ' (forward)' in the pass it differentiates; 'top level' outside every scope (the
+  optimizer, the EMA, the loss). Under remat the stack restarts at each transformation, and
+  is read from the last restart:
 
       jit(train_step)/transpose(jvp(student))/DiT/blocks_13/mlp/fc1/dot_general
       → student/DiT/blocks_*/mlp/fc1 (backward)
@@ -151,7 +153,7 @@ def scope(op_name):
       restart = len(names) if restart is None else restart
       names = names[:restart]
     if _LAYER.fullmatch(part) and part not in _PLUMBING:
-      names.append(_NUMBERED.sub('_*', part))
+      names.append(_NUMBERED.sub(r'\1*', part))
   layer = '/'.join(names) or 'top level'
   if 'transpose' in transforms:
     return f'{layer} (backward)'
