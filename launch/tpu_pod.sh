@@ -12,7 +12,13 @@
 # (TPU topology is detected), reads its own data shard and joins the global arrays. The
 # workdir must be visible to all hosts (gs://...). The command runs under nohup and logs
 # to ~/secant-run.log on every host; preemption sends SIGTERM, on which the trainer saves
-# a checkpoint, and rerunning the same `run` resumes from it.
+# a checkpoint, and rerunning the same `run` resumes from it. `encode` runs
+# `python -m secant_jax.data.encode ARGS --distributed` the same way (log
+# ~/secant-encode.log; `logs encode` follows it): images to latents on every host, each
+# writing its share of the shards to the shared --out; rerun, it keeps finished shards.
+#
+#   TPU_NAME=secant ZONE=us-central2-b launch/tpu_pod.sh encode --images gs://BUCKET/train \
+#       --vae gs://BUCKET/sd-vae-ft-ema --out gs://BUCKET/imagenet256-latents
 set -euo pipefail
 : "${TPU_NAME:?set TPU_NAME}" "${ZONE:?set ZONE}"
 ACCELERATOR=${ACCELERATOR:-v4-8}
@@ -26,6 +32,12 @@ MAKE_VENV="{ python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' && py
 
 on_all_hosts() {
   gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=all --command="$1"
+}
+start_on_all_hosts() {  # module, its flag for several hosts, log name, the module's arguments
+  local module=$1 flag=$2 log=$3
+  shift 3
+  on_all_hosts "cd $REMOTE_DIR && . .venv/bin/activate && nohup python -m $module \
+      $(printf '%q ' "$@") $flag > ~/secant-$log.log 2>&1 &"
 }
 
 case "${1:-}" in
@@ -58,19 +70,21 @@ case "${1:-}" in
     ;;
   run)
     shift
-    args=$(printf '%q ' "$@")
-    on_all_hosts "cd $REMOTE_DIR && . .venv/bin/activate && nohup python -m secant_jax.main \
-        $args --config.distributed=True > ~/secant-run.log 2>&1 &"
+    start_on_all_hosts secant_jax.main --config.distributed=True run "$@"
+    ;;
+  encode)
+    shift
+    start_on_all_hosts secant_jax.data.encode --distributed encode "$@"
     ;;
   logs)
     gcloud compute tpus tpu-vm ssh "$TPU_NAME" --zone="$ZONE" --worker=0 \
-        --command="tail -n 50 -f ~/secant-run.log"
+        --command="tail -n 50 -f ~/secant-${2:-run}.log"
     ;;
   delete)
     gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone="$ZONE" --quiet
     ;;
   *)
-    echo "usage: TPU_NAME=... ZONE=... $0 create|setup|run ARGS...|logs|delete" >&2
+    echo "usage: TPU_NAME=... ZONE=... $0 create|setup|run ARGS|encode ARGS|logs [encode]|delete" >&2
     exit 2
     ;;
 esac

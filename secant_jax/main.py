@@ -18,15 +18,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from secant_jax import config as config_lib
-
-
-def initialize_distributed(cluster):
-  """jax.distributed.initialize with config.cluster's settings; the unset ('', 0, -1) are
-  left to JAX, which reads them from a TPU VM's metadata, Slurm, Open MPI or Kubernetes
-  (and the coordinator from JAX_COORDINATOR_ADDRESS)."""
-  jax.distributed.initialize(coordinator_address=cluster.coordinator_address or None,
-                             num_processes=cluster.num_processes or None,
-                             process_id=None if cluster.process_id < 0 else cluster.process_id)
+from secant_jax.train import parallel
 
 
 def run(config, workdir):
@@ -35,7 +27,7 @@ def run(config, workdir):
     raise ValueError(f'Unknown mode {config.mode!r}: expected one of {config_lib.MODES}; '
                      'set --config.mode.')
   if config.distributed:
-    initialize_distributed(config.cluster)
+    parallel.initialize_distributed(config.cluster)
   with config_lib.matmul_precision(config):
     return _run_mode(config, workdir)
 

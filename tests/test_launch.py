@@ -4,6 +4,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -184,6 +185,35 @@ def test_tpu_setup_outside_a_git_checkout_says_to_clone(tmp_path):
   assert result.returncode == 2 and calls == []
   assert 'is not a git checkout: clone the repository and run setup from the clone' in (
       result.stderr)
+
+
+@pytest.mark.parametrize('verb, module, flag, log', [
+    ('run', 'secant_jax.main', '--config.distributed=True', 'secant-run.log'),
+    ('encode', 'secant_jax.data.encode', '--distributed', 'secant-encode.log')])
+def test_tpu_run_and_encode_start_the_module_on_every_host_as_one_of_several(
+    tmp_path, verb, module, flag, log):
+  """The arguments arrive as given (quoted through ssh), then the flag that makes the
+  process one of several hosts; the output goes to the verb's log in the host's home."""
+  home = tmp_path / 'host'
+  (home / 'secant-jax' / '.venv' / 'bin').mkdir(parents=True)
+  (home / 'secant-jax' / '.venv' / 'bin' / 'activate').write_text('')
+  _stand_in(tmp_path, 'gcloud', f'''echo "gcloud $*" >> {tmp_path / 'calls'}
+for a in "$@"; do case "$a" in --command=*) cmd="${{a#--command=}}";; esac; done
+cd {home} && bash -c "$cmd"
+''')
+  _stand_in(tmp_path, 'python', 'printf "[%s]" "$@"; echo\n')
+  subprocess.run(['bash', os.path.join(REPO, 'launch', 'tpu_pod.sh'), verb, '--out',
+                  'gs://b/my latents', "--note=it's"], check=True,
+                 env={**os.environ, 'PATH': f'{tmp_path}:{os.environ["PATH"]}',
+                      'HOME': str(home), 'TPU_NAME': 'secant', 'ZONE': 'us-central2-b'})
+  assert (tmp_path / 'calls').read_text().startswith(
+      'gcloud compute tpus tpu-vm ssh secant --zone=us-central2-b --worker=all --command=')
+  for _ in range(100):  # the module runs under nohup, in the background
+    if (home / log).exists() and (home / log).read_text().endswith('\n'):
+      break
+    time.sleep(0.05)
+  assert (home / log).read_text() == (
+      f"[-m][{module}][--out][gs://b/my latents][--note=it's][{flag}]\n")
 
 
 def _fashion_mnist_calls(tmp_path, **env):

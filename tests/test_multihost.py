@@ -5,7 +5,8 @@ to one of them stops both at one step with one checkpoint; resumed, the run ends
 bit-identical to a straight one, and resumed on one process of four devices instead, equal
 to it up to the collectives' rounding. FID's feature statistics over batches whose rows
 are split between the processes, and those rows' images; a comparison's saved progress,
-resumed where both processes saved, and its kept reference solutions."""
+resumed where both processes saved, and its kept reference solutions; images encoded to
+latents by both processes, each writing its share of the shards."""
 
 import json
 import os
@@ -22,8 +23,8 @@ from flax import traverse_util
 from PIL import Image
 
 from secant_jax import config as config_lib
-from secant_jax import main as main_lib
 from secant_jax.convert import common
+from secant_jax.train import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_DEVICES = 4  # in all, split evenly over the processes
@@ -114,9 +115,9 @@ def test_unset_cluster_settings_are_left_to_jax_and_process_zero_is_set(monkeypa
   calls = []
   monkeypatch.setattr(jax.distributed, 'initialize', lambda **kwargs: calls.append(kwargs))
   cluster = config_lib.base_config().cluster
-  main_lib.initialize_distributed(cluster)
+  parallel.initialize_distributed(cluster)
   cluster.update(dict(coordinator_address='10.0.0.1:1234', num_processes=4, process_id=0))
-  main_lib.initialize_distributed(cluster)
+  parallel.initialize_distributed(cluster)
   assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None),
                    dict(coordinator_address='10.0.0.1:1234', num_processes=4, process_id=0)]
 
@@ -153,3 +154,42 @@ def test_a_comparison_resumes_where_every_process_saved_and_shares_references(tm
   assert results == [{'done': 8, 'rows': [0, 8], 'reference': batch, 'never_kept': None},
                      {'done': 8, 'rows': [1, 8], 'reference': batch, 'never_kept': None}]
   assert os.listdir(tmp_path / 'references') == ['reference.0.npz']
+
+
+def test_images_encoded_on_two_processes_are_the_records_one_process_writes(tmp_path):
+  """`data.encode --distributed`: process i writes the shards k with k mod 2 = i, process 0
+  the manifest; the records are those of an encoding on one process. Stopped with a shard
+  of process 1's missing, the same command writes that shard alone."""
+  # pylint: disable=import-outside-toplevel,protected-access
+  import test_encode  # its image folder, VAE and reading of records
+  test_encode._image_folder(tmp_path / 'images')
+  test_encode._vae_directory(tmp_path / 'vae')
+  test_encode._encode(tmp_path, tmp_path / 'one', '--batch-size', '8', '--shard-size', '1')
+  out = tmp_path / 'two'
+
+  def encode_on_two():
+    return _finish(_launch(lambda port, i: [
+        '-m', 'secant_jax.data.encode', '--images', str(tmp_path / 'images'), '--vae',
+        str(tmp_path / 'vae'), '--out', str(out), '--image-size', '16', '--shard-size', '1',
+        '--batch-size', '2', '--distributed', f'--coordinator-address=localhost:{port}',
+        '--num-processes=2', f'--process-id={i}']))
+
+  outputs = encode_on_two()
+  assert f'5 latents → {out} (raw;' in outputs[0] and 'latents →' not in outputs[1]
+  assert 'process 0 of 2 writes shards [0, 2, 4] of 5' in outputs[0]
+  assert 'process 1 of 2 writes shards [1, 3] of 5' in outputs[1]
+  shards = [f'latents-{k:05d}.array_record' for k in range(5)]
+  assert json.loads((out / 'manifest.json').read_text()) == {'records': 5, 'shards': shards}
+  one, two = test_encode._records(tmp_path / 'one'), test_encode._records(out)
+  assert two[1] == one[1] == [0, 0, 0, 1, 1]
+  np.testing.assert_allclose(two[0], one[0], atol=2e-3)  # float16 records, other batches
+
+  written = {name: os.stat(out / name).st_mtime_ns for name in shards}
+  os.remove(out / shards[3])
+  os.remove(out / 'manifest.json')
+  outputs = encode_on_two()
+  assert 'keeping the 4 shards' in outputs[0] and 'writes shards [] of 5' in outputs[0]
+  assert 'process 1 of 2 writes shards [3] of 5' in outputs[1]
+  assert {name: os.stat(out / name).st_mtime_ns == written[name] for name in shards} == {
+      name: name != shards[3] for name in shards}
+  np.testing.assert_array_equal(test_encode._records(out)[0], two[0])

@@ -19,8 +19,10 @@ import.json also records the class names in label order.
 
 The encoder computes in float32 with --matmul-precision highest (full float32 products);
 `default` is faster: TF32 on recent NVIDIA GPUs (as fast-DiT's extraction ran), one bf16
-pass on TPUs. It runs on every device of its host, the batch split over them (one process:
-on a pod, run it on one host).
+pass on TPUs. It runs on every device of its host, the batch split over them. With
+--distributed it runs on every host of a pod or cluster (`launch/tpu_pod.sh encode`), --out
+one directory they share (a bucket): host i reads, encodes and writes the shards k with
+k mod hosts = i, each on its own devices; the records are those one host would write.
 """
 
 import argparse
@@ -30,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from jax.experimental import multihost_utils
 from PIL import Image
 
 from secant_jax import files
@@ -134,7 +137,9 @@ def encode_folder(images_dir, out_dir, vae_path, image_size=256, batch_size=64, 
                   sample=True, seed=0, shard_size=10000, read_threads=16,
                   matmul_precision='highest'):
   """Writes the latents of the images in `images_dir` as ArrayRecord shards of
-  `shard_size` images into `out_dir`; returns (record count, the VAE's scaling factor)."""
+  `shard_size` images into `out_dir`; returns (record count, the VAE's scaling factor).
+  In a multi-process run (jax.distributed initialised) each process writes its share of
+  the shards."""
   items, classes = image_folder(images_dir)
   encoder, variables, scaling_factor = convert_vae.load_encoder(vae_path)
   factor = encoder.downsampling
@@ -162,7 +167,9 @@ def encode_folder(images_dir, out_dir, vae_path, image_size=256, batch_size=64, 
   shards = [functools.partial(_shard_records, items[start:start + shard_size], start, run,
                               image_size, batch_size, read_threads)
             for start in range(0, len(items), shard_size)]
-  return latents.write_shards(out_dir, plan, shards), scaling_factor
+  processes = latents.Processes(jax.process_index(), jax.process_count(),
+                                multihost_utils.sync_global_devices)
+  return latents.write_shards(out_dir, plan, shards, processes), scaling_factor
 
 
 def _shard_records(items, first_index, run, image_size, batch_size, read_threads):
@@ -208,13 +215,24 @@ def main(argv=None):
   parser.add_argument('--read-threads', type=int, default=16)
   parser.add_argument('--matmul-precision', choices=('highest', 'high', 'default'),
                       default='highest')
+  parser.add_argument('--distributed', action='store_true',
+                      help='run on every host (jax.distributed.initialize), each writing its '
+                           'share of the shards to --out, which they must share')
+  parser.add_argument('--coordinator-address', default='',
+                      help='with --distributed where JAX does not detect the cluster (TPU '
+                           'VMs, Slurm, Open MPI, Kubernetes it does): host:port of process 0')
+  parser.add_argument('--num-processes', type=int, default=0)
+  parser.add_argument('--process-id', type=int, default=-1)
   args = parser.parse_args(argv)
+  if args.distributed:
+    parallel.initialize_distributed(args)
   count, scaling_factor = encode_folder(
       args.images, args.out, args.vae, args.image_size, args.batch_size,
       args.flip == 'random', args.latent == 'sample', args.seed, args.shard_size,
       args.read_threads, args.matmul_precision)
-  print(f'{count} latents → {args.out} (raw; this VAE scales them by {scaling_factor}: set '
-        f'config.data.dir={args.out} config.data.latent_scale={scaling_factor})')
+  if jax.process_index() == 0:
+    print(f'{count} latents → {args.out} (raw; this VAE scales them by {scaling_factor}: '
+          f'set config.data.dir={args.out} config.data.latent_scale={scaling_factor})')
 
 
 if __name__ == '__main__':

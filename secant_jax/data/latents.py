@@ -35,6 +35,7 @@ import functools
 import glob
 import os
 import re
+from typing import Callable, NamedTuple
 
 import numpy as np
 from etils import epath
@@ -167,35 +168,55 @@ def _npy_records(features, labels_dir, already_scaled):
       yield latent.transpose(1, 2, 0), label
 
 
-def write_shards(out_dir, plan, shards):
+class Processes(NamedTuple):
+  """The processes that write one import together: this one's index, their count, and a
+  barrier(name) that returns once every process has called it with that name."""
+  index: int = 0
+  count: int = 1
+  barrier: Callable[[str], None] = lambda name: None
+
+
+def write_shards(out_dir, plan, shards, processes=Processes()):
   """Writes shard k of `shards` (functions, each giving its (raw NHWC latent, label)
   records) as latents-0000k.array_record into `out_dir` (local or a bucket), each whole,
   then the manifest; returns the number of records. `plan` (what is written, as JSON) goes
-  to import.json first: a rerun with the same plan keeps the shards already there."""
+  to import.json first: a rerun with the same plan keeps the shards already there.
+
+  With several `processes` (encode --distributed, the directory one they share), process
+  i writes the shards k with k mod count = i; process 0 writes import.json, and the
+  manifest once every process has written its shards. The shards do not depend on the
+  number of processes, so an import stopped on one count goes on with another."""
   from array_record.python import array_record_module  # pylint: disable=import-outside-toplevel
   out = epath.Path(files.make_directory(out_dir))
   kept = _shards_of(out, plan)
-  (out / MANIFEST).unlink(missing_ok=True)
-  files.write_json(out / PLAN, plan)
-  if kept:
-    print(f'{out}: keeping the {len(kept)} shards an earlier run of this import finished')
-  names, records = [], 0
-  for k, shard_records in enumerate(shards):
-    names.append(f'latents-{k:05d}.array_record')
-    if names[-1] in kept:
-      reader = array_record_module.ArrayRecordReader(str(out / names[-1]))
-      records += reader.num_records()
-      reader.close()
-      continue
-    with files.written_whole(out / names[-1]) as staged:
+  processes.barrier('latents: import.json read')  # before process 0 writes it
+  if processes.index == 0:
+    (out / MANIFEST).unlink(missing_ok=True)
+    files.write_json(out / PLAN, plan)
+    if kept:
+      print(f'{out}: keeping the {len(kept)} shards an earlier run of this import finished')
+  names = [f'latents-{k:05d}.array_record' for k in range(len(shards))]
+  mine = [k for k in range(processes.index, len(shards), processes.count)
+          if names[k] not in kept]
+  if processes.count > 1:
+    print(f'{out}: process {processes.index} of {processes.count} writes shards {mine} of '
+          f'{len(shards)}')
+  for k in mine:
+    with files.written_whole(out / names[k]) as staged:
       writer = array_record_module.ArrayRecordWriter(staged, 'group_size:1')
       try:
-        for latent, label in shard_records():
+        for latent, label in shards[k]():
           writer.write(to_record(latent, label))
-          records += 1
       finally:
         writer.close()
-  files.write_json(out / MANIFEST, {'records': records, 'shards': names})
+  processes.barrier('latents: shards written')
+  records = 0
+  for name in names:
+    reader = array_record_module.ArrayRecordReader(str(out / name))
+    records += reader.num_records()
+    reader.close()
+  if processes.index == 0:
+    files.write_json(out / MANIFEST, {'records': records, 'shards': names})
   return records
 
 

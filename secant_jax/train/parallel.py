@@ -16,6 +16,16 @@ from jax.sharding import PartitionSpec as P
 FSDP_MIN_SIZE = 2 ** 14  # arrays smaller than this stay replicated under FSDP
 
 
+def initialize_distributed(cluster):
+  """jax.distributed.initialize with `cluster`'s coordinator_address, num_processes and
+  process_id (config.cluster, or encode's flags); the unset ('', 0, -1) are left to JAX,
+  which reads them from a TPU VM's metadata, Slurm, Open MPI or Kubernetes (and the
+  coordinator from JAX_COORDINATOR_ADDRESS)."""
+  jax.distributed.initialize(coordinator_address=cluster.coordinator_address or None,
+                             num_processes=cluster.num_processes or None,
+                             process_id=None if cluster.process_id < 0 else cluster.process_id)
+
+
 def make_mesh(fsdp=1, devices=None):
   """A (data, fsdp) mesh over all devices; fsdp = 1 is pure data parallelism."""
   devices = np.asarray(jax.devices() if devices is None else devices)
