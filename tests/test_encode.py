@@ -133,6 +133,24 @@ def test_a_stopped_encoding_goes_on_where_it_was(tmp_path):
   assert json.loads((out / latents.PLAN).read_text())['classes'] == ['cat', 'dog']
 
 
+def test_a_process_that_cannot_see_the_others_shards_says_where_out_must_be(tmp_path,
+                                                                          capsys):
+  """Process 0 of 2 writing where process 1's shards never appear (each host's own disk):
+  it writes its shards and import.json, then names the missing shard and what --out must
+  be, and writes no manifest."""
+  barriers = []
+  shards = [lambda: iter([(np.zeros((2, 2, 4), np.float32), 3)])] * 3
+  with pytest.raises(FileNotFoundError, match=(
+      r'latents-00001.array_record is missing after every process wrote its shards: with 2 '
+      r'processes, \S+ must be one directory they all see \(a bucket')):
+    latents.write_shards(tmp_path / 'out', {'images': 'x'}, shards,
+                         latents.Processes(0, 2, barriers.append))
+  assert barriers == ['latents: import.json read', 'latents: shards written']
+  assert sorted(os.listdir(tmp_path / 'out')) == [
+      latents.PLAN, 'latents-00000.array_record', 'latents-00002.array_record']
+  assert 'process 0 of 2 writes shards [0, 2] of 3' in capsys.readouterr().out
+
+
 def test_images_on_a_bucket_encode_as_on_a_disk(gcs_bucket, tmp_path):
   """Listed, read and written through epath: the same records from gs:// as from a disk."""
   root = _image_folder(tmp_path / 'images')

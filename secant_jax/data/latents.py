@@ -212,6 +212,11 @@ def write_shards(out_dir, plan, shards, processes=Processes()):
   processes.barrier('latents: shards written')
   records = 0
   for name in names:
+    if not (out / name).exists():
+      raise FileNotFoundError(
+          f'{out / name} is missing after every process wrote its shards: with '
+          f'{processes.count} processes, {out_dir} must be one directory they all see (a '
+          'bucket, gs://..., or a shared file system), not a disk of each host.')
     reader = array_record_module.ArrayRecordReader(str(out / name))
     records += reader.num_records()
     reader.close()
