@@ -14,9 +14,10 @@
 # machine without a GPU, only the last two: the README's second table).
 # A run that fails is a row that says so and points at its output; the others go on.
 # Settings (environment): MODEL (SiT-XL/2), ATTENTION (cudnn), ROWS (sdei stee sample
-# remat), GEMMS (triton cublas), QKV (fused; "fused split" for both), EXTRA (more benchmark
-# flags, appended, so they override: "--profile 3", "--target h100", or "--batch 2 --steps 1"
-# to try the script on a CPU), PYTHON (python3).
+# remat accumulate: STEE at batch 256 with --remat, or over 4 microbatches), GEMMS (triton
+# cublas), QKV (fused; "fused split" for both), EXTRA (more benchmark flags, appended, so
+# they override: "--profile 3", "--target h100", or "--batch 2 --steps 1" to try the script
+# on a CPU), PYTHON (python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:?usage: launch/throughput_table.sh OUT_DIR}
@@ -29,7 +30,9 @@ row_flags() {
     stee) echo --variant stee --batch 64 ;;
     sample) echo --sample --variant sdei --num-steps 4 --batch 256 ;;
     remat) echo --variant stee --batch 256 --remat --steps 5 ;;
-    *) echo "unknown row '$1' in ROWS; expected any of: sdei stee sample remat" >&2; return 1 ;;
+    accumulate) echo --variant stee --batch 256 --microbatches 4 --steps 5 ;;
+    *) echo "unknown row '$1' in ROWS; expected any of: sdei stee sample remat accumulate" >&2
+       return 1 ;;
   esac
 }
 gemm_flags() {
@@ -50,7 +53,7 @@ qkv_flags() {
 }
 field() { awk -v key="$1" -F': *' '$1 ~ "^ *" key "$" {print $2}' "$2"; }
 
-rows=${ROWS:-sdei stee sample remat}
+rows=${ROWS:-sdei stee sample remat accumulate}
 gemm_settings=${GEMMS:-triton cublas}
 qkv_settings=${QKV:-fused}
 # Every setting is checked before the first run, so a typo costs no benchmark time.

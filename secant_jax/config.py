@@ -29,8 +29,9 @@ RESUMABLE_CHANGES = ('mode', 'num_train_steps', 'log_every', 'checkpoint_every',
                      'keep_checkpoints', 'sample_every', 'num_sample_images',
                      'teacher_sample_nfe', 'num_eval_samples', 'eval_every',
                      'eval_save_seconds', 'fid', 'compare', 'compare_in_float32',
-                     'fsdp', 'distributed', 'cluster', 'data.read_threads', 'matmul_precision',
-                     'model.attention', 'model.remat', 'model.split_qkv', 'model.residual_dtype',
+                     'fsdp', 'microbatches', 'distributed', 'cluster', 'data.read_threads',
+                     'matmul_precision', 'model.attention', 'model.remat', 'model.split_qkv',
+                     'model.residual_dtype',
                      'secant.sample_cfg_scale', 'secant.sample_guidance_scale',
                      'secant.guidance_interval', 'allow_config_change', 'demo')
 
@@ -39,7 +40,8 @@ RESUMABLE_CHANGES = ('mode', 'num_train_steps', 'log_every', 'checkpoint_every',
 # before is rebuilt as it trained (compare, evaluate), and resuming it under a config that
 # now sets another value is refused as the change it is (`changed_settings`).
 ADDED_SETTINGS = {'ema_warmup': False, 'secant.loss_weighting': 'uniform',
-                  'secant.diffusion_log_sigma': None, 'path.schedule': 'rho'}
+                  'secant.diffusion_log_sigma': None, 'path.schedule': 'rho',
+                  'microbatches': 1}
 
 
 def with_added_settings(saved):
@@ -140,6 +142,9 @@ def base_config():
   c.ema_decay = 0.9999
   c.ema_warmup = False  # decay min(ema_decay, (1 + k)/(10 + k)) at update k: from scratch, short runs
   c.batch_size = 256
+  # gradient accumulation: the batch's gradient is taken over this many equal slices of it
+  # one after another (a slice's activations in memory at a time), then one optimizer step
+  c.microbatches = 1
   c.num_train_steps = 1000
   c.log_every = 100
   c.checkpoint_every = 1000

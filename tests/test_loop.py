@@ -249,13 +249,14 @@ def test_logged_metrics_are_means_over_the_log_window(latent_dir, tmp_path):
 
 
 # Two variants, one of each time sampling and of each target (the four variants' targets
-# on the σ-path: test_secant_fixed_point; each variant's train step: test_train_step): a
-# U-Net run costs 20-30 s on CI's CPU.
-@pytest.mark.parametrize('variant', ['sdei', 'stee'])
-def test_one_step_on_mock_cifar10_edm_path(variant, tmp_path):
+# on the σ-path: test_secant_fixed_point; each variant's train step: test_train_step), STEE
+# with its gradient accumulated over two microbatches, each with its own dropout: a U-Net
+# run costs 20-30 s on CI's CPU.
+@pytest.mark.parametrize('variant, microbatches', [('sdei', 1), ('stee', 2)])
+def test_one_step_on_mock_cifar10_edm_path(variant, microbatches, tmp_path):
   teacher = _save_teacher(TINY_UNET, tmp_path / 'teacher')
   c = _config(TINY_UNET, dict(name='cifar10', random_flip=True), variant, path='edm',
-              init_checkpoint=teacher)
+              init_checkpoint=teacher, batch_size=8 * microbatches, microbatches=microbatches)
   with tfds.testing.mock_data(num_examples=16):
     state, history = loop.train_and_evaluate(c, tmp_path / 'run')
   assert int(state.step) == 1 and np.isfinite(history[0]['loss'])
@@ -431,6 +432,7 @@ def test_changed_settings_are_those_that_decide_the_training_and_both_configs_ho
   current = json.loads(config_lib.base_config().to_json_best_effort())
   current['secant']['stei_lambda'] = 2.0  # decides the loss
   current['fsdp'], current['model']['remat'], current['data']['read_threads'] = 4, True, 64
+  current['microbatches'] = 4  # the same gradient, a slice of the batch at a time
   current['secant']['guidance_interval'] = [0.3, 1.0]  # sampling only
   current['data']['added_in_a_later_version'] = 1
   del current['ema_warmup']  # a setting this version does not have

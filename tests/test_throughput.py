@@ -41,7 +41,8 @@ def test_forward_equivalents_per_variant():
 
 @pytest.mark.usefixtures('two_block_dit')
 @pytest.mark.parametrize('extra', [['--variant', 'sdei', '--traffic'],
-                                   ['--variant', 'stee', '--remat', '--split-qkv'],
+                                   ['--variant', 'stee', '--remat', '--split-qkv',
+                                    '--batch', '16', '--microbatches', '2'],
                                    ['--sample', '--num-steps', '2', '--profile', '1']])
 def test_benchmark_runs_on_cpu_and_prints_its_fields(extra, capsys):
   argv = ['--model', 'DiT-S/8', '--batch', '8', '--steps', '2', '--warmup', '1', '--dtype',

@@ -25,7 +25,7 @@ def _apply(model):
   return lambda v, x, t, s, y, w, key: model.apply(v, x, t, s, y, w)
 
 
-def _setup(variant, guidance_range=(1.0, 2.5), mesh=None):
+def _setup(variant, guidance_range=(1.0, 2.5), mesh=None, microbatches=1):
   """A tiny DiT student and teacher; with `mesh`, their applies gather FSDP-sharded
   variables as the trainer's do (`parallel.fsdp_apply`)."""
   guided = variant in ('sdei', 'stei', 'sdee')
@@ -46,7 +46,8 @@ def _setup(variant, guidance_range=(1.0, 2.5), mesh=None):
                              guidance_range=guidance_range if guided else None)
   optimizer = optax.adamw(1e-3, weight_decay=0.0)
   train_step = step_lib.make_train_step(task, wrap(_apply(student)), wrap(_apply(teacher)),
-                                        optimizer, ema_decay=0.9)
+                                        optimizer, ema_decay=0.9,
+                                        microbatches=microbatches)
   state = state_lib.create(variables, optimizer, jax.random.key(5))
   return train_step, state, teacher_variables, {'x': x, 'y': y}
 
@@ -126,6 +127,30 @@ def test_sharded_step_equals_single_device_step(fsdp):
   assert err <= 1e-5
 
 
+@pytest.mark.parametrize('variant', ['sdei', 'stee'])
+def test_microbatches_accumulate_the_gradient_of_the_whole_batch(variant):
+  """Gradient accumulation over 2 and 4 slices of the batch takes the step the whole batch
+  takes at once (the same draws; rounding apart), also on 8 devices, each slice split over
+  all of them."""
+  train_step, state, teacher_variables, batch = _setup(variant)
+  whole, whole_metrics = jax.jit(train_step)(state, teacher_variables, batch)
+  differences = lambda a, b: max(float(jnp.abs(u - v).max()) for u, v in zip(
+      jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
+  for microbatches in (2, 4):
+    step, *_ = _setup(variant, microbatches=microbatches)
+    new, metrics = jax.jit(step)(state, teacher_variables, batch)
+    print(f'{variant}, {microbatches} microbatches: max abs difference of new params '
+          f'{differences(new.params, whole.params):.2e}, of the loss '
+          f'{abs(float(metrics["loss"]) - float(whole_metrics["loss"])):.2e}')
+    assert differences(new.params, whole.params) <= 1e-5
+    for name, value in whole_metrics.items():
+      np.testing.assert_allclose(metrics[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+  mesh = parallel.make_mesh(1)
+  step, *_ = _setup(variant, mesh=mesh, microbatches=2)
+  assert differences(_params_after(step, state, teacher_variables, batch, mesh),
+                     whole.params) <= 1e-5
+
+
 def test_fsdp_apply_gathers_the_weights_and_keeps_the_batch_split():
   """Under FSDP a weight sharded on its output axis meets a batch-split activation; left to
   itself XLA gathers the activation (on this CPU too: the output then stays split over
@@ -166,6 +191,19 @@ def test_bad_setups_are_named():
                                          r'multiple of the 8 devices; set config.fid.'
                                          r'batch_size to a multiple of 8\.'):
       parallel.check_batch_size(batch, parallel.make_mesh(1), 'config.fid.batch_size')
+  with pytest.raises(ValueError, match=r'Global batch size 24 is not a positive multiple of '
+                                       r'2 microbatches \(config.microbatches\) × 8 devices; '
+                                       r"set the config's batch_size to a multiple of 16\."):
+    parallel.check_batch_size(24, parallel.make_mesh(1), microbatches=2)
+  with pytest.raises(ValueError, match=r'microbatches \(config.microbatches\) must be a '
+                                       r'positive integer \(1: no gradient accumulation\), '
+                                       r'got 0\.'):
+    _setup('stee', microbatches=0)
+  train_step, state, teacher_variables, batch = _setup('stee', microbatches=3)
+  with pytest.raises(ValueError, match=r'The batch of 16 examples does not split into 3 '
+                                       r'equal microbatches \(config.microbatches\); set '
+                                       r'config.batch_size to a multiple of 3\.'):
+    jax.jit(train_step)(state, teacher_variables, batch)
   with pytest.raises(ValueError, match='fsdp=3 does not divide the 8 devices'):
     parallel.make_mesh(3)
   with pytest.raises(ValueError, match="Unknown secant variant 'sdie'"):

@@ -84,6 +84,7 @@ def load_config(args):
   config.model.remat = args.remat
   config.model.split_qkv = args.split_qkv
   config.batch_size = args.batch
+  config.microbatches = args.microbatches
   config.fsdp = args.fsdp
   return config
 
@@ -260,8 +261,9 @@ def _does_not_fit(config, args, mesh, why):
   return (f'{model_name(config)} {"sampling" if args.sample else args.variant}, '
           f'batch {args.batch}, does not fit on {mesh.size} x '
           f'{mesh.devices.flat[0].device_kind}: {why}\n'
-          'Less memory per device: --remat (recompute activations), --fsdp N (shard '
-          'parameters and optimizer state over N devices) or a smaller --batch.')
+          'Less memory per device: --remat (recompute activations), --microbatches N '
+          '(accumulate the gradient over N slices of the batch), --fsdp N (shard parameters '
+          'and optimizer state over N devices) or a smaller --batch.')
 
 
 def _compile(config, args, mesh, compiler_options=None):
@@ -313,6 +315,8 @@ def parse_args(argv=None):
                       "cifar10_edm, as EDM trains; '' for JAX's default)")
   parser.add_argument('--attention', default='', help="'' (XLA's choice), 'cudnn', 'xla'")
   parser.add_argument('--remat', action='store_true')
+  parser.add_argument('--microbatches', type=_positive, default=1,
+                      help='train: accumulate the gradient over this many slices of the batch')
   parser.add_argument('--split-qkv', action='store_true', help='DiT: q, k and v as three '
                       'products of the qkv kernel, not one product and a split copy')
   parser.add_argument('--fsdp', type=_positive, default=1)
@@ -344,7 +348,8 @@ def main(argv=None):
 def _benchmark(config, args):
   mesh = parallel.make_mesh(config.fsdp,
                             None if args.target is None else args.target.devices())
-  parallel.check_batch_size(config.batch_size, mesh, '--batch')
+  parallel.check_batch_size(config.batch_size, mesh, '--batch',
+                            1 if args.sample else config.microbatches)
   device_kind = mesh.devices.flat[0].device_kind
   program = _compile(config, args, mesh)
   hlo_text = program.compiled.as_text()

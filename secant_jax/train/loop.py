@@ -139,7 +139,7 @@ def train_and_evaluate(config, workdir):
   stopped it before its last step."""
   workdir = files.make_directory(workdir)
   mesh = parallel.make_mesh(config.fsdp)
-  parallel.check_batch_size(config.batch_size, mesh)
+  parallel.check_batch_size(config.batch_size, mesh, microbatches=config.microbatches)
 
   network = recipe.make_network(config)
   task = recipe.make_task(config, network)

@@ -43,11 +43,15 @@ def batch_sharding(mesh):
   return NamedSharding(mesh, P(('data', 'fsdp')))
 
 
-def check_batch_size(batch_size, mesh, setting="the config's batch_size"):
-  """Raises unless `batch_size` (what `setting` names) splits evenly over the mesh."""
-  if batch_size < 1 or batch_size % mesh.size:
-    raise ValueError(f'Global batch size {batch_size} is not a positive multiple of the '
-                     f'{mesh.size} devices; set {setting} to a multiple of {mesh.size}.')
+def check_batch_size(batch_size, mesh, setting="the config's batch_size", microbatches=1):
+  """Raises unless `batch_size` (what `setting` names) splits evenly over the mesh, each of
+  its `microbatches` slices too (gradient accumulation)."""
+  multiple = mesh.size * microbatches
+  if batch_size < 1 or batch_size % multiple:
+    of = (f'the {mesh.size} devices' if microbatches == 1 else
+          f'{microbatches} microbatches (config.microbatches) × {mesh.size} devices')
+    raise ValueError(f'Global batch size {batch_size} is not a positive multiple of {of}; '
+                     f'set {setting} to a multiple of {multiple}.')
 
 
 def _leaf_sharding(leaf, mesh, fsdp, min_size):

@@ -66,7 +66,7 @@ def make_train_step(config, task, network, teacher, optimizer, mesh):
                      "'float32'.")
   gathering = lambda net: None if net is None else parallel.fsdp_apply(net.apply, mesh)
   return step_lib.make_train_step(task, gathering(network), gathering(teacher), optimizer,
-                                  config.ema_decay, config.ema_warmup)
+                                  config.ema_decay, config.ema_warmup, config.microbatches)
 
 
 def learning_rate_schedule(opt_config):

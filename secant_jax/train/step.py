@@ -153,14 +153,43 @@ def ema_initial_share(decay, warmup, steps):
   return float(np.prod(decays))
 
 
+def accumulated_gradients(objective, params, inputs, key, microbatches):
+  """value_and_grad of objective(params, inputs, key) → (loss, aux), a mean over the
+  examples of `inputs` (arrays with the batch on their leading axis), taken over
+  `microbatches` equal slices of them one after another and averaged (gradient
+  accumulation: one slice's activations in memory at a time), so equal to the whole
+  batch's up to rounding. Slice i holds examples i, i + m, i + 2m, ... (m = microbatches),
+  so that each device's share of a batch split over devices splits without moving data;
+  its dropout draws come from fold_in(key, i). One microbatch: the whole batch with `key`."""
+  grad_fn = jax.value_and_grad(objective, has_aux=True)
+  if microbatches == 1:
+    return grad_fn(params, inputs, key)
+  slices = jax.tree_util.tree_map(
+      lambda a: jnp.swapaxes(a.reshape(-1, microbatches, *a.shape[1:]), 0, 1), inputs)
+
+  def add(total, indexed):
+    index, inputs_i = indexed
+    value = grad_fn(params, inputs_i, jax.random.fold_in(key, index))
+    return jax.tree_util.tree_map(jnp.add, total, value), None
+
+  shapes = jax.eval_shape(grad_fn, params, jax.tree_util.tree_map(lambda a: a[0], slices), key)
+  zeros = jax.tree_util.tree_map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+  total, _ = jax.lax.scan(add, zeros, (jnp.arange(microbatches), slices))
+  return jax.tree_util.tree_map(lambda a: a / microbatches, total)
+
+
 def make_train_step(task: SecantTask, apply_fn: ApplyFn, teacher_apply: ApplyFn | None,
                     optimizer: optax.GradientTransformation, ema_decay: float,
-                    ema_warmup: bool = False):
+                    ema_warmup: bool = False, microbatches: int = 1):
   """The pure train step for `task`; jit it with `parallel.jit_train_step`. The EMA decays
-  by `ema_decay_at(step, ema_decay, ema_warmup)`."""
+  by `ema_decay_at(step, ema_decay, ema_warmup)`. The gradient of the batch is accumulated
+  over `microbatches` slices of it (`accumulated_gradients`)."""
   if task.needs_teacher and teacher_apply is None:
     raise ValueError(f'Variant {task.variant!r} needs a teacher: set the config\'s teacher '
                      'checkpoint.')
+  if not isinstance(microbatches, int) or microbatches < 1:
+    raise ValueError('microbatches (config.microbatches) must be a positive integer (1: no '
+                     f'gradient accumulation), got {microbatches!r}.')
 
   def train_step(state, teacher_variables, batch):
     x_data, labels = batch['x'], batch['y']
@@ -180,9 +209,10 @@ def make_train_step(task: SecantTask, apply_fn: ApplyFn, teacher_apply: ApplyFn 
     teacher_fn = (teacher_tangent(task, teacher_apply, teacher_variables)
                   if task.needs_teacher else None)
 
-    def objective(trainable):
+    def objective(trainable, inputs, dropout_key):
+      x_data, noise, times, conditioning, unguided = inputs
       variables = {**state.params, 'params': trainable}
-      secant_fn = student_secant(task, apply_fn, variables, k_dropout)
+      secant_fn = student_secant(task, apply_fn, variables, dropout_key)
       per_example, aux = secant.loss(task.variant, secant_fn, teacher_fn, task.path, x_data,
                                      noise, times, *conditioning,
                                      stei_lambda=task.stei_lambda, stei_target=task.stei_target,
@@ -190,7 +220,13 @@ def make_train_step(task: SecantTask, apply_fn: ApplyFn, teacher_apply: ApplyFn 
                                      weight_fn=task.weight_fn())
       return jnp.mean(per_example), {k: jnp.mean(v) for k, v in aux.items()}
 
-    (loss, terms), grads = jax.value_and_grad(objective, has_aux=True)(state.params['params'])
+    if size % microbatches:
+      raise ValueError(f'The batch of {size} examples does not split into {microbatches} '
+                       'equal microbatches (config.microbatches); set config.batch_size to a '
+                       f'multiple of {microbatches}.')
+    (loss, terms), grads = accumulated_gradients(
+        objective, state.params['params'], (x_data, noise, times, conditioning, unguided),
+        k_dropout, microbatches)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params['params'])
     params = {**state.params, 'params': optax.apply_updates(state.params['params'], updates)}
     decay = ema_decay_at(state.step, ema_decay, ema_warmup)
