@@ -3,8 +3,9 @@
 The step draws everything from the state's key folded with the step: time pairs (t, s, r,
 τ), noise, label dropout (classifier-free training) and guidance scales (embedded CFG);
 builds the secant from the network and the guided teacher tangent; takes the loss of the
-configured variant; applies the optimizer and the EMA. It knows the variant only as data:
-the loss dispatches on it.
+configured variant, its gradient taken over the whole batch at once or accumulated over
+microbatches; applies the optimizer and the EMA. It knows the variant only as data: the
+loss dispatches on it.
 
 Labels are dropped in the terms trained without guidance. Without embedded guidance that
 is every term (STEE, a teacher, an unguided STEI). With it, the secant term's target is
