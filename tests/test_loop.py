@@ -547,6 +547,12 @@ def test_errors_are_one_line_and_name_the_fix(tmp_path, latent_dir):
   with pytest.raises(ValueError, match=r"Global batch size 12 is not a positive multiple "
                                        r"of the 8 devices; set the config's batch_size to"):
     loop.train_and_evaluate(odd_batch, tmp_path / 'r4')
+  no_slices = _config(TINY_DIT, dict(name='imagenet_latents', dir=latent_dir), 'stee',
+                      microbatches=0)
+  with pytest.raises(ValueError, match=r'microbatches \(config.microbatches\) must be a '
+                                       r'positive integer \(1: no gradient accumulation\), '
+                                       r'got 0\.'):
+    loop.train_and_evaluate(no_slices, tmp_path / 'r4')
   with pytest.raises(ValueError, match=r"Unknown mode 'eval'"):
     main_lib.run(_config(TINY_DIT, {}, 'stee', mode='eval'), tmp_path / 'r5')
   with pytest.raises(ValueError, match=r"Bad config argument 'step=4'"):

@@ -139,6 +139,7 @@ def train_and_evaluate(config, workdir):
   stopped it before its last step."""
   workdir = files.make_directory(workdir)
   mesh = parallel.make_mesh(config.fsdp)
+  step_lib.check_microbatches(config.microbatches)  # before it divides the batch
   parallel.check_batch_size(config.batch_size, mesh, microbatches=config.microbatches)
 
   network = recipe.make_network(config)

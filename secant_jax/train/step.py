@@ -154,6 +154,13 @@ def ema_initial_share(decay, warmup, steps):
   return float(np.prod(decays))
 
 
+def check_microbatches(microbatches):
+  """Refuses a microbatch count that is not a positive integer (1: no accumulation)."""
+  if not isinstance(microbatches, int) or microbatches < 1:
+    raise ValueError('microbatches (config.microbatches) must be a positive integer (1: no '
+                     f'gradient accumulation), got {microbatches!r}.')
+
+
 def accumulated_gradients(objective, params, inputs, key, microbatches):
   """value_and_grad of objective(params, inputs, key) → (loss, aux), a mean over the
   examples of `inputs` (arrays with the batch on their leading axis), taken over
@@ -188,9 +195,7 @@ def make_train_step(task: SecantTask, apply_fn: ApplyFn, teacher_apply: ApplyFn 
   if task.needs_teacher and teacher_apply is None:
     raise ValueError(f'Variant {task.variant!r} needs a teacher: set the config\'s teacher '
                      'checkpoint.')
-  if not isinstance(microbatches, int) or microbatches < 1:
-    raise ValueError('microbatches (config.microbatches) must be a positive integer (1: no '
-                     f'gradient accumulation), got {microbatches!r}.')
+  check_microbatches(microbatches)
 
   def train_step(state, teacher_variables, batch):
     x_data, labels = batch['x'], batch['y']
