@@ -30,6 +30,7 @@ RESUMABLE_CHANGES = ('mode', 'num_train_steps', 'log_every', 'checkpoint_every',
                      'teacher_sample_nfe', 'num_eval_samples', 'eval_every',
                      'eval_save_seconds', 'fid', 'compare', 'compare_in_float32',
                      'fsdp', 'microbatches', 'distributed', 'cluster', 'data.read_threads',
+                     'compilation_cache_dir',
                      'matmul_precision', 'model.attention', 'model.remat', 'model.split_qkv',
                      'model.residual_dtype',
                      'secant.sample_cfg_scale', 'secant.sample_guidance_scale',
@@ -189,6 +190,11 @@ def base_config():
   c.allow_config_change = False  # resume with settings not in RESUMABLE_CHANGES changed
   c.matmul_precision = ''  # of float32 products: MATMUL_PRECISIONS, '' = JAX's default
   c.fsdp = 1
+  # JAX's persistent compilation cache: every compiled program kept in this directory (or
+  # gs://...) and read back by a later run of the same program, so that a run resumed
+  # after a preemption skips its compiles ('' = JAX's own setting, JAX_COMPILATION_CACHE_DIR).
+  # Only process 0 writes: with several hosts, a path they all read (a bucket).
+  c.compilation_cache_dir = ''
   c.distributed = False  # jax.distributed.initialize() (multi-host TPU/GPU)
   # where JAX does not detect the cluster (TPU VMs, Slurm, Open MPI, Kubernetes it does):
   # the coordinator's host:port, the process count and this process's index

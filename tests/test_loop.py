@@ -368,6 +368,68 @@ def test_exact_resume_across_a_process_exit(tmp_path):
     np.testing.assert_array_equal(_leaves(resumed_state)[path], value, err_msg=str(path))
 
 
+def test_a_resumed_run_reads_its_train_step_from_the_compilation_cache(tmp_path, monkeypatch):
+  """config.compilation_cache_dir: the first run writes its compiled train step there, the
+  run resumed in a new process (as after a preemption) loads it instead of compiling."""
+  monkeypatch.setenv('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')  # tiny programs too
+  monkeypatch.setenv('JAX_DEBUG_LOG_MODULES', 'jax._src.compiler')  # hits and misses logged
+  cache = tmp_path / 'cache'
+  outputs = []
+  for steps in (1, 2):
+    proc = _run_main(tmp_path / 'run', steps, [f'--config.compilation_cache_dir={cache}'])
+    outputs.append(proc.communicate(timeout=600)[0])
+    assert proc.returncode == 0, outputs[-1][-3000:]
+  assert "CACHE MISS for 'jit_train_step'" in outputs[0]
+  assert any(f.startswith('jit_train_step-') for f in os.listdir(cache))
+  assert "cache hit for 'jit_train_step'" in outputs[1]
+  assert "CACHE MISS for 'jit_train_step'" not in outputs[1]
+
+
+# A program with a custom_partitioning primitive (as cuDNN's attention is) jitted over
+# `devices` emulated CPU devices, run with a persistent compilation cache.
+_CUSTOM_PARTITIONED = '''
+import sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+double = custom_partitioning(lambda x: 2 * x)
+double.def_partition(
+    partition=lambda mesh, args, result: (mesh, lambda x: 2 * x, args[0].sharding,
+                                          (args[0].sharding,)),
+    infer_sharding_from_operands=lambda mesh, args, result: args[0].sharding,
+    sharding_rule='i j -> i j')
+mesh = Mesh(np.array(jax.devices()[:int(sys.argv[1])]), ('d',))
+x = jax.device_put(jnp.ones((4, 4)), NamedSharding(mesh, P('d')))
+print(float(jax.jit(lambda x: double(x) + 1)(x).sum()))
+'''
+
+
+@pytest.mark.parametrize('devices, entries', [(1, 1), (2, 2)])
+def test_a_custom_partitioned_program_on_several_devices_is_cached_anew_by_each_process(
+    tmp_path, devices, entries):
+  """What main.unreadable_cache_reason warns of: two processes running the same program
+  with a custom_partitioning primitive on 2 devices store two cache entries (each program
+  holds its process's callback id), on 1 device one (inlined, read back by the second)."""
+  env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path),
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+         'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
+  for _ in range(2):
+    out = subprocess.run([sys.executable, '-c', _CUSTOM_PARTITIONED, str(devices)], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ['48.0']
+  assert len([f for f in os.listdir(tmp_path) if f.startswith('jit__lambda-')]) == entries
+
+
+def test_cudnn_attention_on_several_devices_is_named_as_what_defeats_the_cache():
+  c = _demo_train_config(1)
+  c.model.attention = 'cudnn'
+  assert main_lib.unreadable_cache_reason(c, 1) is None
+  assert ("cuDNN's attention (model.attention='cudnn') on 8 devices puts a per-process "
+          'callback id into the compiled programs') in main_lib.unreadable_cache_reason(c, 8)
+  c.model.attention = ''
+  assert main_lib.unreadable_cache_reason(c, 8) is None
+
+
 def test_sigterm_leaves_a_checkpoint_the_run_continues_from(tmp_path):
   proc = _run_main(tmp_path, 100000, ['--config.checkpoint_every=100000'])
   for line in proc.stdout:
