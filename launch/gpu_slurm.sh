@@ -9,7 +9,9 @@
 # see. Slurm sends SIGTERM before the time limit (--signal below) or on preemption; the
 # trainer saves a checkpoint and exits with status 75, on which this script queues the job
 # again (`--requeue` alone covers node failure and preemption, not the time limit), and
-# the requeued job resumes from that checkpoint. A finished run exits 0 and is not requeued.
+# the requeued job resumes from that checkpoint (with --config.compilation_cache_dir on the
+# shared file system it also reads back the programs compiled before, instead of compiling
+# them again). A finished run exits 0 and is not requeued.
 #SBATCH --job-name=secant-jax
 #SBATCH --ntasks-per-node=1
 #SBATCH --gpus-per-node=8
