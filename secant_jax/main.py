@@ -32,9 +32,10 @@ def run(config, workdir):
     parallel.initialize_distributed(config.cluster)
   if config.compilation_cache_dir:
     use_compilation_cache(config.compilation_cache_dir)
-  unread = unreadable_cache_reason(config, jax.device_count())
-  if unread and jax.config.jax_compilation_cache_dir:
-    logging.warning(unread)
+  if jax.config.jax_compilation_cache_dir:  # set here or by JAX_COMPILATION_CACHE_DIR
+    unreadable = unreadable_cache_reason(config, jax.device_count())
+    if unreadable:
+      logging.warning(unreadable)
   with config_lib.matmul_precision(config):
     return _run_mode(config, workdir)
 

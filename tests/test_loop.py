@@ -410,7 +410,7 @@ def test_a_custom_partitioned_program_on_several_devices_is_cached_anew_by_each_
   """What main.unreadable_cache_reason warns of: two processes running the same program
   with a custom_partitioning primitive on 2 devices store two cache entries (each program
   holds its process's callback id), on 1 device one (inlined, read back by the second)."""
-  env = {**os.environ, 'JAX_COMPILATION_CACHE_DIR': str(tmp_path),
+  env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_COMPILATION_CACHE_DIR': str(tmp_path),
          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
          'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
   for _ in range(2):
