@@ -10,8 +10,9 @@
 #
 # writes runs/throughput/<row>-<gemms>-<qkv>.txt (each run's whole output) and
 # runs/throughput/table.md (img/s, step time, MFU, peak memory, the compiled program's
-# static bytes and memory, per row, GEMM and qkv setting; with EXTRA="--target h100" on a
-# machine without a GPU, only the last two: the README's second table).
+# static bytes and memory and its compile seconds, per row, GEMM and qkv setting; with
+# EXTRA="--target h100" on a machine without a GPU, only the last three: the README's
+# second table).
 # A run that fails is a row that says so and points at its output; the others go on.
 # Settings (environment): MODEL (SiT-XL/2), ATTENTION (cudnn), ROWS (sdei stee sample
 # remat accumulate: STEE at batch 256 with --remat, or over 4 microbatches), GEMMS (triton
@@ -64,8 +65,8 @@ for qkv in $qkv_settings; do qkv_flags "$qkv" > /dev/null; done
 table=$out/table.md
 {
   echo "| run | GEMMs | qkv | img/s | step ms | MFU | peak memory GiB | bytes moved GB" \
-    "| compiled memory GiB | command |"
-  echo "|---|---|---|---|---|---|---|---|---|---|"
+    "| compiled memory GiB | compile s | command |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|"
 } > "$table"
 for row in $rows; do
   flags="--model ${MODEL:-SiT-XL/2} $(row_flags "$row") --attention ${ATTENTION:-cudnn}"
@@ -84,14 +85,14 @@ for row in $rows; do
           > "$log" 2>&1; then
         cells=""
         for key in images_per_second step_ms mfu peak_memory_gib static_memory_gb \
-            compiled_memory_gib; do
+            compiled_memory_gib compile_s; do
           cells+=" $(field "$key" "$log") |"
         done
         echo "| $row | $gemms | $qkv |$cells" \
           "\`${xla:+XLA_FLAGS=\"$xla\" }python -m secant_jax.bench.throughput $run_flags\` |" \
           >> "$table"
       else
-        echo "| $row | $gemms | $qkv | failed: see $log | | | | | | |" >> "$table"
+        echo "| $row | $gemms | $qkv | failed: see $log | | | | | | | |" >> "$table"
         tail -3 "$log" >&2
       fi
     done

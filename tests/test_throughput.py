@@ -52,6 +52,7 @@ def test_benchmark_runs_on_cpu_and_prints_its_fields(extra, capsys):
   for key in ('images_per_second', 'step_ms', 'peak_memory_gib', 'achieved_tflops', 'mfu'):
     assert key in printed
   assert fields['images_per_second'] > 0 and fields['mfu'] is None  # CPU: no known peak
+  assert fields['compile_s'] > 0 and 'compile_s' in printed
   assert fields['static_memory_gb'] > 0 and fields['memory_floor_ms'] is None
   # The compiled program holds at least its arguments: the fp32 variables (sampling) or the
   # train state, which is parameters, EMA and Adam's two moments.
@@ -173,6 +174,7 @@ def test_the_table_script_runs_each_setting_in_its_own_process_into_one_table(tm
                                                     ['| sample', 'triton', 'split']]
   assert '--split-qkv' in rows[1] and '--split-qkv' not in rows[0]
   assert all(float(row.split(' | ')[3]) > 0 for row in rows)  # img/s
+  assert all(float(row.split(' | ')[9]) > 0 for row in rows)  # compile s
   bad = subprocess.run(['bash', script, str(tmp_path / 'bad')],
                        env=dict(env, QKV='fused three'), capture_output=True, text=True)
   assert bad.returncode != 0

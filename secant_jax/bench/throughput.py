@@ -11,8 +11,9 @@ the other SongUNet), with the model, batch and the flags below overriding them; 
 trainer runs it, and sampling is `generate.sample`. Compiles once, runs --warmup untimed
 iterations, then times --steps with one device sync at the end. Prints img/s, time per
 step, peak device memory, achieved TFLOP/s (from `bench.flops`) and MFU against the
-device's dense bf16 peak (--peak-tflops for devices it does not know), and the memory the
-compiled program asks for. --profile N then compiles the program again with each kernel
+device's dense bf16 peak (--peak-tflops for devices it does not know), the memory the
+compiled program asks for and the seconds it took to compile (compile_s; with
+JAX_COMPILATION_CACHE_DIR set, a second run reads it from there). --profile N then compiles the program again with each kernel
 launched on its own (`bench.profile.COMPILER_OPTIONS`), traces N calls of it and prints
 device time per kind of kernel, per layer and the top HLO instructions (`bench.profile`).
 Every run also counts the compiled program's static memory traffic (`bench.traffic`) and
@@ -219,9 +220,12 @@ def bench_sample(config, args, mesh, compiler_options=None):
                  flops_lib.sample_forward_equivalents(args.num_steps, classic_cfg))
 
 
-def report(config, args, program, memory, device_kind, device_count, seconds=None):
+def report(config, args, program, memory, device_kind, device_count, compile_seconds,
+           seconds=None):
   """The printed fields, as a dict (also returned for tests). `memory` is the compiled
-  program's `traffic.summarize` (None on TPUs); `seconds` per call when it was timed."""
+  program's `traffic.summarize` (None on TPUs); `compile_seconds` what building, tracing,
+  lowering and compiling it took (or reading it from JAX_COMPILATION_CACHE_DIR's cache);
+  `seconds` per call when it was timed."""
   flop_per_image = program.forward_equivalents * flops_lib.network_forward(program.network)
   peak = (args.peak_tflops * 1e12 if args.peak_tflops
           else flops_lib.peak_flops(device_kind))
@@ -230,7 +234,8 @@ def report(config, args, program, memory, device_kind, device_count, seconds=Non
   what = 'sample' if args.sample else 'train'
   fields = {'what': f'{what} {args.variant} {model_name(config)}',
             'device': f'{device_count} x {device_kind}', 'batch': args.batch,
-            'matmul_precision': config.get('matmul_precision') or 'default'}
+            'matmul_precision': config.get('matmul_precision') or 'default',
+            'compile_s': compile_seconds}
   if seconds is not None:
     achieved = flop_per_image * args.batch / seconds
     fields.update({
@@ -351,7 +356,9 @@ def _benchmark(config, args):
   parallel.check_batch_size(config.batch_size, mesh, '--batch',
                             1 if args.sample else config.microbatches)
   device_kind = mesh.devices.flat[0].device_kind
+  started = time.perf_counter()
   program = _compile(config, args, mesh)
+  compile_seconds = time.perf_counter() - started
   hlo_text = program.compiled.as_text()
   # A TPU program stages its operands through on-chip memory (VMEM) with asynchronous
   # copies that the count does not model: its bytes would be wrong, so none are given.
@@ -361,7 +368,8 @@ def _benchmark(config, args):
   if args.target is None:
     run = program.start()
     seconds = _timed(run, args.warmup, args.steps)
-  fields = report(config, args, program, memory, device_kind, mesh.size, seconds)
+  fields = report(config, args, program, memory, device_kind, mesh.size, compile_seconds,
+                  seconds)
   for key, value in fields.items():
     text = 'n/a' if value is None else (f'{value:.4g}' if isinstance(value, float) else value)
     print(f'{key:>18}: {text}')
