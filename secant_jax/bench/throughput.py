@@ -13,9 +13,10 @@ iterations, then times --steps with one device sync at the end. Prints img/s, ti
 step, peak device memory, achieved TFLOP/s (from `bench.flops`) and MFU against the
 device's dense bf16 peak (--peak-tflops for devices it does not know), the memory the
 compiled program asks for and the seconds it took to compile (compile_s; with
-JAX_COMPILATION_CACHE_DIR set, a second run reads it from there). --profile N then compiles the program again with each kernel
-launched on its own (`bench.profile.COMPILER_OPTIONS`), traces N calls of it and prints
-device time per kind of kernel, per layer and the top HLO instructions (`bench.profile`).
+JAX_COMPILATION_CACHE_DIR set, a second run reads it from there). --profile N then
+compiles the program again with each kernel launched on its own
+(`bench.profile.COMPILER_OPTIONS`), traces N calls of it and prints device time per kind
+of kernel, per layer and the top HLO instructions (`bench.profile`).
 Every run also counts the compiled program's static memory traffic (`bench.traffic`) and
 prints the two floors of a call: FLOPs over the peak rate, bytes over the bandwidth;
 --traffic adds the bytes per kind of kernel and per layer. --target h100|h200 or a TPU
