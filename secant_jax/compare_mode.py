@@ -107,8 +107,10 @@ def _compare(config, workdir):
   c = config.compare
   teacher_config, teacher_weights = teacher_of(config)
   workdir = files.make_directory(workdir)
+  mesh = parallel.make_mesh(config.fsdp)
+  parallel.check_batch_size(c.batch_size, mesh, 'config.compare.batch_size')
   network, task, tangent_of, teacher_digest = comparison.teacher(
-      teacher_config, teacher_weights, c.guidance_scale, config.compare_in_float32)
+      teacher_config, teacher_weights, c.guidance_scale, config.compare_in_float32, mesh)
   samplers = comparison.teacher_samplers(task, tangent_of, c.teacher_nfe)
   added_steps = {}
   for name, run_dir in parse_runs(c.secants):
@@ -119,12 +121,10 @@ def _compare(config, workdir):
       added_steps[name] = run_config.secant.steps
       steps += (run_config.secant.steps,)
     samplers += comparison.secant_samplers(f'secant {name}', run_config, ema_dir, steps,
-                                           c.guidance_scale, config.compare_in_float32)
+                                           c.guidance_scale, config.compare_in_float32, mesh)
   check_step_errors(c.step_errors, samplers)
   noise, labels = generate.fixed_noise_and_labels(
       config.seed + 1, c.num_samples, network.image_shape, network.num_classes)
-  mesh = parallel.make_mesh(config.fsdp)
-  parallel.check_batch_size(c.batch_size, mesh, 'config.compare.batch_size')
   quality = (sample_quality.SampleQuality(config, workdir, mesh)
              if features.configured(config.fid) else None)
   stamp = {'compare': stamped_settings(c),

@@ -48,16 +48,16 @@ def evaluate(config, workdir, teacher_dir, secant_runs):
   d = config.demo
   teacher_config, _ = stage_config(config, workdir, 'teacher', 'diffusion', 1, 1)
   float32 = config.compare_in_float32
+  mesh = parallel.make_mesh(config.fsdp)
   network, task, tangent_of, _ = comparison.teacher(teacher_config, teacher_dir,
-                                                     d.eval_scale, float32)
+                                                     d.eval_scale, float32, mesh)
   noise, labels = generate.fixed_noise_and_labels(config.seed + 1, d.num_eval,
                                                   network.image_shape, network.num_classes)
   samplers = comparison.teacher_samplers(task, tangent_of, d.eval_step_counts)
   for name, runs in secant_runs.items():
     for run_config, ema_dir, steps in runs:
       samplers += comparison.secant_samplers(name, run_config, ema_dir, steps, d.eval_scale,
-                                             float32)
-  mesh = parallel.make_mesh(config.fsdp)
+                                             float32, mesh)
   batch = -(-d.num_eval // mesh.size) * mesh.size
   with reference_error.precision_scope(config):
     rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, batch, mesh)

@@ -77,7 +77,8 @@ def evaluate(config, workdir):
     raise ValueError(f'Nothing to evaluate: set config.fid.{config.fid.features} (the '
                      'weights of the feature network: FID, Inception Score) and/or '
                      'config.teacher_checkpoint (error to the teacher\'s ODE).')
-  network = recipe.make_network(config)
+  mesh = parallel.make_mesh(config.fsdp)
+  network = recipe.make_network(config, mesh)
   task = recipe.make_task(config, network)
   variables = loop.load_into(network, os.path.join(workdir, 'ema'), jax.random.key(0))
   _, scale = generate.sampler_secant(network, task, variables, config.secant)
@@ -85,7 +86,6 @@ def evaluate(config, workdir):
   # The resumable FID part first: saves of another evaluation are refused before anything
   # is computed, and a run stopped there has not spent the integration error's solves.
   if scored:
-    mesh = parallel.make_mesh(config.fsdp)
     quality = sample_quality.SampleQuality(config, workdir, mesh)
     saves = fid_progress(config, workdir, variables)
     result.update(quality(network, task, variables, config.fid.num_samples, config.seed + 2,

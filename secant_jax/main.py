@@ -15,7 +15,6 @@ import sys
 import jax
 from absl import app
 from absl import flags
-from absl import logging
 from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags
 
@@ -32,10 +31,6 @@ def run(config, workdir):
     parallel.initialize_distributed(config.cluster)
   if config.compilation_cache_dir:
     use_compilation_cache(config.compilation_cache_dir)
-  if jax.config.jax_compilation_cache_dir:  # set here or by JAX_COMPILATION_CACHE_DIR
-    unreadable = unreadable_cache_reason(config, jax.device_count())
-    if unreadable:
-      logging.warning(unreadable)
   with config_lib.matmul_precision(config):
     return _run_mode(config, workdir)
 
@@ -47,19 +42,6 @@ def use_compilation_cache(path):
   if jax.config.jax_compilation_cache_dir != path:
     compilation_cache.set_cache_dir(path)
     compilation_cache.reset_cache()
-
-
-def unreadable_cache_reason(config, device_count):
-  """Why a later run cannot read this run's programs from the persistent compilation cache,
-  or None. cuDNN's attention is partitioned over several devices by a Python callback
-  (jax.experimental.custom_partitioning) whose id is written into the program, so the
-  program, and the cache key hashed from it, differs from one process to the next."""
-  if config.model.get('attention') == 'cudnn' and device_count > 1:
-    return (f"The compilation cache will not be read back: cuDNN's attention "
-            f"(model.attention='cudnn') on {device_count} devices puts a per-process callback "
-            "id into the compiled programs, so each run compiles and stores them anew; set "
-            "--config.model.attention='' (XLA's attention) for a cache that resumed runs read.")
-  return None
 
 
 def _run_mode(config, workdir):

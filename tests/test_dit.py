@@ -154,6 +154,52 @@ def test_a_dit_with_split_qkv_takes_the_same_variables_and_gives_the_same_output
                              jax.jit(fused.apply)(variables, **inp), rtol=1e-5, atol=1e-5)
 
 
+def _mesh(devices):
+  return jax.sharding.Mesh(np.asarray(devices).reshape(-1, 2), ('data', 'fsdp'))
+
+
+def test_attention_per_device_on_a_mesh_gives_the_same_values_and_gradients():
+  """dit.Attention with a mesh: shard_map over the batch (split over both axes, as the
+  train step splits it), the values and gradients of the plain network; a batch that does
+  not split evenly (initialisation's) runs unsplit."""
+  mesh = _mesh(jax.devices()[:4])
+  kwargs = dict(CASES['reduced SiT/4'], num_classes=10, remat=True)
+  plain, per_device = dit.DiT(**kwargs), dit.DiT(attention_mesh=mesh, **kwargs)
+  inp = _inputs(8, 16, 4)
+  inp.pop('w')
+  variables = per_device.init(jax.random.key(0), **{k: v[:1] for k, v in inp.items()})
+  variables = jax.tree_util.tree_map(
+      lambda a: a + 0.02 * jax.random.normal(jax.random.key(1), a.shape), variables)
+  batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(('data', 'fsdp')))
+  inp = jax.device_put(inp, batch)
+  loss = lambda model: jax.jit(jax.value_and_grad(
+      lambda v, inp: jnp.mean(model.apply(v, **inp) ** 2)))
+  (value, grads), (want, want_grads) = loss(per_device)(variables, inp), loss(plain)(
+      variables, inp)
+  assert value > 0.01
+  np.testing.assert_allclose(value, want, rtol=1e-5)
+  jax.tree_util.tree_map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7),
+                         grads, want_grads)
+  program = lambda model, inp: jax.jit(model.apply).lower(variables, **inp).as_text()
+  assert program(per_device, inp).count('sdy.manual_computation') == kwargs['depth']
+  assert 'manual_computation' not in program(plain, inp)
+  odd = jax.device_put({k: v[:6] for k, v in inp.items()})  # 6 over 4 devices
+  assert 'manual_computation' not in program(per_device, odd)
+
+
+@pytest.mark.parametrize('attention, devices, per_device', [
+    ('cudnn', 2, True), ('cudnn', 1, False), ('', 2, False), ('xla', 2, False)])
+def test_only_cudnn_attention_on_several_devices_is_built_to_run_per_device(
+    attention, devices, per_device):
+  import ml_collections
+  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:devices]).reshape(-1, 1),
+                           ('data', 'fsdp'))
+  network = registry.build(ml_collections.ConfigDict(dict(
+      family='dit', name='DiT-S/8', input_size=16, in_channels=4, num_classes=10,
+      dtype='bfloat16', attention=attention)), guided=False, mesh=mesh)
+  assert network.module.attention_mesh is (mesh if per_device else None)
+
+
 def _torch_model(**kwargs):
   import torch_dit
   return torch_dit.with_random_weights(0, **kwargs).eval()

@@ -386,7 +386,8 @@ def test_a_resumed_run_reads_its_train_step_from_the_compilation_cache(tmp_path,
 
 
 # A program with a custom_partitioning primitive (as cuDNN's attention is) jitted over
-# `devices` emulated CPU devices, run with a persistent compilation cache.
+# `devices` emulated CPU devices, called as it is or per device in shard_map (as
+# dit.Attention calls it on a mesh), run with a persistent compilation cache.
 _CUSTOM_PARTITIONED = '''
 import sys
 import jax, jax.numpy as jnp, numpy as np
@@ -399,35 +400,29 @@ double.def_partition(
     infer_sharding_from_operands=lambda mesh, args, result: args[0].sharding,
     sharding_rule='i j -> i j')
 mesh = Mesh(np.array(jax.devices()[:int(sys.argv[1])]), ('d',))
+if sys.argv[2] == 'shard_map':
+  double = jax.shard_map(double, mesh=mesh, in_specs=P('d'), out_specs=P('d'))
 x = jax.device_put(jnp.ones((4, 4)), NamedSharding(mesh, P('d')))
 print(float(jax.jit(lambda x: double(x) + 1)(x).sum()))
 '''
 
 
-@pytest.mark.parametrize('devices, entries', [(1, 1), (2, 2)])
-def test_a_custom_partitioned_program_on_several_devices_is_cached_anew_by_each_process(
-    tmp_path, devices, entries):
-  """What main.unreadable_cache_reason warns of: two processes running the same program
-  with a custom_partitioning primitive on 2 devices store two cache entries (each program
-  holds its process's callback id), on 1 device one (inlined, read back by the second)."""
+@pytest.mark.parametrize('devices, call, entries', [
+    (1, 'plain', 1), (2, 'plain', 2), (2, 'shard_map', 1)])
+def test_a_custom_partitioned_kernel_is_cached_once_on_several_devices_only_per_device(
+    tmp_path, devices, call, entries):
+  """Why dit.Attention runs cuDNN's kernel per device on a mesh: two processes running a
+  program with a custom_partitioning primitive on 2 devices store two cache entries (each
+  program holds its process's callback id), so a resumed run reads none back; on 1 device,
+  or per device in shard_map, it is inlined and the second process reads the first's."""
   env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_COMPILATION_CACHE_DIR': str(tmp_path),
          'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
          'XLA_FLAGS': '--xla_force_host_platform_device_count=2'}
   for _ in range(2):
-    out = subprocess.run([sys.executable, '-c', _CUSTOM_PARTITIONED, str(devices)], env=env,
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, '-c', _CUSTOM_PARTITIONED, str(devices), call],
+                         env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ['48.0']
   assert len([f for f in os.listdir(tmp_path) if f.startswith('jit__lambda-')]) == entries
-
-
-def test_cudnn_attention_on_several_devices_is_named_as_what_defeats_the_cache():
-  c = _demo_train_config(1)
-  c.model.attention = 'cudnn'
-  assert main_lib.unreadable_cache_reason(c, 1) is None
-  assert ("cuDNN's attention (model.attention='cudnn') on 8 devices puts a per-process "
-          'callback id into the compiled programs') in main_lib.unreadable_cache_reason(c, 8)
-  c.model.attention = ''
-  assert main_lib.unreadable_cache_reason(c, 8) is None
 
 
 def test_sigterm_leaves_a_checkpoint_the_run_continues_from(tmp_path):

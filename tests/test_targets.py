@@ -27,10 +27,21 @@ def test_tpu_slices_are_the_torus_gcloud_lays_out(name, topology):
     ('v5p-6', "No TPU slice 'v5p-6': 3 chips: a slice has 1 .* or a power of two"),
     ('v4-7', "No TPU slice 'v4-7': its number counts TensorCores, 2 per chip"),
     ('v5e-2', "No TPU slice 'v5e-2': 2 chips"),
-    ('a100', r"Unknown target 'a100': expected a GPU \(h100, h200\) or a TPU slice")])
+    ('a100', r"Unknown target 'a100': expected a GPU \(h100, h200\), a host of N of them "
+             r"\(8xh100\) or a TPU slice"),
+    ('0xh100', r"Unknown target '0xh100'")])
 def test_a_target_that_does_not_exist_is_refused_with_the_valid_forms(name, message):
   with pytest.raises(ValueError, match=message):
     targets.get(name)
+
+
+@pytest.mark.parametrize('name, kind, count', [('h100', 'NVIDIA H100 80GB HBM3', 1),
+                                               ('8xh100', 'NVIDIA H100 80GB HBM3', 8),
+                                               ('2xh200', 'NVIDIA H200', 2)])
+def test_a_gpu_host_is_named_by_its_count_and_gpu(name, kind, count):
+  target = targets.get(name)
+  assert (target.device_kind, target.count, target.memory_bytes) == (
+      kind, count, targets.GPUS[name.split('x')[-1]].memory_bytes)
 
 
 def test_the_benchmark_refuses_a_bad_target_before_compiling(capsys):

@@ -1,6 +1,7 @@
 """Static memory traffic of compiled HLO (bench.traffic) and the benchmark's deviceless
 GPU target (bench.targets): byte counts checked exactly on HLO whose answer is known."""
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -155,3 +156,23 @@ def test_benchmark_compiles_for_an_h100_without_one_or_says_what_it_needs():
   else:
     assert 'device: 1 x NVIDIA H100 80GB HBM3' in result.stdout
     assert 'memory_floor_ms' in result.stdout and 'static memory traffic' in result.stdout
+
+
+@pytest.mark.skipif(not any(importlib.util.find_spec(f'jax_cuda{v}_plugin') for v in (12, 13)),
+                    reason="needs JAX's CUDA plugin: pip install -e '.[cuda]'")
+def test_cudnn_attention_on_several_gpus_compiles_to_one_program_in_every_process(tmp_path):
+  """cuDNN's attention on 2 H100s (dit.Attention runs it per device on the mesh): two
+  processes compile the same train step, so the persistent compilation cache holds one
+  entry for it, which a resumed run would read. Called as it is, the kernel's partitioning
+  callback puts each process's own id into the program: two entries."""
+  env = {**os.environ, 'XLA_FLAGS': '', 'PYTHONPATH': REPO,
+         'JAX_COMPILATION_CACHE_DIR': str(tmp_path),
+         'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0'}
+  for _ in range(2):
+    result = subprocess.run(
+        [sys.executable, '-m', 'secant_jax.bench.throughput', '--model', 'DiT-S/8',
+         '--batch', '8', '--attention', 'cudnn', '--variant', 'stee', '--target', '2xh100'],
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'device: 2 x NVIDIA H100 80GB HBM3' in result.stdout
+  assert len([f for f in os.listdir(tmp_path) if f.startswith('jit_train_step-')]) == 1

@@ -1,12 +1,12 @@
 """Accelerators a program can be compiled for on a machine without one (deviceless AOT).
 
-A target is named like the hardware: a GPU ('h100', 'h200') or a Cloud TPU slice as
-gcloud names it ('v4-32', 'v5p-8', 'v5litepod-16' or 'v5e-16', 'v6e-8'). Compiling for it
-runs the same XLA passes, fusions and buffer assignment as on the device, so the compiled
-program's memory per device can be read on a CPU machine (for a TPU also whether it fits:
-XLA's TPU compiler refuses a program that does not), and for a GPU its kernels and bytes
-moved (`bench.traffic`); nothing can be run. GPU GEMM autotuning falls back to XLA's
-default configurations.
+A target is named like the hardware: a GPU ('h100', 'h200'), a host with several
+('8xh100'), or a Cloud TPU slice as gcloud names it ('v4-32', 'v5p-8', 'v5litepod-16' or
+'v5e-16', 'v6e-8'). Compiling for it runs the same XLA passes, fusions and buffer
+assignment as on the device, so the compiled program's memory per device can be read on a
+CPU machine (for a TPU also whether it fits: XLA's TPU compiler refuses a program that
+does not), and for a GPU its kernels and bytes moved (`bench.traffic`); nothing can be
+run. GPU GEMM autotuning falls back to XLA's default configurations.
 
 GPUs need JAX's CUDA plugin (`pip install -e '.[cuda]'`), TPUs libtpu (`pip install -e
 '.[tpu]'`); neither needs the device. The GPU figures are those read off the lent machines
@@ -30,6 +30,7 @@ class GpuTarget:
   memory_bytes: int
   l2_bytes: int
   bandwidth: float  # bytes/s
+  count: int = 1  # GPUs in the host
 
   def target_config(self):
     """XLA's GpuTargetConfig proto, as text."""
@@ -63,7 +64,7 @@ device_description_str: "{self.device_kind}"
   def devices(self):
     topology = _topology(self.device_kind, "JAX's CUDA plugin: pip install -e '.[cuda]'",
                          platform='cuda', target_config=self.target_config(),
-                         topology='1x1x1')
+                         topology=f'1x1x{self.count}')
     return topology.devices
 
 
@@ -134,13 +135,14 @@ class TpuTarget:
 
 def get(name):
   """The target called `name`: a GpuTarget or a TpuTarget."""
-  if name in GPUS:
-    return GPUS[name]
+  gpus = re.fullmatch(r'(?:([1-9]\d*)x)?(' + '|'.join(GPUS) + ')', name)
+  if gpus:
+    return dataclasses.replace(GPUS[gpus.group(2)], count=int(gpus.group(1) or 1))
   match = re.fullmatch(r'(v4|v5p|v5e|v5litepod|v6e)-(\d+)', name)
   if match is None:
-    raise ValueError(f'Unknown target {name!r}: expected a GPU ({", ".join(sorted(GPUS))}) '
-                     'or a TPU slice as gcloud names it (v4-8, v5p-32, v5e-16, '
-                     'v5litepod-16, v6e-8).')
+    raise ValueError(f'Unknown target {name!r}: expected a GPU ({", ".join(sorted(GPUS))}), '
+                     'a host of N of them (8xh100) or a TPU slice as gcloud names it (v4-8, '
+                     'v5p-32, v5e-16, v5litepod-16, v6e-8).')
   generation = TPUS[match.group(1)]
   count = int(match.group(2))
   chips, rest = divmod(count, generation.cores_per_chip_in_name)

@@ -19,8 +19,8 @@ compiles the program again with each kernel launched on its own
 of kernel, per layer and the top HLO instructions (`bench.profile`).
 Every run also counts the compiled program's static memory traffic (`bench.traffic`) and
 prints the two floors of a call: FLOPs over the peak rate, bytes over the bandwidth;
---traffic adds the bytes per kind of kernel and per layer. --target h100|h200 or a TPU
-slice (v4-32, v5e-16, ...) compiles for that accelerator on a machine without it
+--traffic adds the bytes per kind of kernel and per layer. --target h100|h200, a host of
+several (8xh100) or a TPU slice (v4-32, v5e-16, ...) compiles for that accelerator on a machine without it
 (`bench.targets`) and prints the floors, the traffic and the compiled memory next to the
 device's instead of timing; a program that does not fit ends the run with XLA's verdict
 and what to change. Needs no data stack: jax, flax, optax, ml_collections and diffrax (the
@@ -163,10 +163,11 @@ class Program(NamedTuple):
 def bench_train(config, args, mesh, compiler_options=None):
   """The real train step on random weights and a synthetic batch, as a Program compiled
   with XLA's `compiler_options` (None: the defaults)."""
-  network = recipe.make_network(config)
+  network = recipe.make_network(config, mesh)
   task = recipe.make_task(config, network)
   optimizer = recipe.make_optimizer(config.optimizer)
-  teacher = registry.build(config.model, guided=False) if task.needs_teacher else None
+  teacher = (registry.build(config.model, guided=False, mesh=mesh) if task.needs_teacher
+             else None)
   train_step = recipe.make_train_step(config, task, network, teacher, optimizer, mesh)
   k_init, k_teacher, k_state = jax.random.split(jax.random.key(0), 3)
   create = lambda: state_lib.create(network.init(k_init), optimizer, k_state)
@@ -201,7 +202,7 @@ def bench_train(config, args, mesh, compiler_options=None):
 
 def bench_sample(config, args, mesh, compiler_options=None):
   """N-step secant sampling of a batch, as a Program (see bench_train)."""
-  network = recipe.make_network(config)
+  network = recipe.make_network(config, mesh)
   task = recipe.make_task(config, network)
   replicated = parallel.replicated(mesh)
   sample = jax.jit(lambda v, noise, y: generate.sample(network, task, v, config.secant,
@@ -336,7 +337,8 @@ def parse_args(argv=None):
   parser.add_argument('--target', default=None, type=_target,
                       help='compile for this accelerator on a machine without it and print '
                       'the compiled memory, static traffic and floors instead of timing: '
-                      'h100, h200 (needs pip install -e .[cuda]) or a TPU slice such as '
+                      'h100, h200, a host of several such as 8xh100 (needs pip install -e '
+                      '.[cuda]) or a TPU slice such as '
                       'v4-32, v5p-8, v5e-16, v6e-8 (needs pip install -e .[tpu])')
   args = parser.parse_args(argv)
   if args.target is not None and args.profile:

@@ -52,13 +52,13 @@ class Sampler:
   weights: str = ''
 
 
-def teacher(run_config, ema_dir, scale, float32):
+def teacher(run_config, ema_dir, scale, float32, mesh=None):
   """(teacher network, task, guided tangent of labels: y → v(x, t), digest of its weights
   (evaluation.progress.weights_digest)) of a trained teacher run, CFG-guided at `scale`
   (None: the plain conditional tangent), in float32 throughout with `float32`
-  (reference_error.measured_config)."""
+  (reference_error.measured_config), for `compare` on `mesh` (registry.build)."""
   run_config = reference_error.measured_config(run_config, float32)
-  network = registry.build(run_config.model, guided=False)
+  network = registry.build(run_config.model, guided=False, mesh=mesh)
   variables = loop.load_into(network, ema_dir, jax.random.key(0))
   task = recipe.make_task(run_config, network)
 
@@ -84,12 +84,12 @@ def teacher_samplers(task, tangent_of, nfes):
   return samplers
 
 
-def secant_samplers(name, run_config, ema_dir, steps, scale, float32):
+def secant_samplers(name, run_config, ema_dir, steps, scale, float32, mesh=None):
   """A trained secant run sampled with each step count in `steps`, guided at `scale` (the
   embedded scale of distilled models, else classic CFG's), in float32 throughout with
-  `float32` (reference_error.measured_config)."""
+  `float32` (reference_error.measured_config), for `compare` on `mesh` (registry.build)."""
   run_config = reference_error.measured_config(run_config, float32)
-  network = recipe.make_network(run_config)
+  network = recipe.make_network(run_config, mesh)
   task = recipe.make_task(run_config, network)
   variables = loop.load_into(network, ema_dir, jax.random.key(0))
   sample_config = run_config.secant.copy_and_resolve_references()

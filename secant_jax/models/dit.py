@@ -23,12 +23,14 @@ Submodule names follow the PyTorch state-dict keys ('blocks.3.attn.qkv.weight' â
 blocks_3/attn/qkv/kernel) so conversion is mechanical.
 """
 
+import functools
 import re
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 # name â†’ (depth, hidden size, heads), as in DiT/SiT.
 SIZES = {'S': (12, 384, 6), 'B': (12, 768, 12), 'L': (24, 1024, 16), 'XL': (28, 1152, 16)}
@@ -106,18 +108,34 @@ class QKVProjection(nn.Module):
 
 
 class Attention(nn.Module):
-  """timm's Attention: qkv projection, scaled dot-product attention, output projection."""
+  """timm's Attention: qkv projection, scaled dot-product attention, output projection.
+
+  With a `mesh`, the scaled dot-product attention runs on each device's share of the batch
+  (`jax.shard_map`, the batch split over all the mesh's axes as the train step and the
+  samplers split it), where the batch splits evenly (not initialisation's batch of one).
+  That is how XLA would partition it too, but a kernel that JAX partitions through a
+  Python callback (`jax.experimental.custom_partitioning`, as cuDNN's is) is then inlined
+  instead of calling back, and the program carries no per-process callback id: the same
+  program, and so the same persistent-compilation-cache key, in every run.
+  """
   hidden_size: int
   num_heads: int
   dtype: jnp.dtype = jnp.float32
   implementation: str | None = None
   split_qkv: bool = False
+  mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
   def __call__(self, x):
     q, k, v = QKVProjection(self.hidden_size, self.num_heads, self.dtype, self.split_qkv,
                             name='qkv')(x)
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.implementation)
+    attend = functools.partial(jax.nn.dot_product_attention,
+                               implementation=self.implementation)
+    if self.mesh is not None and x.shape[0] % self.mesh.size == 0:
+      batch = P(self.mesh.axis_names)
+      attend = jax.shard_map(attend, mesh=self.mesh, in_specs=batch, out_specs=batch,
+                             check_vma=False)  # no collectives in it to check
+    out = attend(q, k, v)
     return nn.Dense(self.hidden_size, dtype=self.dtype, kernel_init=_xavier,
                     name='proj')(out.reshape(x.shape[:2] + (self.hidden_size,)))
 
@@ -155,6 +173,7 @@ class DiTBlock(nn.Module):
   dtype: jnp.dtype = jnp.float32
   attention_implementation: str | None = None
   split_qkv: bool = False
+  attention_mesh: jax.sharding.Mesh | None = None
 
   @nn.compact
   def __call__(self, x, c):
@@ -165,7 +184,8 @@ class DiTBlock(nn.Module):
     norm = lambda name: nn.LayerNorm(epsilon=1e-6, use_bias=False, use_scale=False,
                                      name=name)
     h = Attention(self.hidden_size, self.num_heads, self.dtype,
-                  self.attention_implementation, self.split_qkv, name='attn')(
+                  self.attention_implementation, self.split_qkv, self.attention_mesh,
+                  name='attn')(
                       modulate(norm('norm1')(x), shift_msa, scale_msa))
     x = x + gate_msa[:, None] * h
     h = modulate(norm('norm2')(x), shift_mlp, scale_mlp)
@@ -238,6 +258,7 @@ class DiT(nn.Module):
   remat: bool = False  # recompute each block's activations in the backward pass
   split_qkv: bool = False  # q, k, v as three products (QKVProjection)
   residual_dtype: jnp.dtype = jnp.float32  # of the residual stream and c (module docstring)
+  attention_mesh: jax.sharding.Mesh | None = None  # attention per device on it (Attention)
 
   @property
   def null_class(self):
@@ -276,7 +297,8 @@ class DiT(nn.Module):
     block = nn.remat(DiTBlock) if self.remat else DiTBlock
     for i in range(self.depth):
       h = block(self.hidden_size, self.num_heads, self.mlp_ratio, self.dtype,
-                self.attention_implementation, self.split_qkv, name=f'blocks_{i}')(h, c)
+                self.attention_implementation, self.split_qkv, self.attention_mesh,
+                name=f'blocks_{i}')(h, c)
 
     out_channels = self.in_channels * (2 if self.learn_sigma else 1)
     h = FinalLayer(self.hidden_size, p * p * out_channels, self.dtype, name='final_layer')(h, c)

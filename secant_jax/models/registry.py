@@ -109,10 +109,20 @@ def _attention(model_config):
   return name or None
 
 
-def build(model_config, guided):
-  """config.model → Network; `guided` adds the embedded guidance scale (DiT only)."""
+def build(model_config, guided, mesh=None):
+  """config.model → Network; `guided` adds the embedded guidance scale (DiT only).
+
+  `mesh`: the devices that the programs calling the network split its batch over. A DiT
+  with cuDNN's attention on more than one device runs that kernel per device on it
+  (`dit.Attention`): JAX partitions cuDNN's kernel through a Python callback whose
+  per-process id it writes into the program, so that no later run (a resumed one) could
+  read the program back from the persistent compilation cache. XLA's attention is
+  partitioned by XLA and left to it.
+  """
   dtype = compute_dtype(model_config)
   if model_config.family == 'dit':
+    attention = _attention(model_config)
+    per_device = attention == 'cudnn' and mesh is not None and mesh.size > 1
     sizes = {k: model_config[k] for k in ('hidden_size', 'depth', 'num_heads')
              if k in model_config}
     module = dit.from_name(
@@ -120,7 +130,7 @@ def build(model_config, guided):
         in_channels=model_config.in_channels, num_classes=model_config.num_classes,
         learn_sigma=model_config.get('learn_sigma', True), guidance_embed=guided, dtype=dtype,
         residual_dtype=_named_dtype(model_config, 'residual_dtype', RESIDUAL_DTYPES),
-        attention_implementation=_attention(model_config),
+        attention_implementation=attention, attention_mesh=mesh if per_device else None,
         remat=model_config.get('remat', False),
         split_qkv=model_config.get('split_qkv', False), **sizes)
     shape = (model_config.input_size, model_config.input_size, model_config.in_channels)

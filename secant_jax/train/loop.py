@@ -49,16 +49,17 @@ def load_into(network, directory, key):
                                  f'{e}') from None
 
 
-def teacher_of(config, key):
+def teacher_of(config, key, mesh=None):
   """(teacher network, variables): the same architecture without the guidance input, its
   frozen variables as it computes with them (`Network.inference_variables`: bf16 for a
-  bf16 DiT, so the step neither holds nor re-casts an fp32 copy)."""
+  bf16 DiT, so the step neither holds nor re-casts an fp32 copy); for programs that split
+  its batch over `mesh` (`registry.build`)."""
   path = config.teacher_checkpoint or config.init_checkpoint
   if not path:
     raise ValueError(f'Variant {config.secant.variant!r} needs a teacher: set '
                      'config.teacher_checkpoint (or config.init_checkpoint) to a converted '
                      'checkpoint.')
-  teacher = registry.build(config.model, guided=False)
+  teacher = registry.build(config.model, guided=False, mesh=mesh)
   return teacher, teacher.inference_variables(load_into(teacher, path, key))
 
 
@@ -142,10 +143,10 @@ def train_and_evaluate(config, workdir):
   step_lib.check_microbatches(config.microbatches)  # before it divides the batch
   parallel.check_batch_size(config.batch_size, mesh, microbatches=config.microbatches)
 
-  network = recipe.make_network(config)
+  network = recipe.make_network(config, mesh)
   task = recipe.make_task(config, network)
   k_init, k_teacher, k_state = jax.random.split(jax.random.key(config.seed), 3)
-  teacher, teacher_variables = (teacher_of(config, k_teacher) if task.needs_teacher
+  teacher, teacher_variables = (teacher_of(config, k_teacher, mesh) if task.needs_teacher
                                 else (None, None))
   optimizer = recipe.make_optimizer(config.optimizer)
   train_step = recipe.make_train_step(config, task, network, teacher, optimizer, mesh)

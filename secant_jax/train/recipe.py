@@ -34,10 +34,11 @@ def guidance_range(secant_config):
   return optional_tuple(secant_config.guidance)
 
 
-def make_network(config):
+def make_network(config, mesh=None):
   """The secant network of config.model, with a guidance-scale input when config.secant
-  embeds guidance."""
-  return registry.build(config.model, guided=guidance_range(config.secant) is not None)
+  embeds guidance, for programs that split its batch over `mesh` (`registry.build`)."""
+  return registry.build(config.model, guided=guidance_range(config.secant) is not None,
+                        mesh=mesh)
 
 
 def make_task(config, network):
