@@ -2,7 +2,8 @@
 # One GPU node, one process driving all its GPUs (the mesh spans them; no distributed
 # setup needed):
 #
-#   launch/gpu_local.sh --config=configs/imagenet_sit.py:variant=stee,steps=4 --workdir=runs/stee4
+#   launch/gpu_local.sh --config=configs/imagenet_sit.py:variant=stee,steps=4 --workdir=runs/stee4 \
+#       --config.model.split_qkv=True --config.model.attention=cudnn
 #
 # CUDA_VISIBLE_DEVICES picks the GPUs; launch/gpu_env.sh sets XLA's memory share and flags.
 # SIGTERM (kill, a scheduler's preemption) saves a checkpoint; the same command resumes.

@@ -2,7 +2,7 @@
 # Multi-node GPUs under Slurm: one process per node, each driving its node's GPUs.
 #
 #   sbatch --nodes=4 launch/gpu_slurm.sh --config=configs/imagenet_sit.py:variant=sdei,steps=8 \
-#       --workdir=/shared/runs/sdei8
+#       --workdir=/shared/runs/sdei8 --config.model.split_qkv=True --config.model.attention=cudnn
 #
 # jax.distributed.initialize() (--config.distributed=True) reads the coordinator, process
 # count and rank from Slurm's environment. The workdir must be on a file system all nodes

@@ -200,6 +200,27 @@ def test_only_cudnn_attention_on_several_devices_is_built_to_run_per_device(
   assert network.module.attention_mesh is (mesh if per_device else None)
 
 
+def test_cudnn_attention_in_float32_is_refused_and_measured_runs_use_xlas():
+  """cuDNN's kernel takes float16/bfloat16 only: a float32 DiT with it is refused when
+  built, and the float32 copy an integration error measures (compare_in_float32) of a run
+  trained with it uses XLA's attention."""
+  import ml_collections
+  from secant_jax.evaluation import reference_error
+  run = ml_collections.ConfigDict(dict(model=dict(
+      family='dit', name='DiT-S/8', input_size=16, in_channels=4, num_classes=10,
+      dtype='bfloat16', residual_dtype='float32', attention='cudnn')))
+  assert registry.build(run.model, guided=False).module.attention_implementation == 'cudnn'
+  measured = reference_error.measured_config(run, True)
+  assert (measured.model.dtype, measured.model.attention) == ('float32', 'xla')
+  assert registry.build(measured.model, guided=False).module.dtype == jnp.float32
+  assert run.model.attention == 'cudnn'  # the run's own config is left as it was
+  with pytest.raises(ValueError, match=r"config.model.attention='cudnn' computes in float16 "
+                     r"or bfloat16 only, and config.model.dtype is 'float32': set "
+                     r"--config.model.dtype=bfloat16 or --config.model.attention=''"):
+    registry.build(ml_collections.ConfigDict({**run.model.to_dict(), 'dtype': 'float32'}),
+                   guided=False)
+
+
 def _torch_model(**kwargs):
   import torch_dit
   return torch_dit.with_random_weights(0, **kwargs).eval()

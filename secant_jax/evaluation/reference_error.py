@@ -42,13 +42,16 @@ def precision_scope(config):
 def measured_config(run_config, float32):
   """`run_config` as an integration error builds its network: with `float32`
   (config.compare_in_float32 of the measuring run) a copy in float32 throughout
-  (model.dtype, the DiT's model.residual_dtype), else `run_config` as it is."""
+  (model.dtype, the DiT's model.residual_dtype, and XLA's attention for cuDNN's, which
+  computes in float16 and bfloat16 only), else `run_config` as it is."""
   if not float32:
     return run_config
   run_config = run_config.copy_and_resolve_references()
   run_config.model.dtype = 'float32'
   if 'residual_dtype' in run_config.model:
     run_config.model.residual_dtype = 'float32'
+  if run_config.model.get('attention') == 'cudnn':
+    run_config.model.attention = 'xla'
   return run_config
 
 

@@ -100,12 +100,17 @@ def _named_dtype(model_config, key, allowed):
   return dtype
 
 
-def _attention(model_config):
-  """config.model.attention as jax.nn.dot_product_attention's `implementation`."""
+def _attention(model_config, dtype):
+  """config.model.attention as jax.nn.dot_product_attention's `implementation`, for a
+  network computing in `dtype`."""
   name = model_config.get('attention') or ''
   if name not in ATTENTIONS:
     raise ValueError(f'config.model.attention={name!r} is not an attention implementation: '
                      f'expected one of {ATTENTIONS}; set --config.model.attention.')
+  if name == 'cudnn' and dtype == jnp.float32:
+    raise ValueError("config.model.attention='cudnn' computes in float16 or bfloat16 only, "
+                     "and config.model.dtype is 'float32': set --config.model.dtype=bfloat16 "
+                     "or --config.model.attention='' (XLA's attention).")
   return name or None
 
 
@@ -121,7 +126,7 @@ def build(model_config, guided, mesh=None):
   """
   dtype = compute_dtype(model_config)
   if model_config.family == 'dit':
-    attention = _attention(model_config)
+    attention = _attention(model_config, dtype)
     per_device = attention == 'cudnn' and mesh is not None and mesh.size > 1
     sizes = {k: model_config[k] for k in ('hidden_size', 'depth', 'num_heads')
              if k in model_config}
