@@ -409,7 +409,7 @@ print(float(jax.jit(lambda x: double(x) + 1)(x).sum()))
 
 @pytest.mark.parametrize('devices, call, entries', [
     (1, 'plain', 1), (2, 'plain', 2), (2, 'shard_map', 1)])
-def test_a_custom_partitioned_kernel_is_cached_once_on_several_devices_only_per_device(
+def test_a_custom_partitioned_kernel_on_two_devices_is_cached_once_only_if_run_per_device(
     tmp_path, devices, call, entries):
   """Why dit.Attention runs cuDNN's kernel per device on a mesh: two processes running a
   program with a custom_partitioning primitive on 2 devices store two cache entries (each
