@@ -12,6 +12,7 @@ from secant_jax.convert import sit as convert_sit
 from secant_jax.models import dit
 from secant_jax.models import precond
 from secant_jax.models import registry
+from secant_jax.train import parallel
 
 NAMES = [f'DiT-{size}/{p}' for size in dit.SIZES for p in dit.PATCH_SIZES]
 # Reduced models for parity: DiT-S/2 at two blocks, and a narrow SiT with patch 4.
@@ -154,15 +155,11 @@ def test_a_dit_with_split_qkv_takes_the_same_variables_and_gives_the_same_output
                              jax.jit(fused.apply)(variables, **inp), rtol=1e-5, atol=1e-5)
 
 
-def _mesh(devices):
-  return jax.sharding.Mesh(np.asarray(devices).reshape(-1, 2), ('data', 'fsdp'))
-
-
 def test_attention_per_device_on_a_mesh_gives_the_same_values_and_gradients():
   """dit.Attention with a mesh: shard_map over the batch (split over both axes, as the
   train step splits it), the values and gradients of the plain network; a batch that does
   not split evenly (initialisation's) runs unsplit."""
-  mesh = _mesh(jax.devices()[:4])
+  mesh = parallel.make_mesh(2, jax.devices()[:4])
   kwargs = dict(CASES['reduced SiT/4'], num_classes=10, remat=True)
   plain, per_device = dit.DiT(**kwargs), dit.DiT(attention_mesh=mesh, **kwargs)
   inp = _inputs(8, 16, 4)
@@ -192,8 +189,7 @@ def test_attention_per_device_on_a_mesh_gives_the_same_values_and_gradients():
 def test_only_cudnn_attention_on_several_devices_is_built_to_run_per_device(
     attention, devices, per_device):
   import ml_collections
-  mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:devices]).reshape(-1, 1),
-                           ('data', 'fsdp'))
+  mesh = parallel.make_mesh(1, jax.devices()[:devices])
   network = registry.build(ml_collections.ConfigDict(dict(
       family='dit', name='DiT-S/8', input_size=16, in_channels=4, num_classes=10,
       dtype='bfloat16', attention=attention)), guided=False, mesh=mesh)

@@ -20,12 +20,12 @@ of kernel, per layer and the top HLO instructions (`bench.profile`).
 Every run also counts the compiled program's static memory traffic (`bench.traffic`) and
 prints the two floors of a call: FLOPs over the peak rate, bytes over the bandwidth;
 --traffic adds the bytes per kind of kernel and per layer. --target h100|h200, a host of
-several (8xh100) or a TPU slice (v4-32, v5e-16, ...) compiles for that accelerator on a machine without it
-(`bench.targets`) and prints the floors, the traffic and the compiled memory next to the
-device's instead of timing; a program that does not fit ends the run with XLA's verdict
-and what to change. Needs no data stack: jax, flax, optax, ml_collections and diffrax (the
-samplers' adaptive solver), not TensorFlow, CLU, grain, torch, scikit-learn or PIL
-(tests/test_throughput.py runs it with those refused).
+several (8xh100) or a TPU slice (v4-32, v5e-16, ...) compiles for that accelerator on a
+machine without it (`bench.targets`) and prints the floors, the traffic and the compiled
+memory next to the device's instead of timing; a program that does not fit ends the run
+with XLA's verdict and what to change. Needs no data stack: jax, flax, optax,
+ml_collections and diffrax (the samplers' adaptive solver), not TensorFlow, CLU, grain,
+torch, scikit-learn or PIL (tests/test_throughput.py runs it with those refused).
 """
 
 import argparse
@@ -338,8 +338,8 @@ def parse_args(argv=None):
                       help='compile for this accelerator on a machine without it and print '
                       'the compiled memory, static traffic and floors instead of timing: '
                       'h100, h200, a host of several such as 8xh100 (needs pip install -e '
-                      '.[cuda]) or a TPU slice such as '
-                      'v4-32, v5p-8, v5e-16, v6e-8 (needs pip install -e .[tpu])')
+                      '.[cuda]) or a TPU slice such as v4-32, v5p-8, v5e-16, v6e-8 (needs '
+                      'pip install -e .[tpu])')
   args = parser.parse_args(argv)
   if args.target is not None and args.profile:
     parser.error('--profile times kernels on a device; --target only compiles. Drop one.')
