@@ -160,6 +160,14 @@ class Program(NamedTuple):
   forward_equivalents: int  # per image, a backward counting as two
 
 
+def _on_one_device(make, sharding):
+  """make()'s arrays, computed on one device and then placed with `sharding`. Compiled for
+  the whole mesh instead, the network's initialisation would call cuDNN's attention on a
+  batch of one there, which JAX partitions through a callback that keeps the program out of
+  the persistent compilation cache (models/registry.build); the trainer initialises so."""
+  return jax.device_put(jax.jit(make)(), sharding)
+
+
 def bench_train(config, args, mesh, compiler_options=None):
   """The real train step on random weights and a synthetic batch, as a Program compiled
   with XLA's `compiler_options` (None: the defaults)."""
@@ -184,10 +192,10 @@ def bench_train(config, args, mesh, compiler_options=None):
   compiled = step_fn.lower(_shaped(abstract_state, state_sharding), teacher_spec,
                            batch_spec).compile(compiler_options)
 
-  def start():
-    state = jax.jit(create, out_shardings=state_sharding)()
-    teacher_variables = None if teacher is None else jax.jit(
-        make_teacher, out_shardings=teacher_sharding)(k_teacher)
+  def start():  # made on one device and placed, as the trainer does (_on_one_device)
+    state = _on_one_device(create, state_sharding)
+    teacher_variables = None if teacher is None else _on_one_device(
+        lambda: make_teacher(k_teacher), teacher_sharding)
     batch = _synthetic_batch(network, batch_spec)
     holder = [state]
 
@@ -213,7 +221,7 @@ def bench_sample(config, args, mesh, compiler_options=None):
                           batch_spec['x'], batch_spec['y']).compile(compiler_options)
 
   def start():
-    variables = jax.jit(network.init, out_shardings=replicated)(jax.random.key(0))
+    variables = _on_one_device(lambda: network.init(jax.random.key(0)), replicated)
     batch = _synthetic_batch(network, batch_spec)
     return lambda: compiled(variables, batch['x'], batch['y'])
 
