@@ -158,7 +158,7 @@ def diffusion_loss(secant_fn, path, x_data, noise, tau, y, w):
 
 def loss(variant, secant_fn, teacher_fn, path, x_data, noise, times, y, w, *,
          stei_lambda=1.0, stei_target='teacher', diffusion_conditioning=None,
-         weight_fn=None):
+         weight_fn=None, frozen_secant_fn=None):
   """The per-example loss [B] of one variant, and its terms in `aux`.
 
   All randomness is in the inputs (noise ε, `times` from `sample_time_pairs`, labels y,
@@ -177,6 +177,12 @@ def loss(variant, secant_fn, teacher_fn, path, x_data, noise, times, y, w, *,
   network call starts from (the secant term's t, the diffusion term's τ); None weights 1
   (`precond.loss_weight_fn`).
 
+  `frozen_secant_fn` is f_θ⁻: the same secant with stop-gradient on its parameters, for
+  the calls that only make a target (the Picard estimate, STEI's 'self' target). None uses
+  secant_fn, whose outputs there are under stop-gradient anyway: the same values and
+  gradients. Given, those calls are evaluated without being differentiated at all, which a
+  network may compute differently (`models.dit.layer_norm`).
+
   Returns:
     (loss [B] float32, aux) with aux = {'secant': [B], 'diffusion': [B]} (the terms
     without weight_fn or stei_lambda; a term a variant does not have is zeros).
@@ -193,16 +199,17 @@ def loss(variant, secant_fn, teacher_fn, path, x_data, noise, times, y, w, *,
                      'tangent), got None; pass one, or use stei with '
                      "stei_target='self' or stee, which need no teacher.")
   t, s, r = times.t, times.s, times.r
+  frozen_secant_fn = frozen_secant_fn or secant_fn
   if spec.estimate == 'interior':
     x_start = path.at(x_data, noise, t)
-    x_r = picard_estimate(secant_fn, x_start, t, r, y, w)
+    x_r = picard_estimate(frozen_secant_fn, x_start, t, r, y, w)
   else:
     x_r = path.at(x_data, noise, r)
-    x_start = picard_estimate(secant_fn, x_r, r, t, y, w)
+    x_start = picard_estimate(frozen_secant_fn, x_r, r, t, y, w)
   if spec.target == 'teacher':
     target = teacher_fn(x_r, r, y, w)
   elif spec.target == 'self':
-    target = secant_fn(x_r, r, r, y, w)
+    target = frozen_secant_fn(x_r, r, r, y, w)
   else:
     target = path.tangent(x_data, noise, r)
   secant_term = mean_squared_error(secant_fn(x_start, t, s, y, w),

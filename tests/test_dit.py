@@ -126,6 +126,35 @@ def test_gelu_recomputed_keeps_only_its_input_for_the_backward_pass(capsys):
                              jax.grad(loss(plain))(h32), rtol=1e-6, atol=1e-7)
 
 
+def test_layer_norm_is_two_pass_where_evaluated_and_one_pass_where_differentiated():
+  """Evaluated, layer_norm keeps its precision on rows whose mean dwarfs their spread (as
+  PyTorch's Welford LayerNorm does), where E[x²] − E[x]² in float32 loses it; differentiated,
+  it is the one-pass form, with that form's derivative, which is LayerNorm's."""
+  rng = np.random.default_rng(0)
+  offset = (1000 + 0.01 * rng.normal(size=(2, 64))).astype(np.float32)
+  exact = lambda a: ((a - a.mean(-1, keepdims=True))
+                     / np.sqrt(a.var(-1, keepdims=True) + dit.LAYER_NORM_EPSILON))
+  reference = exact(offset.astype(np.float64))
+  assert np.abs(dit.layer_norm(jnp.asarray(offset)) - reference).max() < 0.01
+  assert np.abs(dit._one_pass_normalize(jnp.asarray(offset)) - reference).max() > 1
+  x = rng.normal(size=(3, 5, 16)).astype(np.float32) * 2 + 1
+  np.testing.assert_allclose(dit.layer_norm(jnp.asarray(x)), exact(x.astype(np.float64)),
+                             atol=1e-5)
+  cotangent = rng.normal(size=x.shape).astype(np.float32)
+  objective = lambda norm: lambda u: jnp.sum(norm(u) * cotangent)
+  grad = jax.grad(objective(dit.layer_norm))(jnp.asarray(x))
+  np.testing.assert_array_equal(grad, jax.grad(objective(dit._one_pass_normalize))(x))
+  step = 1e-3  # central differences of the exact LayerNorm, in float64
+  basis = np.eye(x.size).reshape(x.size, *x.shape)[::17]
+  numeric = [np.sum((exact(x + step * e) - exact(x - step * e)) * cotangent) / (2 * step)
+             for e in basis.astype(np.float64)]
+  np.testing.assert_allclose(np.asarray(grad).reshape(-1)[::17], numeric, rtol=1e-3,
+                             atol=1e-4)
+  tangent_out = jax.jvp(dit.layer_norm, (jnp.asarray(x),), (jnp.ones_like(x),))[1]
+  np.testing.assert_allclose(tangent_out, 0.0, atol=1e-5)  # a shift changes no LayerNorm
+  assert dit.layer_norm(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
 def test_qkv_projection_is_timms_fused_linear_whether_split_or_not():
   """Both forms hold nn.Dense(3·hidden)'s parameters, initialised as it initialises them,
   and compute its q, k, v: the fused form bit for bit, the split one to rounding."""

@@ -99,6 +99,41 @@ def test_loss_value_and_gradient_by_hand(variant, path):
   np.testing.assert_allclose(grads, frozen, rtol=2e-5)
 
 
+@pytest.mark.parametrize('variant, stei_target', [('sdei', 'teacher'), ('stee', 'teacher'),
+                                                  ('stei', 'self')])
+def test_the_frozen_secant_makes_the_estimate_and_self_target_and_takes_no_gradient(
+    variant, stei_target):
+  """frozen_secant_fn = f_θ⁻ (θ under stop-gradient) changes neither value nor gradient; a
+  different frozen secant (here zero) moves the estimate and the self target as by hand."""
+  path = paths.Linear()
+  x, eps, times, y, w = inputs(path)
+  t, s, r = times.t, times.s, times.r
+
+  def total(theta, frozen_secant_fn):
+    per_example, aux = secant.loss(variant, make_secant_fn(theta), teacher_fn, path, x, eps,
+                                   times, y, w, stei_target=stei_target,
+                                   frozen_secant_fn=frozen_secant_fn)
+    return per_example.mean(), aux['secant']
+
+  theta = jnp.asarray(THETA)
+  stopped = lambda th: make_secant_fn(jax.lax.stop_gradient(th))
+  (value, _), grads = jax.value_and_grad(lambda th: total(th, stopped(th)), has_aux=True)(
+      theta)
+  (plain, _), plain_grads = jax.value_and_grad(lambda th: total(th, None), has_aux=True)(
+      theta)
+  np.testing.assert_array_equal(value, plain)
+  np.testing.assert_array_equal(grads, plain_grads)
+  zero = lambda x_, *_: jnp.zeros_like(x_)
+  _, secant_term = total(theta, zero)
+  if variant == 'stee':  # x̂_t = x_r + (t − r)·0
+    x_start, target = at_np(path, x, eps, r), np.asarray(path.tangent(x, eps, r))
+  else:  # x̂_r = x_t + (r − t)·0, and the self target f_θ⁻(x̂_r, r, r) = 0
+    x_start = at_np(path, x, eps, t)
+    target = 0.0 if variant == 'stei' else teacher_np(x_start, r, y, w)
+  np.testing.assert_allclose(secant_term, mse_np(f_np(THETA, x_start, t, s, y, w), target),
+                             rtol=2e-5)
+
+
 @pytest.mark.parametrize('path', PATHS, ids=['linear', 'edm'])
 @pytest.mark.parametrize('stei_target', ['teacher', 'self'])
 @pytest.mark.parametrize('unguided_diffusion', [False, True], ids=['same-y-w', 'null-y-w1'])

@@ -219,11 +219,14 @@ def make_train_step(task: SecantTask, apply_fn: ApplyFn, teacher_apply: ApplyFn 
       x_data, noise, times, conditioning, unguided = inputs
       variables = {**state.params, 'params': trainable}
       secant_fn = student_secant(task, apply_fn, variables, dropout_key)
+      frozen_secant_fn = student_secant(task, apply_fn, jax.lax.stop_gradient(variables),
+                                        dropout_key)
       per_example, aux = secant.loss(task.variant, secant_fn, teacher_fn, task.path, x_data,
                                      noise, times, *conditioning,
                                      stei_lambda=task.stei_lambda, stei_target=task.stei_target,
                                      diffusion_conditioning=unguided,
-                                     weight_fn=task.weight_fn())
+                                     weight_fn=task.weight_fn(),
+                                     frozen_secant_fn=frozen_secant_fn)
       return jnp.mean(per_example), {k: jnp.mean(v) for k, v in aux.items()}
 
     if size % microbatches:
