@@ -152,13 +152,16 @@ def with_random_weights(seed, **kwargs):
   return randomize(SecantDiT(**kwargs), seed)
 
 
-def randomize(model, seed):
+def randomize(model, seed, unit_gain=False):
   """`model` (any torch module: ours, or the upstream code's) with every parameter but a
   fixed pos_embed drawn from N(0, 0.05²) (matrices) or N(0, 0.1²) (vectors), so that no
-  layer starts at zero (adaLN-Zero, zero-initialised heads)."""
+  layer starts at zero (adaLN-Zero, zero-initialised heads). `unit_gain`: matrices from
+  N(0, 1/fan_in) instead, so that a deep, wide model's activations neither grow nor vanish
+  from block to block (at SiT-XL/2's width 0.05 is 1.7/√fan_in)."""
   torch.manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
       if name != 'pos_embed':
-        p.normal_(0.0, 0.05 if p.ndim > 1 else 0.1)
+        matrix_std = p[0].numel() ** -0.5 if unit_gain else 0.05
+        p.normal_(0.0, matrix_std if p.ndim > 1 else 0.1)
   return model
