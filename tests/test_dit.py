@@ -246,9 +246,9 @@ def test_cudnn_attention_in_float32_is_refused_and_measured_runs_use_xlas():
                    guided=False)
 
 
-def _torch_model(**kwargs):
+def _torch_model(unit_gain=False, **kwargs):
   import torch_dit
-  return torch_dit.with_random_weights(0, **kwargs).eval()
+  return torch_dit.with_random_weights(0, unit_gain, **kwargs).eval()
 
 
 def _torch_out(model, inp, with_s=True, with_w=False):
@@ -298,9 +298,8 @@ def test_bf16_dit_is_as_precise_as_pytorch_bf16_autocast(case):
   autocast's. A bfloat16 residual stream (the option that moves fewer bytes) is worse.
   Weights of unit gain (`torch_dit.randomize`), for 28 blocks of width 1152."""
   import torch
-  import torch_dit
   arch = dict(BF16_CASES[case], in_channels=4, num_classes=10)
-  torch_model = torch_dit.randomize(torch_dit.SecantDiT(**arch), 0, unit_gain=True).eval()
+  torch_model = _torch_model(unit_gain=True, **arch)
   inp = _inputs(2, arch['input_size'], 4)
   ref = _torch_out(torch_model, inp)
   relative_error = lambda out: np.linalg.norm(out - ref) / np.linalg.norm(ref)

@@ -147,9 +147,9 @@ class SecantDiT(nn.Module):
     return h[:, :self.in_channels]
 
 
-def with_random_weights(seed, **kwargs):
+def with_random_weights(seed, unit_gain=False, **kwargs):
   """SecantDiT(**kwargs) with random weights (`randomize`)."""
-  return randomize(SecantDiT(**kwargs), seed)
+  return randomize(SecantDiT(**kwargs), seed, unit_gain)
 
 
 def randomize(model, seed, unit_gain=False):
