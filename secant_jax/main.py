@@ -72,8 +72,29 @@ def main(argv):
     sys.exit(checkpoint.STOPPED_EXIT_STATUS if jax.process_index() == 0 else 0)
 
 
+def define_flags(flag_values=flags.FLAGS, sys_argv=None):
+  """Defines --config (with its --config.key=value overrides) and --workdir in
+  `flag_values`; `sys_argv` is the command line the overrides are read from (default
+  sys.argv)."""
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                  flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
+  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, exports.',
+                      flag_values=flag_values)
+  flags.mark_flags_as_required(['config', 'workdir'], flag_values=flag_values)
+
+
+def parse_command_line(args):
+  """(config, workdir) that `python -m secant_jax.main *args` runs, `args` as a shell splits
+  them. Raises what the command line would report: absl's flags errors (an unknown flag, a
+  value of the wrong type, a config file that does not load), AttributeError for an unknown
+  --config.key."""
+  argv = [__name__, *args]
+  values = flags.FlagValues()
+  define_flags(values, sys_argv=argv)
+  values(argv)
+  return values.config, values.workdir
+
+
 if __name__ == '__main__':  # flags defined here only, so importing this module defines none
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file.', lock_config=True)
-  flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, exports.')
-  flags.mark_flags_as_required(['config', 'workdir'])
+  define_flags()
   app.run(main)

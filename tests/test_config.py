@@ -8,10 +8,9 @@ import shlex
 
 import ml_collections
 import pytest
-from absl import flags
-from ml_collections import config_flags
 
 from secant_jax import config as config_lib
+from secant_jax import main
 from secant_jax.convert import sit as convert_sit
 from secant_jax.train import recipe
 
@@ -29,13 +28,8 @@ def test_variants_embed_guidance_and_drop_labels_as_the_official_code(variant, g
 
 
 def parse_main_flags(*args):
-  """The config that `python -m secant_jax.main *args` runs (`args` as a shell splits them)."""
-  argv = ['main', *args]
-  values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, 'config', flag_values=values,
-                                  lock_config=True, sys_argv=argv)
-  values(argv)
-  return values.config
+  """The config that `python -m secant_jax.main *args --workdir=DIR` runs."""
+  return main.parse_command_line([*args, '--workdir=unused'])[0]
 
 
 @pytest.mark.parametrize('variant, override, expected', [
