@@ -19,17 +19,9 @@ def get_config(arg=None):
   args = config_lib.parse_arg(arg, dict(scale=1.0))
   c = config_lib.base_config()
   c.mode = 'demo'
-  c.model.family = 'dit'
-  c.model.name = 'DiT-S/2'  # replaced by the tiny size below
-  c.model.input_size = 8
-  c.model.in_channels = 1
-  c.model.num_classes = 10
-  c.model.learn_sigma = False
-  c.model.dtype = 'float32'
-  c.model.attention = ''
-  c.model.hidden_size = 64
-  c.model.depth = 4
-  c.model.num_heads = 4
+  c.model = config_lib.dit_model('DiT-S/2', input_size=8, in_channels=1, num_classes=10,
+                                 learn_sigma=False, dtype='float32', hidden_size=64, depth=4,
+                                 num_heads=4)
   c.path.name = 'linear'
   c.secant = config_lib.secant_config('diffusion', 1)  # mode=train alone: the teacher stage
   c.optimizer.learning_rate = 1e-3

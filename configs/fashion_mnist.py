@@ -50,20 +50,16 @@ def get_config(arg=None):
     c.model.arch = 'ddpmpp'
     c.model.unet = dict(img_resolution=32, in_channels=1, out_channels=1, dropout=0.1,
                         **UNETS[args['model']])
+    c.model.num_classes = 10
+    c.model.dtype = 'bfloat16'
     c.path.name = 'edm'
     c.path.sigma_data = 0.66
   else:
-    c.model.family = 'dit'
-    c.model.name = 'DiT-S/4' if args['model'] == 'tiny' else args['model']
-    if args['model'] == 'tiny':
-      c.model.update(TINY)
-    c.model.input_size = 32
-    c.model.in_channels = 1
-    c.model.learn_sigma = False
-    c.model.attention = ''
+    tiny = args['model'] == 'tiny'
+    c.model = config_lib.dit_model('DiT-S/4' if tiny else args['model'], input_size=32,
+                                   in_channels=1, num_classes=10, learn_sigma=False,
+                                   **(TINY if tiny else {}))
     c.path.name = 'linear'
-  c.model.num_classes = 10
-  c.model.dtype = 'bfloat16'
   c.data.name = 'fashion_mnist'
   c.data.dir = ''  # '' = /usr/share/datasets/fashion-mnist
   c.data.split = 'train'

@@ -11,19 +11,8 @@ from secant_jax import config as config_lib
 def get_config(arg=None):
   args = config_lib.parse_arg(arg, dict(variant='sdei', steps=4))
   c = config_lib.base_config()
-  c.model.family = 'dit'
-  c.model.name = 'SiT-XL/2'
-  c.model.input_size = 32
-  c.model.in_channels = 4
-  c.model.num_classes = 1000
-  c.model.learn_sigma = True
-  c.model.dtype = 'bfloat16'
-  # The residual stream and conditioning sum: 'float32' as PyTorch's autocast keeps them;
-  # 'bfloat16' moves fewer bytes for twice the error (models/dit.py)
-  c.model.residual_dtype = 'float32'
-  c.model.attention = ''  # '' = JAX's choice; 'cudnn' for the fused kernel on GPUs
-  c.model.remat = False  # True: recompute block activations (large per-device batches)
-  c.model.split_qkv = False  # True: q, k, v as three products, no split copy (dit.QKVProjection)
+  c.model = config_lib.dit_model('SiT-XL/2', input_size=32, in_channels=4, num_classes=1000,
+                                 learn_sigma=True)
   # Float32 products at TF32, as the official train.py and sample_ddp.py allow it: the bf16
   # products of the networks are unchanged (the train step compiles to the same bytes for
   # an H100, 0.04% more FLOPs for a TPU); the float32 ones, the SD-VAE decoder's for FID,

@@ -127,6 +127,25 @@ def secant_config(variant, steps, guidance=(1.0, 2.5), label_dropout=0.1):
   return c
 
 
+def dit_model(name, input_size, in_channels, num_classes, learn_sigma, dtype='bfloat16',
+              **sizes):
+  """config.model of a DiT/SiT (`models.registry`): its size (`name`, or `sizes` such as
+  hidden_size=64, depth=2, num_heads=4 over it) and input, and how it computes, which every
+  DiT config has so that the same flags tune any of them, e.g.
+  --config.model.attention=cudnn --config.model.split_qkv=True on GPUs."""
+  return ml_collections.ConfigDict(dict(
+      family='dit', name=name, input_size=input_size, in_channels=in_channels,
+      num_classes=num_classes, learn_sigma=learn_sigma,
+      dtype=dtype,  # of the products; parameters and loss are float32
+      # The residual stream and conditioning sum: 'float32' as PyTorch's autocast keeps
+      # them; 'bfloat16' moves fewer bytes for twice the error (models/dit.py)
+      residual_dtype='float32',
+      attention='',  # '' = JAX's choice; 'cudnn' for the fused kernel on GPUs
+      remat=False,  # True: recompute block activations (large per-device batches)
+      split_qkv=False,  # True: q, k, v as three products, no split copy (dit.QKVProjection)
+      **sizes))
+
+
 def base_config():
   c = ml_collections.ConfigDict()
   c.mode = 'train'
