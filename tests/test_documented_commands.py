@@ -39,7 +39,7 @@ DOCUMENTS = ('README.md', *sorted(os.path.relpath(p, REPO)
                                   for p in glob.glob(os.path.join(REPO, 'docs', '*.md'))))
 _ASSIGNMENT = re.compile(r'([A-Za-z_]\w*)=(.*)', re.DOTALL)
 _LOOP = re.compile(r'\bfor (\w+) in (\S+)')
-_VARIABLE = re.compile(r'\$(\w+)|\$\{(\w+)\}')
+_VARIABLE = re.compile(r'\$\{?(\w+)\}?')  # $NAME or ${NAME}
 _SEPARATORS = (';', '&&', '||', '|', '&')
 _SHELL_WORDS = ('do', 'done', 'then', 'fi', 'wait', 'time')
 _ELISIONS = ('...', 'ARGS')
@@ -93,7 +93,7 @@ def _shell_lines(text):
 
 
 def _expand(text, env):
-  return _VARIABLE.sub(lambda m: env.get(m.group(1) or m.group(2), ''), text)
+  return _VARIABLE.sub(lambda m: env.get(m.group(1), ''), text)
 
 
 def _split(text, posix):
@@ -145,8 +145,7 @@ def _command(where, tokens, env, undefined=()):
 def _line_commands(where, line, env):
   commands = []
   for segment in _segments(line):
-    undefined = [m.group(1) or m.group(2) for m in _VARIABLE.finditer(segment)
-                 if (m.group(1) or m.group(2)) not in env]
+    undefined = [name for name in _VARIABLE.findall(segment) if name not in env]
     expanded = re.sub(r'\[(--[^\]]*)\]', r'\1', _expand(segment, env))
     command = _command(where, _split(expanded, posix=True), env, undefined)
     if command:
