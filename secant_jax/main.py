@@ -13,6 +13,7 @@ saving its checkpoint; the same command resumes it (see train.checkpoint).
 import sys
 
 import jax
+import ml_collections
 from absl import app
 from absl import flags
 from jax.experimental.compilation_cache import compilation_cache
@@ -83,18 +84,67 @@ def define_flags(flag_values=flags.FLAGS, sys_argv=None):
   flags.mark_flags_as_required(['config', 'workdir'], flag_values=flag_values)
 
 
+def _unknown_settings(argv):
+  """What is wrong with each --config.KEY flag in `argv` whose KEY the config file's
+  config (loaded without those flags) has no setting for."""
+  config_args, keys = [], []
+  for i, arg in enumerate(argv[1:], 1):
+    if arg == '--config' or arg.startswith('--config='):
+      config_args += argv[i:i + 2] if arg == '--config' else [arg]
+    elif arg.startswith('--config.'):
+      keys.append(arg[len('--config.'):].partition('=')[0])
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file('config', None, '', flag_values=values,
+                                  sys_argv=[argv[0], *config_args])
+  values([argv[0], *config_args])
+  unknown = []
+  for key in keys:
+    node, parent = values.config, 'config'
+    for name in key.split('.'):
+      if not isinstance(node, ml_collections.ConfigDict):
+        unknown.append(f'--config.{key}: {parent} is a value, not a group of settings.')
+        break
+      if name not in node:
+        unknown.append(f'--config.{key} names no setting of the config; {parent} has: '
+                       f'{", ".join(sorted(node.keys()))}.')
+        break
+      node, parent = node[name], f'{parent}.{name}'
+  return unknown
+
+
+def _parse_flags(flag_values, argv):
+  """flag_values(argv), with a --config.KEY that names no setting reported as a flags error
+  that says which settings there are (ml_collections raises AttributeError("'KEY'"), or
+  TypeError for a KEY below a value)."""
+  try:
+    return flag_values(argv)
+  except (AttributeError, KeyError, TypeError):
+    unknown = _unknown_settings(argv)
+    if not unknown:
+      raise
+    raise flags.Error(' '.join(unknown) + ' Spell each flag as a setting the config has, '
+                      'or leave it out.') from None
+
+
 def parse_command_line(args):
   """(config, workdir) that `python -m secant_jax.main *args` runs, `args` as a shell splits
-  them. Raises what the command line would report: absl's flags errors (an unknown flag, a
-  value of the wrong type, a config file that does not load), AttributeError for an unknown
-  --config.key."""
+  them. Raises what the command line reports: absl's flags errors (an unknown flag or
+  setting, a value of the wrong type, a config file that does not load)."""
   argv = [__name__, *args]
   values = flags.FlagValues()
   define_flags(values, sys_argv=argv)
-  values(argv)
+  _parse_flags(values, argv)
   return values.config, values.workdir
+
+
+def _parse_flags_or_exit(argv):
+  try:
+    return _parse_flags(flags.FLAGS, argv)
+  except flags.Error as error:
+    sys.exit(f'FATAL Flags parsing error: {error}\n'
+             'Pass --helpshort or --helpfull to see help on flags.')
 
 
 if __name__ == '__main__':  # flags defined here only, so importing this module defines none
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags_or_exit)

@@ -5,9 +5,12 @@ import argparse
 import json
 import os
 import shlex
+import subprocess
+import sys
 
 import ml_collections
 import pytest
+from absl import flags
 
 from secant_jax import config as config_lib
 from secant_jax import main
@@ -44,6 +47,35 @@ def test_guidance_is_set_either_way_from_the_command_line(variant, override, exp
   network = recipe.make_network(c)
   assert network.guided == (expected is not None)
   assert recipe.make_task(c, network).guidance_range == expected
+
+
+@pytest.mark.parametrize('config_file', ['imagenet_sit.py', 'fashion_mnist.py:stage=teacher',
+                                         'fashion_mnist.py:stage=secant,model=tiny', 'demo.py'])
+def test_every_dit_config_takes_the_gpu_settings(config_file):
+  """The same flags tune any DiT config (config.dit_model), as the GPU launchers pass them."""
+  c = parse_main_flags(f'--config={REPO}/configs/{config_file}',
+                       '--config.model.attention=cudnn', '--config.model.split_qkv=True',
+                       '--config.model.remat=True', '--config.model.residual_dtype=bfloat16')
+  assert (c.model.attention, c.model.split_qkv, c.model.remat, c.model.residual_dtype) == (
+      'cudnn', True, True, 'bfloat16')
+
+
+def test_a_flag_that_names_no_setting_says_which_there_are():
+  unet = f'--config={REPO}/configs/fashion_mnist.py:model=unet-tiny'
+  with pytest.raises(flags.Error, match=r'^--config.model.split_qkv names no setting of the '
+                                        r'config; config.model has: arch, dtype, family, '
+                                        r'num_classes, unet\. Spell each flag as a setting'):
+    parse_main_flags(unet, '--config.model.split_qkv=True')
+  with pytest.raises(flags.Error, match=r'--config.model.name.x: config.model.name is a value, '
+                                        r'not a group of settings\.'):
+    parse_main_flags(f'--config={REPO}/configs/fashion_mnist.py', '--config.model.name.x=1')
+  run = subprocess.run([sys.executable, '-m', 'secant_jax.main', unet, '--workdir=unused',
+                        '--config.optimizer.lr', '0.1'], cwd=REPO, capture_output=True,
+                       text=True, check=False)
+  assert run.returncode == 1, run.stderr
+  assert ('FATAL Flags parsing error: --config.optimizer.lr names no setting of the config; '
+          'config.optimizer has: b1, b2, eps, grad_clip, learning_rate, warmup_steps, '
+          'weight_decay.') in run.stderr, run.stderr
 
 
 def saved_before(config, *keys):
