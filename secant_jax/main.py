@@ -113,11 +113,16 @@ def _unknown_settings(argv):
 
 
 def _parse_flags(flag_values, argv):
-  """flag_values(argv), with a --config.KEY that names no setting reported as a flags error
-  that says which settings there are (ml_collections raises AttributeError("'KEY'"), or
-  TypeError for a KEY below a value)."""
+  """flag_values(argv), with a config file that does not load and a --config.KEY that names
+  no setting reported as flags errors, the latter saying which settings there are
+  (ml_collections defers the first to the config's first use, and raises
+  AttributeError("'KEY'"), or TypeError for a KEY below a value, for the second)."""
   try:
-    return flag_values(argv)
+    remaining = flag_values(argv)
+    flag_values.config.keys()  # a config file that did not load raises at its first use
+    return remaining
+  except OSError as e:  # ml_collections' "Configuration is not available because of ..."
+    raise flags.Error(str(e)) from None
   except (AttributeError, KeyError, TypeError):
     unknown = _unknown_settings(argv)
     if not unknown:

@@ -60,7 +60,7 @@ def test_every_dit_config_takes_the_gpu_settings(config_file):
       'cudnn', True, True, 'bfloat16')
 
 
-def test_a_flag_that_names_no_setting_says_which_there_are():
+def test_a_config_that_does_not_load_or_a_flag_that_names_no_setting_is_a_flags_error():
   unet = f'--config={REPO}/configs/fashion_mnist.py:model=unet-tiny'
   with pytest.raises(flags.Error, match=r'^--config.model.split_qkv names no setting of the '
                                         r'config; config.model has: arch, dtype, family, '
@@ -69,6 +69,8 @@ def test_a_flag_that_names_no_setting_says_which_there_are():
   with pytest.raises(flags.Error, match=r'--config.model.name.x: config.model.name is a value, '
                                         r'not a group of settings\.'):
     parse_main_flags(f'--config={REPO}/configs/fashion_mnist.py', '--config.model.name.x=1')
+  with pytest.raises(flags.Error, match=r'(?s)Failed loading config file .*configs/nope.py.*No such file'):
+    parse_main_flags(f'--config={REPO}/configs/nope.py')
   run = subprocess.run([sys.executable, '-m', 'secant_jax.main', unet, '--workdir=unused',
                         '--config.optimizer.lr', '0.1'], cwd=REPO, capture_output=True,
                        text=True, check=False)

@@ -1,22 +1,25 @@
-"""Every command that README.md and docs/ show parses as written: each `python -m
-secant_jax.X` (the module exists, its flags do, `secant_jax.main`'s config file loads with
-the arguments after ':' and each --config.key=value names a setting that takes the value)
-and each launch script's (`launch/gpu_local.sh`, `gpu_slurm.sh` and `tpu_pod.sh run|encode`
-pass their arguments on; `launch/fashion_mnist.sh` and `throughput_table.sh` are run with a
-stand-in for python that records the commands they would run, with the settings in the
-environment that the document gives them). A flag or setting renamed in the code fails
-here, not in a reader's shell.
+"""Every command that README.md, docs/ and the module docstrings (their usage lines) show
+parses as written: each `python -m secant_jax.X` (the module exists, its flags do, a config
+file loads with the arguments after ':' and each --config.key=value names a setting that
+takes the value) and each launch script's (`launch/gpu_local.sh`, `gpu_slurm.sh` and
+`tpu_pod.sh run|encode` pass their arguments on; `launch/fashion_mnist.sh` and
+`throughput_table.sh` are run with a stand-in for python that records the commands they
+would run, with the settings in the environment that the document gives them). A flag or
+setting renamed in the code fails here, not in a reader's shell.
 
 Commands are read from indented code blocks (lines ending in '\\' joined) and from inline
-code spans. Shell variables are expanded from the assignments the file makes before the
-command, in code blocks or inline (`M="..."`), and a loop variable (`for v in a b`) takes
-its first value; a variable not defined before the command fails it (a reader who copies
-the block would run it without). The elisions `...` and `ARGS` are left out, and so are the
-brackets of an optional argument (`[--fsdp 8]` is checked as given). Parsing runs nothing: argparse programs stop at their parser,
-`secant_jax.main` is parsed as its `__main__` does (`main.parse_command_line`).
+code spans. Shell variables are expanded from the assignments the document makes before
+the command, in code blocks or inline (`M="..."`), and a loop variable (`for v in a b`)
+takes its first value; a variable not defined before the command fails it (a reader who
+copies the block would run it without). The elisions `...` and `ARGS` are left out, and so
+are the brackets of an optional argument (`[--fsdp 8]`, `[:quick]`: checked as given).
+Parsing runs nothing: argparse programs stop at their parser; absl programs (`main`,
+`bench.oracle`) are parsed with the flags their `define_flags` defines, as their
+`__main__` does.
 """
 
 import argparse
+import ast
 import bisect
 import dataclasses
 import glob
@@ -31,18 +34,16 @@ import subprocess
 import sys
 
 import pytest
-
-from secant_jax import main
+from absl import flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DOCUMENTS = ('README.md', *sorted(os.path.relpath(p, REPO)
-                                  for p in glob.glob(os.path.join(REPO, 'docs', '*.md'))))
 _ASSIGNMENT = re.compile(r'([A-Za-z_]\w*)=(.*)', re.DOTALL)
 _LOOP = re.compile(r'\bfor (\w+) in (\S+)')
 _VARIABLE = re.compile(r'\$\{?(\w+)\}?')  # $NAME or ${NAME}
 _SEPARATORS = (';', '&&', '||', '|', '&')
 _SHELL_WORDS = ('do', 'done', 'then', 'fi', 'wait', 'time')
 _ELISIONS = ('...', 'ARGS')
+_OPTIONAL = r'\[((?:--|:)[^\[\]]*)\]'  # [--flag value] or [:argument]
 # launch scripts that run one program with their arguments, and the arguments they add
 _PASS_ON = {'launch/gpu_local.sh': ('secant_jax.main', ()),
             'launch/gpu_slurm.sh': ('secant_jax.main', ('--config.distributed=True',)),
@@ -146,46 +147,60 @@ def _line_commands(where, line, env):
   commands = []
   for segment in _segments(line):
     undefined = [name for name in _VARIABLE.findall(segment) if name not in env]
-    expanded = re.sub(r'\[(--[^\]]*)\]', r'\1', _expand(segment, env))
+    expanded = _expand(segment, env)
+    while re.search(_OPTIONAL, expanded):  # innermost first: [--config=c.py[:quick]]
+      expanded = re.sub(_OPTIONAL, r'\1', expanded)
     command = _command(where, _split(expanded, posix=True), env, undefined)
     if command:
       commands.append(command)
   return commands
 
 
-def documented_commands(document, text):
-  """The commands in `text`, the contents of `document`."""
+def documented_commands(document, text, first_line=1):
+  """The commands in `text`, the contents of `document` from its line `first_line`."""
   env, commands = {}, []
   for number, line in _shell_lines(text):
     for name, values in _LOOP.findall(line):
       env[name] = values
     try:
-      commands += _line_commands(f'{document}:{number}', line, env)
+      commands += _line_commands(f'{document}:{number + first_line - 1}', line, env)
     except ValueError:  # unbalanced quotes: prose in a code span, or a command gone wrong
       if re.search(r'python -m secant_jax|launch/\w+\.sh', line):
         raise ValueError(f'{document}:{number}: cannot split {line!r} as a shell does') from None
   return commands
 
 
-def _read(document):
-  with open(os.path.join(REPO, document), encoding='utf-8') as f:
-    return f.read()
+def _documents():
+  """(name, text, its first line) of README.md, docs/*.md and the module docstrings of
+  secant_jax/ and configs/ (their usage lines)."""
+  def read(path):
+    with open(os.path.join(REPO, path), encoding='utf-8') as f:
+      return f.read()
+
+  documents = [('README.md', read('README.md'), 1)]
+  documents += [(path, read(path), 1) for path in sorted(glob.glob('docs/*.md', root_dir=REPO))]
+  for path in sorted(glob.glob('secant_jax/**/*.py', root_dir=REPO, recursive=True)
+                     + glob.glob('configs/*.py', root_dir=REPO)):
+    module = ast.parse(read(path))
+    docstring = ast.get_docstring(module, clean=True)
+    if docstring:
+      documents.append((path, docstring, module.body[0].lineno))
+  return documents
 
 
-COMMANDS = [c for d in DOCUMENTS for c in documented_commands(d, _read(d))]
+COMMANDS = [c for document in _documents() for c in documented_commands(*document)]
 
 
 class _Parsed(Exception):
   """Raised in place of running a command once its parser accepted the arguments."""
 
 
-def _parse_argparse_command(module_name, args, monkeypatch):
+def _parse_argparse_command(module, args, monkeypatch):
   """Calls the module's main(argv) with argparse's parse_args made to stop once it parsed."""
-  module = importlib.import_module(module_name)
   parameters = list(inspect.signature(module.main).parameters.values())
   if not parameters or parameters[0].default is inspect.Parameter.empty:
-    pytest.fail(f'{module_name}.main takes no argv to parse (an absl program?): teach '
-                'tests/test_documented_commands.py to parse it without running it.')
+    pytest.fail(f'{module.__name__}.main takes no argv to parse: an absl program needs a '
+                'define_flags(flag_values, sys_argv) as secant_jax.main has.')
   parse_args = argparse.ArgumentParser.parse_args
 
   def parse_and_stop(self, argv=None, namespace=None):
@@ -197,23 +212,31 @@ def _parse_argparse_command(module_name, args, monkeypatch):
       module.main(list(args))
 
 
-def _check_parses(where, module, args, monkeypatch):
-  """Fails, naming `where` and the command, unless `python -m module *args` parses."""
-  shown = f'{where}: python -m {module} {shlex.join(args)}'
-  assert importlib.util.find_spec(module), f'{shown}: no such module'
-  if module == 'secant_jax.main':
+def _check_parses(where, module_name, args, monkeypatch):
+  """Fails, naming `where` and the command, unless `python -m module_name *args` parses
+  (in the repository's root, where the documents run their commands)."""
+  shown = f'{where}: python -m {module_name} {shlex.join(args)}'
+  assert importlib.util.find_spec(module_name), f'{shown}: no such module'
+  monkeypatch.chdir(REPO)
+  try:
+    module = importlib.import_module(module_name)
+  except ModuleNotFoundError as e:
+    if e.name != 'torch':
+      raise
+    pytest.skip(f'{module_name} needs the torch extra')
+  if hasattr(module, 'define_flags'):  # an absl program, its flags defined as its __main__ does
+    argv = [module_name, *args]
+    values = flags.FlagValues()
+    module.define_flags(values, sys_argv=argv)
     try:
-      main.parse_command_line([a.replace('configs/', f'{REPO}/configs/', 1)
-                               if a.startswith('--config=configs/') else a for a in args])
+      values(argv)
+      for name in values:  # a config file that did not load raises on any attribute
+        getattr(getattr(values, name), 'keys', None)
     except Exception as e:  # pylint: disable=broad-except  (flags errors, unknown settings)
       pytest.fail(f'{shown}: {type(e).__name__}: {e}')
     return
   try:
     _parse_argparse_command(module, args, monkeypatch)
-  except ModuleNotFoundError as e:
-    if e.name != 'torch':
-      raise
-    pytest.skip(f'{module} needs the torch extra')
   except SystemExit:
     pytest.fail(f'{shown}: does not parse (usage above)')
 

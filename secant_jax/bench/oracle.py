@@ -122,7 +122,13 @@ def main(argv):
   print(format_table(fidelity_table(flags.FLAGS.config)))
 
 
-if __name__ == '__main__':  # flags defined here only, so importing this module defines none
+def define_flags(flag_values=flags.FLAGS, sys_argv=None):
+  """Defines --config (default configs/oracle.py) in `flag_values`, its --config.key=value
+  overrides read from `sys_argv` (default sys.argv)."""
   config_flags.DEFINE_config_file('config', 'configs/oracle.py', 'Oracle benchmark settings.',
-                                  lock_config=True)
+                                  flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
+
+
+if __name__ == '__main__':  # flags defined here only, so importing this module defines none
+  define_flags()
   app.run(main)
