@@ -261,9 +261,11 @@ CHECKED = [c for c in COMMANDS if (c.program.startswith('secant_jax') or c.progr
 
 
 def test_the_documents_show_commands_of_every_kind():
-  """The reader finds commands (a broken reader that finds none would pass all below)."""
+  """The reader finds commands (a broken reader that finds none would pass all below), in
+  the README and in docstrings (bench.oracle's usage line is only there)."""
   assert {'secant_jax.main', 'secant_jax.bench.throughput', 'secant_jax.convert.sit',
-          'secant_jax.data.encode', *_PASS_ON, *_RECORDED} <= {c.program for c in CHECKED}
+          'secant_jax.data.encode', 'secant_jax.bench.oracle', *_PASS_ON,
+          *_RECORDED} <= {c.program for c in CHECKED}
   assert sum(c.program == 'secant_jax.main' and len(c.args) > 3 for c in CHECKED) >= 10
 
 
@@ -275,7 +277,8 @@ def test_the_reader_expands_variables_loops_and_optional_arguments():
       '        --workdir=$R/$v $M [--config.seed=3] &', '    done; wait',
       '    XLA_FLAGS=x TEACHER_FLAGS="$M --config.seed=2" launch/fashion_mnist.sh $R', '',
       'and `python -m secant_jax.bench.throughput ... --target h100 > log`, or',
-      '`sbatch -N 4 launch/gpu_slurm.sh --workdir=$OUT/w`, `launch/tpu_pod.sh encode ARGS`.'])
+      '`sbatch -N 4 launch/gpu_slurm.sh --workdir=$OUT/w`, `launch/tpu_pod.sh encode ARGS`,',
+      '`python -m secant_jax.bench.oracle [--config=configs/oracle.py[:quick]]`.'])
   assert [dataclasses.astuple(c) for c in documented_commands('x.md', text)] == [
       ('x.md:5', 'secant_jax.main', ('--config=configs/demo.py:variant=sdei',
                                      '--workdir=runs/x/sdei', '--config.batch_size=64',
@@ -284,7 +287,8 @@ def test_the_reader_expands_variables_loops_and_optional_arguments():
        (('XLA_FLAGS', 'x'), ('TEACHER_FLAGS', '--config.batch_size=64 --config.seed=2')), ()),
       ('x.md:10', 'secant_jax.bench.throughput', ('--target', 'h100'), (), ()),
       ('x.md:11', 'launch/gpu_slurm.sh', ('--workdir=/w',), (), ('OUT',)),
-      ('x.md:11', 'launch/tpu_pod.sh encode', (), (), ())]
+      ('x.md:11', 'launch/tpu_pod.sh encode', (), (), ()),
+      ('x.md:12', 'secant_jax.bench.oracle', ('--config=configs/oracle.py:quick',), (), ())]
 
 
 @pytest.mark.parametrize('command', CHECKED, ids=lambda c: f'{c.where}:{c.program}')
