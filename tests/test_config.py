@@ -69,7 +69,8 @@ def test_a_config_that_does_not_load_or_a_flag_that_names_no_setting_is_a_flags_
   with pytest.raises(flags.Error, match=r'--config.model.name.x: config.model.name is a value, '
                                         r'not a group of settings\.'):
     parse_main_flags(f'--config={REPO}/configs/fashion_mnist.py', '--config.model.name.x=1')
-  with pytest.raises(flags.Error, match=r'(?s)Failed loading config file .*configs/nope.py.*No such file'):
+  with pytest.raises(flags.Error, match=r'(?s)Failed loading config file .*configs/nope.py'
+                                        r'.*No such file'):
     parse_main_flags(f'--config={REPO}/configs/nope.py')
   run = subprocess.run([sys.executable, '-m', 'secant_jax.main', unet, '--workdir=unused',
                         '--config.optimizer.lr', '0.1'], cwd=REPO, capture_output=True,
