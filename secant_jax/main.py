@@ -73,12 +73,16 @@ def main(argv):
     sys.exit(checkpoint.STOPPED_EXIT_STATUS if jax.process_index() == 0 else 0)
 
 
+def _define_config_flag(flag_values, sys_argv):
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
+                                  flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
+
+
 def define_flags(flag_values=flags.FLAGS, sys_argv=None):
   """Defines --config (with its --config.key=value overrides) and --workdir in
   `flag_values`; `sys_argv` is the command line the overrides are read from (default
   sys.argv)."""
-  config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                  flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
+  _define_config_flag(flag_values, sys_argv)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, exports.',
                       flag_values=flag_values)
   flags.mark_flags_as_required(['config', 'workdir'], flag_values=flag_values)
@@ -94,8 +98,7 @@ def _unknown_settings(argv):
     elif arg.startswith('--config.'):
       keys.append(arg[len('--config.'):].partition('=')[0])
   values = flags.FlagValues()
-  config_flags.DEFINE_config_file('config', None, '', flag_values=values,
-                                  sys_argv=[argv[0], *config_args])
+  _define_config_flag(values, [argv[0], *config_args])
   values([argv[0], *config_args])
   unknown = []
   for key in keys:
