@@ -30,7 +30,7 @@ RESUMABLE_CHANGES = ('mode', 'num_train_steps', 'log_every', 'checkpoint_every',
                      'teacher_sample_nfe', 'num_eval_samples', 'eval_every',
                      'eval_save_seconds', 'fid', 'compare', 'compare_in_float32',
                      'fsdp', 'microbatches', 'distributed', 'cluster', 'data.read_threads',
-                     'compilation_cache_dir',
+                     'compilation_cache_dir', 'profile_steps', 'profile_skip_steps',
                      'matmul_precision', 'model.attention', 'model.remat', 'model.split_qkv',
                      'model.residual_dtype',
                      'secant.sample_cfg_scale', 'secant.sample_guidance_scale',
@@ -214,6 +214,10 @@ def base_config():
   # after a preemption skips its compiles ('' = JAX's own setting, JAX_COMPILATION_CACHE_DIR).
   # Only process 0 writes: with several hosts, a path they all read (a bucket).
   c.compilation_cache_dir = ''
+  # a jax.profiler trace of profile_steps training steps (0: none) after the first
+  # profile_skip_steps of the process, into <workdir>/plugins/profile (train.step_trace)
+  c.profile_steps = 0
+  c.profile_skip_steps = 5
   c.distributed = False  # jax.distributed.initialize() (multi-host TPU/GPU)
   # where JAX does not detect the cluster (TPU VMs, Slurm, Open MPI, Kubernetes it does):
   # the coordinator's host:port, the process count and this process's index

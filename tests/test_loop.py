@@ -1,6 +1,8 @@
 """The trainer end to end: real steps on mock CIFAR-10 and tiny ArrayRecord latents, exact
 resume across a process exit, SIGTERM, and the one-line errors."""
 
+import collections
+import glob
 import json
 import os
 import shutil
@@ -610,6 +612,10 @@ def test_errors_are_one_line_and_name_the_fix(tmp_path, latent_dir):
                                        r'positive integer \(1: no gradient accumulation\), '
                                        r'got 0\.'):
     loop.train_and_evaluate(no_slices, tmp_path / 'r4')
+  no_trace = _config(TINY_DIT, {}, 'stee', profile_steps=-1)
+  with pytest.raises(ValueError, match=r'config.profile_steps must be a whole number of '
+                                       r'steps, 0 or more, got -1; e.g. '):
+    loop.train_and_evaluate(no_trace, tmp_path / 'r4')
   with pytest.raises(ValueError, match=r"Unknown mode 'eval'"):
     main_lib.run(_config(TINY_DIT, {}, 'stee', mode='eval'), tmp_path / 'r5')
   with pytest.raises(ValueError, match=r"Bad config argument 'step=4'"):
@@ -656,3 +662,28 @@ def test_sample_mode_writes_the_samples_and_their_grid(tmp_path):
   with Image.open(path) as image:
     assert image.mode == 'L'
     np.testing.assert_array_equal(np.asarray(image), grid[..., 0])
+
+
+def _trace_events(directory):
+  """{(plane, line, event name): [stats dict, ...]} of the one trace under `directory`."""
+  found = glob.glob(os.path.join(directory, 'plugins', 'profile', '*', '*.xplane.pb'))
+  assert len(found) == 1, found
+  events = collections.defaultdict(list)
+  for plane in jax.profiler.ProfileData.from_file(found[0]).planes:
+    for line in plane.lines:
+      for event in line.events:
+        events[event.name].append(dict(event.stats))
+  return events
+
+
+def test_profile_steps_trace_the_steps_after_the_skipped_ones(tmp_path):
+  """config.profile_steps: a trace of steps 3, 4 and 5 of 6 (two skipped), each annotated
+  with its number, holding those three executions of the train step and no other."""
+  c = _demo_train_config(6)
+  c.profile_skip_steps, c.profile_steps = 2, 3
+  loop.train_and_evaluate(c, tmp_path)
+  events = _trace_events(tmp_path)
+  assert sorted(s['step_num'] for s in events['train']) == [3, 4, 5]
+  runs = {s['run_id'] for stats in events.values() for s in stats
+          if s.get('hlo_module') == 'jit_train_step'}
+  assert len(runs) == 3

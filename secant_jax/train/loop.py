@@ -36,6 +36,7 @@ from secant_jax.train import parallel
 from secant_jax.train import recipe
 from secant_jax.train import state as state_lib
 from secant_jax.train import step as step_lib
+from secant_jax.train import step_trace
 
 
 def load_into(network, directory, key):
@@ -142,6 +143,7 @@ def train_and_evaluate(config, workdir):
   mesh = parallel.make_mesh(config.fsdp)
   step_lib.check_microbatches(config.microbatches)  # before it divides the batch
   parallel.check_batch_size(config.batch_size, mesh, microbatches=config.microbatches)
+  trace = step_trace.StepTrace(workdir, config.profile_skip_steps, config.profile_steps)
 
   network = recipe.make_network(config, mesh)
   task = recipe.make_task(config, network)
@@ -180,7 +182,7 @@ def train_and_evaluate(config, workdir):
   # the run and a process exits only once they give up (a bucket gone: minutes of retries).
   with contextlib.closing(data_iter), contextlib.closing(writer), checkpoint.Checkpoints(
       os.path.join(workdir, 'checkpoints'), config.checkpoint_every,
-      config.keep_checkpoints) as ckpts:
+      config.keep_checkpoints) as ckpts, trace:
     resumed_step = ckpts.latest_step
     changes = _config_changes(config, workdir, resumed_step)
     state = _start_state(config, workdir, ckpts,
@@ -190,8 +192,10 @@ def train_and_evaluate(config, workdir):
     step = int(state.step)
     window, window_steps = None, 0  # metrics summed on device since the last log
     while step < config.num_train_steps:
-      state, metrics = step_fn(state, teacher_variables,
-                               _global_batch(next(data_iter), batch_sharding))
+      with trace.step(step + 1):
+        state, metrics = step_fn(state, teacher_variables,
+                                 _global_batch(next(data_iter), batch_sharding))
+      trace.stepped(state)
       window = metrics if window is None else jax.tree_util.tree_map(jnp.add, window, metrics)
       window_steps += 1
       step += 1
