@@ -56,6 +56,12 @@ class StepTrace:
       self._stop()
 
   def _stop(self):
+    """Ends the trace and writes it; a trace that cannot be written is a warning, as the
+    run it describes goes on."""
     if self._tracing:
       self._tracing = False
-      jax.profiler.stop_trace()
+      try:
+        jax.profiler.stop_trace()
+      except RuntimeError as e:
+        logging.warning('The profiler trace could not be written under %s (%s); training '
+                        'goes on without it.', self._logdir, e)
