@@ -24,6 +24,7 @@ from secant_jax import generate
 from secant_jax import main as main_lib
 from secant_jax import sampling
 from secant_jax import writers
+from secant_jax.bench import flops
 from secant_jax.convert import common
 from secant_jax.data import latents
 from secant_jax.data import pipeline
@@ -248,6 +249,15 @@ def test_logged_metrics_are_means_over_the_log_window(latent_dir, tmp_path):
   for logged, steps in zip(windows, (every[:3], every[3:])):
     for key in ('loss', 'grad_norm'):
       assert logged[key] == pytest.approx(np.mean([h[key] for h in steps]), rel=1e-5)
+  # the rate from the second log on (the first window holds the compile): STEE's four
+  # forward-equivalents per image, over the 8 devices; no MFU where the peak is unknown
+  network = registry.build(_config(TINY_DIT, data, 'stee').model, guided=False)
+  flop_per_image = 4 * flops.dit_forward(network.module)
+  assert 'images_per_second' not in every[0] and 'images_per_second' not in windows[0]
+  for logged in every[1:] + windows[1:]:
+    assert logged['images_per_second'] > 0 and 'mfu' not in logged
+    assert logged['tflops_per_device'] == pytest.approx(
+        logged['images_per_second'] * flop_per_image / jax.device_count() / 1e12)
 
 
 # Two variants, one of each time sampling and of each target (the four variants' targets

@@ -25,12 +25,15 @@ def test_sit_xl2_forward_flops_match_the_published_count():
 
 
 def test_forward_equivalents_per_variant():
-  def task(variant, guidance_range=None):
-    return step.SecantTask(variant, paths.Linear(), 4, 1000, guidance_range=guidance_range)
+  def task(variant, guidance_range=None, **settings):
+    return step.SecantTask(variant, paths.Linear(), 4, 1000, guidance_range=guidance_range,
+                           **settings)
   assert flops.train_forward_equivalents(task('sdei', (1.0, 2.5))) == 6
   assert flops.train_forward_equivalents(task('sdee')) == 5
   assert flops.train_forward_equivalents(task('stee')) == 4
   assert flops.train_forward_equivalents(task('stei')) == 8
+  assert flops.train_forward_equivalents(task('stei', stei_target='self')) == 8
+  assert flops.train_forward_equivalents(task('stei', stei_lambda=0.0)) == 5
   assert flops.train_forward_equivalents(task('diffusion')) == 3
   assert flops.sample_forward_equivalents(4, classic_cfg=True) == 8
   assert flops.peak_flops('NVIDIA H100 80GB HBM3') == 989e12

@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from secant_jax.models import dit
 
 # Forward-equivalents of one train step per image: the student's forward + backward (3),
-# plus the stop-gradient Picard estimate (1), plus the teacher (2 passes with CFG, else 1),
-# plus STEI's diffusion term (3).
+# plus the stop-gradient Picard estimate (1), plus the target: the teacher (2 passes with
+# CFG, else 1) or STEI's own tangent (1, stei_target='self'), plus STEI's diffusion term (3).
 _STUDENT, _PICARD = 3, 1
 
 PEAK_BF16_FLOPS = (  # (substring of jax's device_kind, dense bf16 FLOP/s)
@@ -71,11 +71,12 @@ def train_forward_equivalents(task):
   """Forward passes one train step costs per image, counting a backward as two."""
   if task.variant == 'diffusion':
     return _STUDENT
-  teacher = 0
   if task.needs_teacher:
-    teacher = 2 if task.guidance_range is not None else 1
+    target = 2 if task.guidance_range is not None else 1
+  else:
+    target = int(task.variant == 'stei')  # its own tangent f_θ⁻(x̂_r, r, r); STEE: data
   diffusion = _STUDENT if task.variant == 'stei' and task.stei_lambda else 0
-  return _STUDENT + _PICARD + teacher + diffusion
+  return _STUDENT + _PICARD + target + diffusion
 
 
 def sample_forward_equivalents(num_steps, classic_cfg):

@@ -33,6 +33,7 @@ from secant_jax.evaluation import sample_quality
 from secant_jax.models import registry
 from secant_jax.train import checkpoint
 from secant_jax.train import parallel
+from secant_jax.train import rate as rate_lib
 from secant_jax.train import recipe
 from secant_jax.train import state as state_lib
 from secant_jax.train import step as step_lib
@@ -177,6 +178,7 @@ def train_and_evaluate(config, workdir):
              else None)
   writer = writers.create(workdir, just_logging=jax.process_index() > 0)
   report = writers.progress(config.num_train_steps, writer)
+  rate = rate_lib.of_run(task, network, config.batch_size)
   history = []
   # Closing the iterator stops its read-ahead threads: left running, they read on after
   # the run and a process exits only once they give up (a bucket gone: minutes of retries).
@@ -192,7 +194,7 @@ def train_and_evaluate(config, workdir):
     step = int(state.step)
     window, window_steps = None, 0  # metrics summed on device since the last log
     while step < config.num_train_steps:
-      with trace.step(step + 1):
+      with trace.step(step + 1, state):
         state, metrics = step_fn(state, teacher_variables,
                                  _global_batch(next(data_iter), batch_sharding))
       trace.stepped(state)
@@ -207,13 +209,16 @@ def train_and_evaluate(config, workdir):
                                    f'steps up to step {step}: {values}')
         window, window_steps = None, 0
         values['learning_rate'] = float(schedule(step))
+        values.update(rate.scalars(step))
         writer.write_scalars(step, values)
         history.append({'step': step, **values})
       if quality is not None and step % config.eval_every == 0:
-        writer.write_scalars(step, quality(network, task, state.ema_params,
-                                           config.fid.train_num_samples, config.seed + 2))
+        with rate.paused(state):
+          writer.write_scalars(step, quality(network, task, state.ema_params,
+                                             config.fid.train_num_samples, config.seed + 2))
       if config.sample_every and step % config.sample_every == 0:
-        write_samples(config, network, task, state.ema_params, writer, step)
+        with rate.paused(state):
+          write_samples(config, network, task, state.ema_params, writer, step)
       if ckpts.save_if_due(step, state, data_iter):
         break
     ckpts.save(step, state, data_iter)

@@ -19,8 +19,8 @@ from absl import logging
 class StepTrace:
   """Starts the trace before the step after `skip_steps` steps of this process and stops it
   once `num_steps` steps later have run on the device (or when the loop leaves the block).
-  Use as a context manager; call `step(number)` around each step and `stepped(state)` after
-  it. Traces nothing when num_steps is 0."""
+  Use as a context manager; call `step(number, state)` around each step and `stepped(state)`
+  after it. Traces nothing when num_steps is 0."""
 
   def __init__(self, logdir, skip_steps, num_steps):
     for name, value in (('profile_skip_steps', skip_steps), ('profile_steps', num_steps)):
@@ -38,10 +38,12 @@ class StepTrace:
   def __exit__(self, *exc):
     self._stop()
 
-  def step(self, number):
-    """The annotation of training step `number` (the state's step after it), starting the
-    trace first when this is the window's first step."""
+  def step(self, number, state):
+    """The annotation of training step `number` (the state's step after it), which starts
+    from `state`. Before the window's first step, waits for the steps before it (so that
+    the trace holds the window's steps and no other) and starts the trace."""
     if self._count and self._done == self._skip:
+      jax.block_until_ready(state)
       jax.profiler.start_trace(self._logdir)
       self._tracing = True
       logging.info('Tracing %d steps from step %d into %s', self._count, number,
