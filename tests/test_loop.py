@@ -699,12 +699,19 @@ def test_profile_steps_trace_the_steps_after_the_skipped_ones(tmp_path):
   assert len(runs) == 3
 
 
-def test_a_trace_that_cannot_be_written_is_a_warning_not_the_end_of_the_run(tmp_path,
-                                                                            caplog):
-  (tmp_path / 'plugins').write_text('a file where the trace would need a directory')
+@pytest.mark.parametrize('obstacle', ['a file at plugins/', 'another trace running'])
+def test_a_trace_that_cannot_be_written_is_a_warning_not_the_end_of_the_run(obstacle,
+                                                                            tmp_path, caplog):
+  workdir = tmp_path / 'run'
+  os.makedirs(workdir)
   c = _demo_train_config(4)
   c.profile_skip_steps, c.profile_steps = 1, 2
-  state, _ = loop.train_and_evaluate(c, tmp_path)
+  if obstacle == 'a file at plugins/':
+    (workdir / 'plugins').write_text('a file where the trace needs a directory')
+    state, _ = loop.train_and_evaluate(c, workdir)
+  else:
+    with jax.profiler.trace(tmp_path / 'other'):
+      state, _ = loop.train_and_evaluate(c, workdir)
   assert int(state.step) == 4
   assert [r.getMessage() for r in caplog.records if r.getMessage().startswith(
-      f'The profiler trace could not be written under {tmp_path} (')]
+      f'The profiler trace could not be written under {workdir} (')]

@@ -12,8 +12,12 @@ writes its own trace, <workdir>/plugins/profile/<date>/<host>.xplane.pb, which
 scalars.
 """
 
+import os
+
 import jax
 from absl import logging
+
+from secant_jax import files
 
 
 class StepTrace:
@@ -44,10 +48,16 @@ class StepTrace:
     the trace holds the window's steps and no other) and starts the trace."""
     if self._count and self._done == self._skip:
       jax.block_until_ready(state)
-      jax.profiler.start_trace(self._logdir)
-      self._tracing = True
-      logging.info('Tracing %d steps from step %d into %s', self._count, number,
-                   self._logdir)
+      try:
+        # made first: a trace that fails to export leaves JAX's profiler started, and
+        # unable to start again, for the rest of the process
+        files.make_directory(os.path.join(self._logdir, 'plugins', 'profile'))
+        jax.profiler.start_trace(self._logdir)  # RuntimeError: another trace is running
+        self._tracing = True
+        logging.info('Tracing %d steps from step %d into %s', self._count, number,
+                     self._logdir)
+      except (OSError, RuntimeError) as e:
+        _warn(self._logdir, e)
     return jax.profiler.StepTraceAnnotation('train', step_num=number)
 
   def stepped(self, state):
@@ -58,12 +68,16 @@ class StepTrace:
       self._stop()
 
   def _stop(self):
-    """Ends the trace and writes it; a trace that cannot be written is a warning, as the
-    run it describes goes on."""
+    """Ends the trace and writes it. A trace that cannot be started or written is a
+    warning: the run it would describe goes on."""
     if self._tracing:
       self._tracing = False
       try:
         jax.profiler.stop_trace()
       except RuntimeError as e:
-        logging.warning('The profiler trace could not be written under %s (%s); training '
-                        'goes on without it.', self._logdir, e)
+        _warn(self._logdir, e)
+
+
+def _warn(logdir, error):
+  logging.warning('The profiler trace could not be written under %s (%s); training goes on '
+                  'without it.', logdir, error)
