@@ -223,8 +223,8 @@ def base_config():
   # the coordinator's host:port, the process count and this process's index
   c.cluster = ml_collections.ConfigDict(dict(coordinator_address='', num_processes=0,
                                              process_id=-1))
-  # read_threads: grain's threads per process, each reading whole local batches; a record
-  # in a bucket is one request, so raise it where reading from gs:// cannot keep up
+  # read_threads: grain's threads per process, each reading whole local batches; 0: 16 for
+  # a dir in a bucket (gs://: each record one request), 1 for a disk (data.pipeline)
   c.data = ml_collections.ConfigDict(dict(name='digits', dir='', random_flip=False,
-                                          read_threads=16))
+                                          read_threads=0))
   return c

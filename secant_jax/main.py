@@ -73,7 +73,9 @@ def main(argv):
     sys.exit(checkpoint.STOPPED_EXIT_STATUS if jax.process_index() == 0 else 0)
 
 
-def _define_config_flag(flag_values, sys_argv):
+def define_config_flag(flag_values, sys_argv):
+  """Defines --config, a config file (configs/X.py[:args]) with its --config.key=value
+  overrides read from `sys_argv`, in `flag_values`."""
   config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                   flag_values=flag_values, lock_config=True, sys_argv=sys_argv)
 
@@ -82,7 +84,7 @@ def define_flags(flag_values=flags.FLAGS, sys_argv=None):
   """Defines --config (with its --config.key=value overrides) and --workdir in
   `flag_values`; `sys_argv` is the command line the overrides are read from (default
   sys.argv)."""
-  _define_config_flag(flag_values, sys_argv)
+  define_config_flag(flag_values, sys_argv)
   flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, exports.',
                       flag_values=flag_values)
   flags.mark_flags_as_required(['config', 'workdir'], flag_values=flag_values)
@@ -98,7 +100,7 @@ def _unknown_settings(argv):
     elif arg.startswith('--config.'):
       keys.append(arg[len('--config.'):].partition('=')[0])
   values = flags.FlagValues()
-  _define_config_flag(values, [argv[0], *config_args])
+  define_config_flag(values, [argv[0], *config_args])
   values([argv[0], *config_args])
   unknown = []
   for key in keys:
@@ -145,7 +147,9 @@ def parse_command_line(args):
   return values.config, values.workdir
 
 
-def _parse_flags_or_exit(argv):
+def parse_flags_or_exit(argv):
+  """absl's flags_parser for a program with `define_config_flag`'s --config: flags.FLAGS
+  parsed from argv, or the exit with absl's message for a flags error (`_parse_flags`)."""
   try:
     return _parse_flags(flags.FLAGS, argv)
   except flags.Error as error:
@@ -155,4 +159,4 @@ def _parse_flags_or_exit(argv):
 
 if __name__ == '__main__':  # flags defined here only, so importing this module defines none
   define_flags()
-  app.run(main, flags_parser=_parse_flags_or_exit)
+  app.run(main, flags_parser=parse_flags_or_exit)

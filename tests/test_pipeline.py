@@ -1,14 +1,17 @@
 """The data pipeline's global stream: any number of processes read the same global
 batches, each its own slice, and a state saved with one process count resumes with
-another; how many threads read them changes nothing but the speed."""
+another; how many threads read them changes nothing but the speed; the input benchmark
+times what one process reads."""
 
 import threading
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
+from secant_jax.bench import input as input_bench
 from secant_jax.data import pipeline
 
 SOURCE = [{'x': np.full((2, 2, 1), i, np.float32), 'y': np.int32(i % 10)} for i in range(37)]
@@ -19,10 +22,7 @@ def _global_batches(processes, global_batch, steps, state=None):
   read it, each process's slice in order."""
   slices = []
   for p in range(processes):
-    with pytest.MonkeyPatch.context() as m:
-      m.setattr(jax, 'process_count', lambda: processes)
-      m.setattr(jax, 'process_index', lambda p=p: p)
-      it = pipeline.batches(SOURCE, global_batch, seed=5, augment=_jitter)
+    it = pipeline.batches(SOURCE, global_batch, seed=5, augment=_jitter, process=(p, processes))
     if state is not None:
       it.set_state(state)
     slices.append([next(it)['x'][:, 0, 0, 0] for _ in range(steps)])
@@ -45,7 +45,7 @@ def test_one_two_and_four_processes_read_the_same_global_batches():
 
 def test_a_state_saved_on_one_process_count_resumes_on_another():
   straight = _global_batches(2, 8, 7)
-  with pytest.MonkeyPatch.context() as m:
+  with pytest.MonkeyPatch.context() as m:  # the default: JAX's own process index and count
     m.setattr(jax, 'process_count', lambda: 2)
     m.setattr(jax, 'process_index', lambda: 1)
     it = pipeline.batches(SOURCE, 8, seed=5, augment=_jitter)
@@ -88,3 +88,25 @@ def test_the_read_threads_read_the_same_batches():
     batches[threads] = np.stack([next(it)['x'] for _ in range(12)])
     assert (len(source.threads) == 1) == (threads == 1), source.threads
   np.testing.assert_array_equal(batches[4], batches[1])
+
+
+def test_read_threads_default_to_many_for_a_bucket_and_one_for_a_disk():
+  def threads(read_threads, directory):
+    return pipeline.read_threads(ml_collections.ConfigDict(dict(read_threads=read_threads,
+                                                                dir=directory)))
+  assert threads(0, 'gs://bucket/latents') == 16
+  assert threads(0, '/data/latents') == threads(0, '') == 1
+  assert threads(4, 'gs://bucket/latents') == threads(4, '/data/latents') == 4
+
+
+def test_the_input_benchmark_times_one_process_share_of_the_configs_pipeline():
+  from configs import demo  # pylint: disable=import-outside-toplevel
+  config = demo.get_config()
+  fields = input_bench.measure(config, batches=6, warmup=2, processes=2)
+  assert fields['dataset'] == 'digits' and fields['batch'] == config.batch_size // 2
+  assert fields['read_threads'] == 1  # digits are in memory
+  assert fields['images_per_second'] == pytest.approx(fields['batches_per_second'] *
+                                                      fields['batch'])
+  record_bytes = 4 * np.prod(fields['record_shape']) + 4  # float32 image, int32 label
+  assert fields['megabytes_per_second'] == pytest.approx(
+      fields['images_per_second'] * record_bytes / 1e6)

@@ -361,6 +361,13 @@ def main(argv=None):
     return _benchmark(config, args)
 
 
+def print_fields(fields):
+  """One `name: value` line per field, floats to 4 significant digits, None as n/a."""
+  for key, value in fields.items():
+    text = 'n/a' if value is None else (f'{value:.4g}' if isinstance(value, float) else value)
+    print(f'{key:>20}: {text}')
+
+
 def _benchmark(config, args):
   mesh = parallel.make_mesh(config.fsdp,
                             None if args.target is None else args.target.devices())
@@ -381,9 +388,7 @@ def _benchmark(config, args):
     seconds = _timed(run, args.warmup, args.steps)
   fields = report(config, args, program, memory, device_kind, mesh.size, compile_seconds,
                   seconds)
-  for key, value in fields.items():
-    text = 'n/a' if value is None else (f'{value:.4g}' if isinstance(value, float) else value)
-    print(f'{key:>18}: {text}')
+  print_fields(fields)
   if args.traffic or args.target is not None:
     if on_tpu:
       print('static memory traffic: not counted on TPUs (operands pass through on-chip VMEM)')

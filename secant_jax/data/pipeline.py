@@ -15,11 +15,27 @@ import jax
 import numpy as np
 
 
-def batches(source, global_batch, seed, augment=None, read_threads=16):
+# config.data.read_threads = 0 reads with these many threads per process. A record in a
+# bucket is one request: reads wait on its latency, which threads overlap (16 at 20 ms: 800
+# records/s). From a disk or memory, reading a record is Python's work, which threads do not
+# parallelise and slow down by contending for the GIL: one thread read 3.4× (Fashion-MNIST)
+# and 1.8× (latents) the batches/s of 16 on the 2-core CPU machine (`bench.input`).
+BUCKET_READ_THREADS, DISK_READ_THREADS = 16, 1
+
+
+def read_threads(data_config):
+  """config.data.read_threads, or for 0 the default for where config.data.dir is."""
+  if data_config.read_threads:
+    return data_config.read_threads
+  return BUCKET_READ_THREADS if '://' in (data_config.get('dir') or '') else DISK_READ_THREADS
+
+
+def batches(source, global_batch, seed, augment=None, read_threads=1, process=None):
   """A resumable iterator of this process's slices {'x': [b, ...], 'y': [b]} of the global
   batches (b = global_batch / process count), read ahead by `read_threads` threads (the
-  batches do not depend on how many)."""
-  processes = jax.process_count()
+  batches do not depend on how many). `process` = (index, count) reads another's slices
+  (default JAX's process: (jax.process_index(), jax.process_count()))."""
+  index, processes = process or (jax.process_index(), jax.process_count())
   if global_batch % processes:
     raise ValueError(f'Global batch size {global_batch} does not divide over the '
                      f'{processes} processes; set the config\'s batch_size to a multiple '
@@ -28,7 +44,7 @@ def batches(source, global_batch, seed, augment=None, read_threads=16):
   if augment is not None:
     ds = ds.random_map(augment, seed=seed + 1)
   ds = ds.batch(global_batch // processes, drop_remainder=True)
-  return iter(ds[jax.process_index()::processes].to_iter_dataset(
+  return iter(ds[index::processes].to_iter_dataset(
       grain.ReadOptions(num_threads=read_threads)))
 
 
@@ -52,9 +68,10 @@ def source(data_config):
   return builders[data_config.name](data_config)
 
 
-def build(data_config, global_batch, seed):
-  """(iterator, record shape) of this process's slices of config.data's global batches."""
+def build(data_config, global_batch, seed, process=None):
+  """(iterator, record shape) of this process's slices of config.data's global batches
+  (`process` as in `batches`)."""
   records = source(data_config)
   augment = random_flip if data_config.get('random_flip', False) else None
-  return (batches(records, global_batch, seed, augment, data_config.read_threads),
+  return (batches(records, global_batch, seed, augment, read_threads(data_config), process),
           records[0]['x'].shape)
