@@ -1,5 +1,6 @@
 """The trainer end to end: real steps on mock CIFAR-10 and tiny ArrayRecord latents, exact
-resume across a process exit, SIGTERM, and the one-line errors."""
+resume across a process exit, SIGTERM, the one-line errors, and what a run reports of its
+own speed (its images/s and MFU per log, a profiler trace of a few steps)."""
 
 import collections
 import glob
@@ -675,7 +676,7 @@ def test_sample_mode_writes_the_samples_and_their_grid(tmp_path):
 
 
 def _trace_events(directory):
-  """{(plane, line, event name): [stats dict, ...]} of the one trace under `directory`."""
+  """{event name: [its events' stats dicts]} of the one trace under `directory`."""
   found = glob.glob(os.path.join(directory, 'plugins', 'profile', '*', '*.xplane.pb'))
   assert len(found) == 1, found
   events = collections.defaultdict(list)
