@@ -33,6 +33,7 @@ from secant_jax.models import registry
 from secant_jax.train import checkpoint
 from secant_jax.train import loop
 from secant_jax.train import recipe
+from secant_jax.train import step_trace
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DIT = dict(family='dit', name='DiT-S/2', input_size=8, in_channels=4, num_classes=10,
@@ -698,6 +699,23 @@ def test_profile_steps_trace_the_steps_after_the_skipped_ones(tmp_path):
   runs = {s['run_id'] for stats in events.values() for s in stats
           if s.get('hlo_module') == 'jit_train_step'}
   assert len(runs) == 3
+
+
+def test_a_trace_with_no_steps_skipped_starts_at_the_first_and_stops_after_its_last(
+    tmp_path):
+  """step_trace.StepTrace alone, around three steps of a jitted function: with no steps
+  skipped the trace starts before the first, and it stops after two."""
+  add = jax.jit(lambda x: x + 1)
+  state = jax.numpy.zeros(4)
+  with step_trace.StepTrace(tmp_path, 0, 2) as trace:
+    for number in (1, 2, 3):
+      with trace.step(number, state):
+        state = add(state)
+      trace.stepped(state)
+  events = _trace_events(tmp_path)
+  assert sorted(s['step_num'] for s in events['train']) == [1, 2]
+  assert len({s['run_id'] for stats in events.values() for s in stats
+              if s.get('hlo_module') == 'jit__lambda'}) == 2
 
 
 @pytest.mark.parametrize('obstacle', ['a file at plugins/', 'another trace running'])

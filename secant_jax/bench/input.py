@@ -51,7 +51,8 @@ def measure(config, batches, warmup=10, processes=1):
     seconds = time.perf_counter() - started
   batch = config.batch_size // processes
   return {'dataset': config.data.name, 'batch': batch, 'record_shape': tuple(record_shape),
-          'read_threads': pipeline.read_threads(config.data), 'batches_per_second': batches / seconds,
+          'read_threads': pipeline.read_threads(config.data),
+          'batches_per_second': batches / seconds,
           'images_per_second': batches * batch / seconds,
           'megabytes_per_second': size / seconds / 1e6}
 
