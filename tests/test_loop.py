@@ -356,10 +356,10 @@ def test_sigterm_in_a_demo_stage_stops_the_demo_there(tmp_path, monkeypatch):
   c.batch_size, c.demo.teacher_steps = 8, 40
   save_if_due = checkpoint.Checkpoints.save_if_due
 
-  def sigterm_at_step_2(self, step, state, data_iter):
+  def sigterm_at_step_2(self, step, *args, **kwargs):
     if step == 2:
       os.kill(os.getpid(), signal.SIGTERM)  # to the handler the running stage installed
-    return save_if_due(self, step, state, data_iter)
+    return save_if_due(self, step, *args, **kwargs)
 
   monkeypatch.setattr(checkpoint.Checkpoints, 'save_if_due', sigterm_at_step_2)
   with pytest.raises(checkpoint.Stopped, match=r'Stopped on SIGTERM at step 2 of 40, with a '
@@ -513,21 +513,27 @@ def test_changed_settings_are_those_that_decide_the_training_and_both_configs_ho
       "model.remat_policy: 'none' → 'dots'", 'secant.stei_lambda: 1.0 → 2.0']
 
 
+def _poison_batch(monkeypatch, number):
+  """Makes the run's `number`-th batch (from 1) all NaN images."""
+  batches = loop._global_batch  # pylint: disable=protected-access
+  calls = []
+
+  def poisoned(local, sharding):
+    calls.append(None)
+    if len(calls) == number:
+      local = {**local, 'x': np.full_like(local['x'], np.nan)}
+    return batches(local, sharding)
+
+  monkeypatch.setattr(loop, '_global_batch', poisoned)
+
+
 def test_a_non_finite_loss_keeps_the_checkpoint_and_scalars_written_before_it(tmp_path,
                                                                              monkeypatch):
   """The run stops with FloatingPointError at step 2, one step after its async save of step
   1: leaving the run commits that save (Orbax's step directory, not its temporary one),
   closes its writer (CLU's writes asynchronously: step 1's scalars could be lost with the
   process) and hands SIGTERM back."""
-  batches = loop._global_batch  # pylint: disable=protected-access
-  calls, closed = [], []
-
-  def poisoned_second(local, sharding):
-    calls.append(None)
-    if len(calls) == 2:
-      local = {**local, 'x': np.full_like(local['x'], np.nan)}
-    return batches(local, sharding)
-
+  closed = []
   create = writers.create
 
   def recording_closes(*args, **kwargs):
@@ -536,7 +542,7 @@ def test_a_non_finite_loss_keeps_the_checkpoint_and_scalars_written_before_it(tm
     writer.close = lambda: (closed.append(None), close())
     return writer
 
-  monkeypatch.setattr(loop, '_global_batch', poisoned_second)
+  _poison_batch(monkeypatch, 2)
   monkeypatch.setattr(writers, 'create', recording_closes)
   c = _demo_train_config(6)
   c.checkpoint_every = 1
@@ -554,6 +560,34 @@ def test_a_non_finite_loss_keeps_the_checkpoint_and_scalars_written_before_it(tm
           logged[(value.tag, event.step)] = float(tf.make_ndarray(value.tensor))
   assert [step for tag, step in logged if tag == 'loss'] == [1]
   assert np.isfinite(logged[('loss', 1)])
+
+
+@pytest.mark.parametrize('sigterm_step', [None, 3])
+def test_a_run_that_diverges_between_logs_keeps_its_last_finite_checkpoint(tmp_path,
+                                                                           monkeypatch,
+                                                                           sigterm_step):
+  """Logs every 5 steps, saves every 2 keeping one; step 3's batch is NaN. The save due at
+  step 4 (or the one a SIGTERM forces at step 3) finds the non-finite loss before the log
+  does and ends the run without saving: step 2's checkpoint, the last of a finite state, is
+  not replaced (it was, by one of NaN parameters, before the check)."""
+  _poison_batch(monkeypatch, 3)
+  save_if_due = checkpoint.Checkpoints.save_if_due
+
+  def sigterm_at(self, step, *args, **kwargs):
+    if step == sigterm_step:
+      os.kill(os.getpid(), signal.SIGTERM)
+    return save_if_due(self, step, *args, **kwargs)
+
+  monkeypatch.setattr(checkpoint.Checkpoints, 'save_if_due', sigterm_at)
+  c = _demo_train_config(8)
+  c.log_every, c.checkpoint_every, c.keep_checkpoints = 5, 2, 1
+  stop = sigterm_step or 4
+  with pytest.raises(FloatingPointError, match=f'Non-finite loss or gradient norm in the {stop} '
+                     f'steps up to step {stop}: .*Its state is not saved; the latest checkpoint '
+                     f'in {tmp_path}/checkpoints is from before these steps'):
+    loop.train_and_evaluate(c, tmp_path)
+  assert os.listdir(tmp_path / 'checkpoints') == ['2']
+  assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_a_run_on_a_bucket_resumes_exactly(gcs_bucket, tmp_path, monkeypatch):

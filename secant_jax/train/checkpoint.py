@@ -70,19 +70,20 @@ class Checkpoints:
     latest = self._checkpointer.latest
     return None if latest is None else latest.step
 
-  def save_if_due(self, step, state, data_iter):
+  def save_if_due(self, step, state, data_iter, before_save=lambda: None):
     """Saves asynchronously every `every` steps, or now (and waits) if a stop was requested.
     Returns whether the run should stop. Between saves this costs nothing: Orbax is only
-    called (and the data iterator's state only read) when a save is due."""
+    called (and the data iterator's state only read) when a save is due. `before_save()`
+    is called first when one is: an exception from it (a state not fit to keep) leaves the
+    checkpoints as they are."""
     if self._multihost:
       self.stop_requested = multihost_utils.reached_preemption_sync_point(step)
+    if self.stop_requested or step % self._every == 0:
+      before_save()
+      self.save(step, state, data_iter)
     if self.stop_requested:
-      self.save(step, state, data_iter)
       self.wait()
-      return True
-    if step % self._every == 0:
-      self.save(step, state, data_iter)
-    return False
+    return self.stop_requested
 
   def save(self, step, state, data_iter):
     """Starts an async save at `step` unless that step is already saved."""

@@ -9,6 +9,7 @@ scheduler's time limit) saves a checkpoint and raises checkpoint.Stopped instead
 """
 
 import contextlib
+import functools
 import json
 import os
 
@@ -135,6 +136,23 @@ def _start_state(config, workdir, ckpts, abstract_state, data_iter, init):
   return state
 
 
+def _finite_means(window, window_steps, step, workdir):
+  """Each metric's mean over the `window_steps` steps summed in `window` (None: none since
+  the last log, {}). A non-finite one (a diverged run, whose parameters then are too) is a
+  FloatingPointError, raised before the log that shows it and before any checkpoint save
+  of its state: a run that diverges between two logs never replaces its checkpoints of the
+  steps before with one of a non-finite state."""
+  if window is None:
+    return {}
+  values = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
+  if not all(np.isfinite(v) for v in values.values()):
+    raise FloatingPointError(
+        f'Non-finite loss or gradient norm in the {window_steps} steps up to step {step}: '
+        f'{values}. Its state is not saved; the latest checkpoint in {workdir}/checkpoints '
+        'is from before these steps.')
+  return values
+
+
 def train_and_evaluate(config, workdir):
   """Trains config.secant.variant for config.num_train_steps; returns (state, history),
   history being the logged metrics ({'step': ..., 'loss': ..., ...} per log step), each
@@ -203,10 +221,7 @@ def train_and_evaluate(config, workdir):
       step += 1
       report(step)
       if step % config.log_every == 0 or step == config.num_train_steps:
-        values = {k: float(v) / window_steps for k, v in jax.device_get(window).items()}
-        if not all(np.isfinite(v) for v in values.values()):
-          raise FloatingPointError(f'Non-finite loss or gradient norm in the {window_steps} '
-                                   f'steps up to step {step}: {values}')
+        values = _finite_means(window, window_steps, step, workdir)
         window, window_steps = None, 0
         values['learning_rate'] = float(schedule(step))
         values.update(rate.scalars(step))
@@ -219,7 +234,8 @@ def train_and_evaluate(config, workdir):
       if config.sample_every and step % config.sample_every == 0:
         with rate.paused(state):
           write_samples(config, network, task, state.ema_params, writer, step)
-      if ckpts.save_if_due(step, state, data_iter):
+      if ckpts.save_if_due(step, state, data_iter, before_save=functools.partial(
+          _finite_means, window, window_steps, step, workdir)):
         break
     ckpts.save(step, state, data_iter)
   if step < config.num_train_steps:
