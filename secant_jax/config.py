@@ -44,6 +44,25 @@ ADDED_SETTINGS = {'ema_warmup': False, 'secant.loss_weighting': 'uniform',
                   'secant.diffusion_log_sigma': None, 'path.schedule': 'rho',
                   'microbatches': 1}
 
+# The training loop's counts: (setting, its least value, what it counts).
+LOOP_COUNTS = (('num_train_steps', 0, 'the steps the run trains'),
+               ('log_every', 1, 'steps between logs'),
+               ('checkpoint_every', 1, 'steps between checkpoint saves'),
+               ('keep_checkpoints', 1, 'the latest checkpoints kept; with 0, each would be '
+                'deleted as soon as it was written'),
+               ('sample_every', 0, 'steps between sample grids, 0 for none'),
+               ('eval_every', 0, 'steps between FID evaluations, 0 for none'))
+
+
+def check_loop_counts(config):
+  """Refuses a LOOP_COUNTS setting below its least value, naming it, before the run builds
+  anything (a zero interval would otherwise end the run at its first step, after the
+  compile, and keep_checkpoints=0 would delete every checkpoint it wrote)."""
+  for name, least, what in LOOP_COUNTS:
+    if config[name] < least:
+      raise ValueError(f'config.{name} is {config[name]}, must be at least {least} ({what}): '
+                       f'set --config.{name}={least} or more.')
+
 
 def with_added_settings(saved):
   """A copy of `saved` (a run's config.json as a dict) with each ADDED_SETTINGS key that it

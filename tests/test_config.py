@@ -100,6 +100,19 @@ def older_run(config, *keys):
   return ml_collections.ConfigDict(config_lib.with_added_settings(saved_before(config, *keys)))
 
 
+@pytest.mark.parametrize('name, least', [(name, least)
+                                         for name, least, _ in config_lib.LOOP_COUNTS])
+def test_a_loop_count_below_its_least_value_is_refused_by_name(name, least):
+  config = config_lib.base_config()
+  config[name] = least
+  config_lib.check_loop_counts(config)
+  config[name] = least - 1
+  with pytest.raises(ValueError, match=rf'^config\.{name} is {least - 1}, must be at least '
+                                       rf'{least} \(.+\): set --config\.{name}={least} or '
+                                       r'more\.$'):
+    config_lib.check_loop_counts(config)
+
+
 def test_loss_weighting_reaches_the_task_and_older_runs_train_uniform():
   """--config.secant.loss_weighting=edm makes an EDM-weighted task; a run's config.json
   from before the setting existed (no key) is read as 'uniform'."""

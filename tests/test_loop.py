@@ -662,6 +662,12 @@ def test_errors_are_one_line_and_name_the_fix(tmp_path, latent_dir):
   with pytest.raises(ValueError, match=r'config.profile_steps must be a whole number of '
                                        r'steps, 0 or more, got -1; e.g. '):
     loop.train_and_evaluate(no_trace, tmp_path / 'r4')
+  keeping_none = _config(TINY_DIT, {}, 'stee', keep_checkpoints=0)
+  with pytest.raises(ValueError, match=r'config.keep_checkpoints is 0, must be at least 1 '
+                                       r'\(the latest checkpoints kept; with 0, each would be '
+                                       r'deleted as soon as it was written\)'):
+    loop.train_and_evaluate(keeping_none, tmp_path / 'r6')
+  assert not os.path.exists(tmp_path / 'r6')
   with pytest.raises(ValueError, match=r"Unknown mode 'eval'"):
     main_lib.run(_config(TINY_DIT, {}, 'stee', mode='eval'), tmp_path / 'r5')
   with pytest.raises(ValueError, match=r"Bad config argument 'step=4'"):
