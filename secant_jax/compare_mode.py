@@ -12,7 +12,8 @@ after the main one; evaluation.step_errors), references. A run directory is one 
 training run wrote: its config.json says how to build and sample the model, its ema/
 holds the weights. Every network computes in float32 with float32 products, whatever the
 runs trained in (config.compare_in_float32; see evaluation.reference_error). Writes
-workdir/table.md, table.json, samples/<row>.png, samples.png and CLU scalars; while it
+workdir/table.md, table.json, samples/<row>.png, samples.png (on latent data, the SD-VAE
+decoder's images, config.fid.vae; without it no grids) and CLU scalars; while it
 runs, it saves the running sums every config.eval_save_seconds (evaluation.progress), so
 the same command resumes a preempted comparison. The saves are stamped with
 config.compare (`stamped_settings`), config.seed, config.fid, the precision, the process
@@ -23,12 +24,14 @@ before. With compare.references set, the teacher's reference solutions are kept 
 and weights), guidance_scale, seed, num_samples, batch_size and precision.
 """
 
+import functools
 import os
 
 import jax
 
 from secant_jax import files
 from secant_jax import generate
+from secant_jax import sample_images
 from secant_jax.convert import common
 from secant_jax.evaluation import comparison
 from secant_jax.evaluation import features
@@ -106,6 +109,10 @@ def compare(config, workdir):
 def _compare(config, workdir):
   c = config.compare
   teacher_config, teacher_weights = teacher_of(config)
+  images_of = None  # latent samples without the decoder: no grids
+  if not sample_images.images_unavailable(config, 'The sample grids (samples/, samples.png)'):
+    images_of = functools.partial(sample_images.as_images,
+                                  sample_images.load_decoder(config, 'Sample grids'))
   workdir = files.make_directory(workdir)
   mesh = parallel.make_mesh(config.fsdp)
   parallel.check_batch_size(c.batch_size, mesh, 'config.compare.batch_size')
@@ -157,6 +164,6 @@ def _compare(config, workdir):
     files.write_json(os.path.join(workdir, 'table.json'),
                      {'num_samples': c.num_samples, 'guidance_scale': c.guidance_scale,
                       'rows': rows})
-  comparison.write_results(rows, firsts, workdir)
+  comparison.write_results(rows, firsts, workdir, images_of)
   print(table)
   return rows

@@ -188,7 +188,7 @@ def base_config():
   c.log_every = 100
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
-  c.sample_every = 0  # sample grid every K steps (0: never); pixel data only
+  c.sample_every = 0  # sample grid every K steps (0: never); latents decoded by fid.vae
   c.num_sample_images = 64
   c.teacher_sample_nfe = 35  # a diffusion (teacher) run's grid: its ODE by Heun at this NFE
   c.num_eval_samples = 256  # evaluate mode: samples scored against the teacher's reference
@@ -200,7 +200,7 @@ def base_config():
       features='inception',  # the feature network: 'inception' (FID) or 'fmnist' (FD-FMNIST)
       inception='',  # torch-fidelity's Inception .pth or its conversion ('' = no FID)
       fmnist='',  # the Fashion-MNIST classifier's checkpoint (evaluation.fmnist_features)
-      vae='',  # sd-vae-ft-ema weights or their conversion (latent data)
+      vae='',  # sd-vae-ft-ema weights or their conversion: latent data's images (FID, grids)
       reference='',  # mu/sigma .npz ('' = computed from the data's reference_split, cached)
       reference_split='train',
       num_reference_images=0,  # images the computed reference uses (0: the whole split)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from etils import epath
+from PIL import Image
 
 from secant_jax import compare_mode
 from secant_jax import paths
@@ -165,3 +166,20 @@ def test_the_configs_own_converted_teacher_is_compared_without_a_run(tmp_path):
                                        r'\(it differs in compare_in_float32, '
                                        r'matmul_precision, weights.teacher\)'):
     compare_mode.compare(c, tmp_path / 'table')
+
+
+def test_grids_show_the_images_of_the_samples(tmp_path):
+  """write_grids draws `images_of(samples)` (latents decoded, on ImageNet), each row's grid
+  and the overview's first columns from the same images."""
+  rows = [{'sampler': 'teacher Euler', 'nfe': 1}, {'sampler': 'secant stee', 'nfe': 4}]
+  firsts = {0: np.full((3, 2, 2, 4), -1.0, np.float32),
+            1: np.full((3, 2, 2, 4), 1.0, np.float32)}
+  images_of = lambda latents: np.repeat(np.repeat(latents[..., :3], 4, 1), 4, 2) * 0.5
+  overview = comparison.write_grids(rows, firsts, tmp_path, images_of, overview_columns=3,
+                                     zoom=1)
+  assert overview.shape == (16, 24, 3)  # 2 rows of 3 images of 8 × 8 pixels
+  np.testing.assert_allclose(overview[:8], 0.25)
+  np.testing.assert_allclose(overview[8:], 0.75)
+  with Image.open(tmp_path / 'samples' / 'secant-stee-4.png') as image:
+    assert image.mode == 'RGB' and image.size == (16, 16)  # 2 × 2 grid, one place empty
+    np.testing.assert_array_equal(np.asarray(image)[:8, :16], 191)

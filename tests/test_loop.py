@@ -29,7 +29,9 @@ from secant_jax.bench import flops
 from secant_jax.convert import common
 from secant_jax.data import latents
 from secant_jax.data import pipeline
+from secant_jax.evaluation import fid
 from secant_jax.models import registry
+from secant_jax.models import vae
 from secant_jax.train import checkpoint
 from secant_jax.train import loop
 from secant_jax.train import recipe
@@ -714,6 +716,45 @@ def test_sample_mode_writes_the_samples_and_their_grid(tmp_path):
   with Image.open(path) as image:
     assert image.mode == 'L'
     np.testing.assert_array_equal(np.asarray(image), grid[..., 0])
+
+
+def test_sample_mode_on_latents_writes_the_decoders_images(tmp_path, latent_dir, caplog):
+  """On latent data samples.npz keeps the latents and adds their SD-VAE images (uint8,
+  quantised as the official sample_ddp.py saves them), which the PNG grid shows; without
+  config.fid.vae only the latents are written, with a warning that names the setting. The
+  training loop's sample grids need the decoder up front."""
+  c = _config(TINY_DIT, dict(name='imagenet_latents', dir=latent_dir), 'stee',
+              num_sample_images=3)
+  loop.train_and_evaluate(c, tmp_path)
+  c.mode = 'sample'
+  assert main_lib.run(c, tmp_path) is None
+  assert not os.path.exists(tmp_path / 'samples.png')
+  with np.load(tmp_path / 'samples.npz') as f:
+    assert sorted(f) == ['labels', 'samples'] and f['samples'].shape == (3, 8, 8, 4)
+    latents = f['samples']
+  assert any('samples.png (and samples.npz\'s images) is not written: the samples are '
+             "latents ('imagenet_latents'), and their images need the SD-VAE decoder; set "
+             'config.fid.vae to' in r.getMessage() for r in caplog.records)
+
+  decoder = vae.VAEDecoder()
+  decoder_variables = decoder.init(jax.random.key(1), np.zeros((1, 8, 8, 4), np.float32))
+  common.save(decoder_variables, tmp_path / 'sd-vae')
+  c.fid.vae = str(tmp_path / 'sd-vae')
+  path = main_lib.run(c, tmp_path)
+  expected = np.asarray(fid.to_uint8(decoder.apply(decoder_variables, latents)))
+  with np.load(tmp_path / 'samples.npz') as f:
+    np.testing.assert_array_equal(f['samples'], latents)
+    assert f['images'].shape == (3, 64, 64, 3) and f['images'].dtype == np.uint8
+    assert np.abs(f['images'].astype(int) - expected).max() <= 1
+    assert len(np.unique(f['images'])) > 16  # a random decoder's image, not a constant
+  with Image.open(path) as image:
+    assert image.mode == 'RGB' and image.size == (128, 128)  # 2 × 2 grid of 64 × 64
+
+  c.mode, c.fid.vae, c.sample_every = 'train', '', 1
+  with pytest.raises(ValueError, match=r"^config.sample_every on latent data "
+                                       r"\('imagenet_latents'\) needs the SD-VAE decoder: set "
+                                       r'config.fid.vae to its weights'):
+    loop.train_and_evaluate(c, tmp_path / 'grids')
 
 
 def _trace_events(directory):

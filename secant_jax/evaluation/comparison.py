@@ -226,31 +226,35 @@ def _png(image, path, zoom):
   files.write_png(pixels.repeat(zoom, axis=0).repeat(zoom, axis=1), path)
 
 
-def write_grids(rows, firsts, directory, grid_size=64, overview_columns=10, zoom=2):
+def write_grids(rows, firsts, directory, images_of=np.asarray, grid_size=64,
+                overview_columns=10, zoom=2):
   """A grid PNG per row (directory/samples/<row>.png, the first `grid_size` samples) and
-  samples.png: the first `overview_columns` samples of every row, one row each. Returns
-  the overview image (float, [0, 1])."""
+  samples.png: the first `overview_columns` samples of every row, one row each;
+  `images_of(samples)` gives the images of samples (`sample_images.as_images`: latents
+  decoded). Returns the overview image (float, [0, 1])."""
   files.make_directory(os.path.join(directory, 'samples'))
+  images = {i: images_of(firsts[i][:grid_size]) for i in sorted(firsts)}
   for row, index in zip(rows, sorted(firsts)):
     nfe = 'adaptive' if row['nfe'] is None else f"{row['nfe']}"
     slug = re.sub(r'[^a-z0-9]+', '-', f"{row['sampler']} {nfe}".lower()).strip('-')
-    _png(generate.image_grid(firsts[index][:grid_size]),
+    _png(generate.image_grid(images[index]),
          os.path.join(directory, 'samples', f'{slug}.png'), zoom)
   overview = generate.image_grid(
-      np.concatenate([firsts[i][:overview_columns] for i in sorted(firsts)]),
+      np.concatenate([images[i][:overview_columns] for i in sorted(images)]),
       columns=overview_columns)
   _png(overview, os.path.join(directory, 'samples.png'), zoom * 2)
   return overview
 
 
-def write_results(rows, firsts, workdir):
-  """Process 0 writes the sample grids (`write_grids`) and, under workdir/eval, each row's
-  numbers as TensorBoard scalars at its NFE ('<sampler>/<column>') and the overview
-  image; the other processes only log the scalars."""
+def write_results(rows, firsts, workdir, images_of=np.asarray):
+  """Process 0 writes the sample grids (`write_grids`, with `images_of`; None: no grids)
+  and, under workdir/eval, each row's numbers as TensorBoard scalars at its NFE
+  ('<sampler>/<column>') and the overview image; the other processes only log the
+  scalars."""
   with contextlib.closing(writers.create(os.path.join(workdir, 'eval'),
                                          just_logging=jax.process_index() > 0)) as writer:
     for row in rows[1:]:
       writer.write_scalars(row['nfe'], {f"{row['sampler']}/{k}": v for k, v in row.items()
                                         if isinstance(v, float)})
-    if jax.process_index() == 0:
-      writer.write_images(0, {'samples': write_grids(rows, firsts, workdir)[None]})
+    if jax.process_index() == 0 and images_of is not None:
+      writer.write_images(0, {'samples': write_grids(rows, firsts, workdir, images_of)[None]})

@@ -19,10 +19,9 @@ from jax.experimental import multihost_utils
 
 from secant_jax import files
 from secant_jax import generate
-from secant_jax.convert import vae as convert_vae
+from secant_jax import sample_images
 from secant_jax.evaluation import features as features_lib
 from secant_jax.evaluation import fid
-from secant_jax.models import vae
 from secant_jax.train import parallel
 
 REFERENCE_FILE = '{metric}_reference_{split}.npz'
@@ -31,12 +30,9 @@ REFERENCE_FILE = '{metric}_reference_{split}.npz'
 def _features_fn(mesh, network, decoder_variables):
   """images or latents [B, ...] (batch-sharded) → the network's outputs, float32, and
   'pixels': the uint8 images it scored."""
-  decoder = vae.VAEDecoder() if decoder_variables is not None else None
 
   def features(variables, x):
-    if decoder is not None:
-      x = decoder.apply(decoder_variables, x)
-    pixels = fid.to_uint8(x)
+    pixels = fid.to_uint8(sample_images.decode(decoder_variables, x))
     return {**network.apply(variables, pixels), 'pixels': pixels}
 
   return jax.jit(features, out_shardings=parallel.batch_sharding(mesh))
@@ -91,12 +87,7 @@ class SampleQuality:
     replicated = parallel.replicated(mesh)
     self.network = features_lib.from_config(config.fid)
     self.variables = jax.device_put(self.network.variables, replicated)
-    decoder_variables = None
-    if config.data.name == 'imagenet_latents':
-      if not config.fid.vae:
-        raise ValueError('FID on latents needs the SD-VAE decoder: set config.fid.vae to '
-                         f'the weights ({convert_vae.WEIGHTS_URL}) or their conversion.')
-      decoder_variables = jax.device_put(convert_vae.load(config.fid.vae), replicated)
+    decoder_variables = jax.device_put(sample_images.load_decoder(config, 'FID'), replicated)
     self.features_of = _features_fn(mesh, self.network, decoder_variables)
     self.reference = self._reference(workdir)
 

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 from secant_jax import config as config_lib
 from secant_jax import files
 from secant_jax import generate
+from secant_jax import sample_images
 from secant_jax import sampling
 from secant_jax import writers
 from secant_jax.convert import common
@@ -195,6 +196,8 @@ def train_and_evaluate(config, workdir):
   schedule = recipe.learning_rate_schedule(config.optimizer)
   quality = (sample_quality.SampleQuality(config, workdir, mesh) if config.eval_every
              else None)
+  decoder = (sample_images.load_decoder(config, 'config.sample_every')
+             if config.sample_every else None)
   writer = writers.create(workdir, just_logging=jax.process_index() > 0)
   report = writers.progress(config.num_train_steps, writer)
   rate = rate_lib.of_run(task, network, config.batch_size)
@@ -234,7 +237,7 @@ def train_and_evaluate(config, workdir):
                                              config.fid.train_num_samples, config.seed + 2))
       if config.sample_every and step % config.sample_every == 0:
         with rate.paused(state):
-          write_samples(config, network, task, state.ema_params, writer, step)
+          write_samples(config, network, task, state.ema_params, writer, step, decoder)
       if ckpts.save_if_due(step, state, data_iter, before_save=functools.partial(
           _finite_means, window, window_steps, step, workdir)):
         break
@@ -247,10 +250,11 @@ def train_and_evaluate(config, workdir):
   return state, history
 
 
-def write_samples(config, network, task, variables, writer, step):
+def write_samples(config, network, task, variables, writer, step, decoder_variables=None):
   """A grid of EMA samples from fixed noise and labels, as an image summary: a secant
   model's in its task's steps; a teacher's (variant 'diffusion') by solving its ODE with
-  Heun at config.teacher_sample_nfe (one step of a teacher only shows the class mean)."""
+  Heun at config.teacher_sample_nfe (one step of a teacher only shows the class mean).
+  Latent samples are decoded with `decoder_variables` (`sample_images.load_decoder`)."""
   noise, labels = generate.fixed_noise_and_labels(
       config.seed, config.num_sample_images, network.image_shape, network.num_classes)
 
@@ -261,6 +265,6 @@ def write_samples(config, network, task, variables, writer, step):
     return sampling.solve_with_nfe(tangent, noise, task.path, config.teacher_sample_nfe,
                                    'heun')
 
-  images = jax.jit(sample)(variables)
-  writer.write_images(step, {'samples': generate.image_grid(jax.device_get(images))[None]})
+  images = sample_images.as_images(decoder_variables, jax.device_get(jax.jit(sample)(variables)))
+  writer.write_images(step, {'samples': generate.image_grid(images)[None]})
 
