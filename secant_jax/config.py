@@ -44,21 +44,23 @@ ADDED_SETTINGS = {'ema_warmup': False, 'secant.loss_weighting': 'uniform',
                   'secant.diffusion_log_sigma': None, 'path.schedule': 'rho',
                   'microbatches': 1}
 
-# The training loop's counts: (setting, its least value, what it counts).
-LOOP_COUNTS = (('num_train_steps', 0, 'the steps the run trains'),
+# The counts of a training run and of sample mode: (setting, its least value, what it counts).
+RUN_COUNTS = (('num_train_steps', 0, 'the steps the run trains'),
                ('log_every', 1, 'steps between logs'),
                ('checkpoint_every', 1, 'steps between checkpoint saves'),
                ('keep_checkpoints', 1, 'the latest checkpoints kept; with 0, each would be '
                 'deleted as soon as it was written'),
                ('sample_every', 0, 'steps between sample grids, 0 for none'),
-               ('eval_every', 0, 'steps between FID evaluations, 0 for none'))
+               ('eval_every', 0, 'steps between FID evaluations, 0 for none'),
+               ('num_sample_images', 1, 'the images of a sample grid and of sample mode'),
+               ('teacher_sample_nfe', 1, "the network evaluations of a teacher run's grid"))
 
 
-def check_loop_counts(config):
-  """Refuses a LOOP_COUNTS setting below its least value, naming it, before the run builds
-  anything (a zero interval would otherwise end the run at its first step, after the
-  compile, and keep_checkpoints=0 would delete every checkpoint it wrote)."""
-  for name, least, what in LOOP_COUNTS:
+def check_run_counts(config):
+  """Refuses a RUN_COUNTS setting below its least value, naming it, before the run builds
+  anything (a zero interval or grid would otherwise end the run at its first step or grid,
+  after the compile, and keep_checkpoints=0 would delete every checkpoint it wrote)."""
+  for name, least, what in RUN_COUNTS:
     if config[name] < least:
       raise ValueError(f'config.{name} is {config[name]}, must be at least {least} ({what}): '
                        f'set --config.{name}={least} or more.')

@@ -101,16 +101,16 @@ def older_run(config, *keys):
 
 
 @pytest.mark.parametrize('name, least', [(name, least)
-                                         for name, least, _ in config_lib.LOOP_COUNTS])
-def test_a_loop_count_below_its_least_value_is_refused_by_name(name, least):
+                                         for name, least, _ in config_lib.RUN_COUNTS])
+def test_a_run_count_below_its_least_value_is_refused_by_name(name, least):
   config = config_lib.base_config()
   config[name] = least
-  config_lib.check_loop_counts(config)
+  config_lib.check_run_counts(config)
   config[name] = least - 1
   with pytest.raises(ValueError, match=rf'^config\.{name} is {least - 1}, must be at least '
                                        rf'{least} \(.+\): set --config\.{name}={least} or '
                                        r'more\.$'):
-    config_lib.check_loop_counts(config)
+    config_lib.check_run_counts(config)
 
 
 def test_loss_weighting_reaches_the_task_and_older_runs_train_uniform():

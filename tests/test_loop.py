@@ -670,6 +670,10 @@ def test_errors_are_one_line_and_name_the_fix(tmp_path, latent_dir):
                                        r'deleted as soon as it was written\)'):
     loop.train_and_evaluate(keeping_none, tmp_path / 'r6')
   assert not os.path.exists(tmp_path / 'r6')
+  with pytest.raises(ValueError, match=r'config.num_sample_images is 0, must be at least 1 '
+                                       r'\(the images of a sample grid and of sample mode\)'):
+    main_lib.run(_config(TINY_DIT, {}, 'stee', mode='sample', num_sample_images=0),
+                 tmp_path / 'r7')
   with pytest.raises(ValueError, match=r"Unknown mode 'eval'"):
     main_lib.run(_config(TINY_DIT, {}, 'stee', mode='eval'), tmp_path / 'r5')
   with pytest.raises(ValueError, match=r"Bad config argument 'step=4'"):

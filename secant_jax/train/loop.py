@@ -159,7 +159,7 @@ def train_and_evaluate(config, workdir):
   history being the logged metrics ({'step': ..., 'loss': ..., ...} per log step), each
   the mean over the steps since the previous log. Raises checkpoint.Stopped when SIGTERM
   stopped it before its last step."""
-  config_lib.check_loop_counts(config)
+  config_lib.check_run_counts(config)
   workdir = files.make_directory(workdir)
   mesh = parallel.make_mesh(config.fsdp)
   step_lib.check_microbatches(config.microbatches)  # before it divides the batch
