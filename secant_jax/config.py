@@ -44,25 +44,40 @@ ADDED_SETTINGS = {'ema_warmup': False, 'secant.loss_weighting': 'uniform',
                   'secant.diffusion_log_sigma': None, 'path.schedule': 'rho',
                   'microbatches': 1}
 
-# The counts of a training run and of sample mode: (setting, its least value, what it counts).
+# A run's counts, in every mode: (setting, its least value, what it counts); of a tuple
+# setting, each of its values.
 RUN_COUNTS = (('num_train_steps', 0, 'the steps the run trains'),
-               ('log_every', 1, 'steps between logs'),
-               ('checkpoint_every', 1, 'steps between checkpoint saves'),
-               ('keep_checkpoints', 1, 'the latest checkpoints kept; with 0, each would be '
-                'deleted as soon as it was written'),
-               ('sample_every', 0, 'steps between sample grids, 0 for none'),
-               ('eval_every', 0, 'steps between FID evaluations, 0 for none'),
-               ('num_sample_images', 1, 'the images of a sample grid and of sample mode'),
-               ('teacher_sample_nfe', 1, "the network evaluations of a teacher run's grid"))
+              ('log_every', 1, 'steps between logs'),
+              ('checkpoint_every', 1, 'steps between checkpoint saves'),
+              ('keep_checkpoints', 1, 'the latest checkpoints kept; with 0, each would be '
+               'deleted as soon as it was written'),
+              ('sample_every', 0, 'steps between sample grids, 0 for none'),
+              ('eval_every', 0, 'steps between FID evaluations, 0 for none'),
+              ('num_sample_images', 1, 'the images of a sample grid and of sample mode'),
+              ('teacher_sample_nfe', 1, "the network evaluations of a teacher run's grid"),
+              ('num_eval_samples', 1, 'the samples evaluate mode scores against the teacher'),
+              ('fid.num_samples', 1, 'the samples evaluate mode scores'),
+              ('fid.train_num_samples', 1, "the samples of a training run's FID"),
+              ('compare.num_samples', 1, 'the samples a comparison scores'),
+              ('compare.teacher_nfe', 1, "the evaluations of a comparison's teacher rows"),
+              ('compare.secant_steps', 1, "the steps of a comparison's secant rows"))
 
 
 def check_run_counts(config):
   """Refuses a RUN_COUNTS setting below its least value, naming it, before the run builds
-  anything (a zero interval or grid would otherwise end the run at its first step or grid,
-  after the compile, and keep_checkpoints=0 would delete every checkpoint it wrote)."""
+  anything (a zero interval, grid or sample count would otherwise end the run at its
+  first step or grid, after the compile, or with an error that names no setting, and
+  keep_checkpoints=0 would delete every checkpoint it wrote)."""
   for name, least, what in RUN_COUNTS:
-    if config[name] < least:
-      raise ValueError(f'config.{name} is {config[name]}, must be at least {least} ({what}): '
+    value = config
+    for key in name.split('.'):
+      value = value[key]
+    if isinstance(value, (tuple, list)):
+      if any(v < least for v in value):
+        raise ValueError(f'config.{name} is {tuple(value)!r}, each must be at least {least} '
+                         f'({what}): set each value of --config.{name} to {least} or more.')
+    elif value < least:
+      raise ValueError(f'config.{name} is {value}, must be at least {least} ({what}): '
                        f'set --config.{name}={least} or more.')
 
 

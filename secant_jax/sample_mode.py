@@ -10,7 +10,6 @@ import os
 import jax
 import numpy as np
 
-from secant_jax import config as config_lib
 from secant_jax import files
 from secant_jax import generate
 from secant_jax import sample_images
@@ -22,7 +21,6 @@ from secant_jax.train import recipe
 def write_samples(config, workdir):
   """Returns the grid's path; None where no images can be made of the samples (latents
   without config.fid.vae: `sample_images.images_unavailable`)."""
-  config_lib.check_run_counts(config)
   with_images = not sample_images.images_unavailable(config,
                                                      "samples.png (and samples.npz's images)")
   decoder = sample_images.load_decoder(config, 'Sample mode') if with_images else None

@@ -104,12 +104,21 @@ def older_run(config, *keys):
                                          for name, least, _ in config_lib.RUN_COUNTS])
 def test_a_run_count_below_its_least_value_is_refused_by_name(name, least):
   config = config_lib.base_config()
-  config[name] = least
+  *sections, key = name.split('.')
+  node = config
+  for section in sections:
+    node = node[section]
+  is_tuple = isinstance(node[key], tuple)
+  node[key] = (least, least + 1) if is_tuple else least
   config_lib.check_run_counts(config)
-  config[name] = least - 1
-  with pytest.raises(ValueError, match=rf'^config\.{name} is {least - 1}, must be at least '
-                                       rf'{least} \(.+\): set --config\.{name}={least} or '
-                                       r'more\.$'):
+  node[key] = (least, least - 1) if is_tuple else least - 1
+  if is_tuple:
+    expected = (rf'^config\.{name} is \({least}, {least - 1}\), each must be at least '
+                rf'{least} \(.+\): set each value of --config\.{name} to {least} or more\.$')
+  else:
+    expected = (rf'^config\.{name} is {least - 1}, must be at least {least} \(.+\): set '
+                rf'--config\.{name}={least} or more\.$')
+  with pytest.raises(ValueError, match=expected):
     config_lib.check_run_counts(config)
 
 

@@ -674,6 +674,13 @@ def test_errors_are_one_line_and_name_the_fix(tmp_path, latent_dir):
                                        r'\(the images of a sample grid and of sample mode\)'):
     main_lib.run(_config(TINY_DIT, {}, 'stee', mode='sample', num_sample_images=0),
                  tmp_path / 'r7')
+  no_rows = _config(TINY_DIT, {}, 'stee', mode='compare')
+  no_rows.compare.teacher_nfe = (1, 0)
+  with pytest.raises(ValueError, match=r"config.compare.teacher_nfe is \(1, 0\), each must be "
+                                       r"at least 1 \(the evaluations of a comparison's "
+                                       r'teacher rows\)'):
+    main_lib.run(no_rows, tmp_path / 'r7')
+  assert not os.path.exists(tmp_path / 'r7')
   with pytest.raises(ValueError, match=r"Unknown mode 'eval'"):
     main_lib.run(_config(TINY_DIT, {}, 'stee', mode='eval'), tmp_path / 'r5')
   with pytest.raises(ValueError, match=r"Bad config argument 'step=4'"):
