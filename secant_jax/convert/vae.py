@@ -4,9 +4,10 @@
 
 The converted directory holds the decoder (post_quant_conv, decoder.*), which FID and the
 images of latent samples (`secant_jax.sample_images`) need; the encoder (encoder.*,
-quant_conv.*), which `secant_jax.data.encode` needs, is read from the weights file itself, or from the directory diffusers' save_pretrained writes. Older
-files name the attention projections query/key/value/proj_attn (and some store them as
-1×1 convolutions): they are renamed to to_q/to_k/to_v/to_out.0 and squeezed.
+quant_conv.*), which `secant_jax.data.encode` needs, is read from the weights file itself,
+or from the directory diffusers' save_pretrained writes. Older files name the attention
+projections query/key/value/proj_attn (and some store them as 1×1 convolutions): they are
+renamed to to_q/to_k/to_v/to_out.0 and squeezed.
 """
 
 import json
