@@ -111,8 +111,9 @@ def _compare(config, workdir):
   teacher_config, teacher_weights = teacher_of(config)
   images_of = None  # latent samples without the decoder: no grids
   if not sample_images.images_unavailable(config, 'The sample grids (samples/, samples.png)'):
-    images_of = functools.partial(sample_images.as_images,
-                                  sample_images.load_decoder(config, 'Sample grids'))
+    images_of = functools.partial(  # the decoder on the device once, not for every row
+        sample_images.as_images, jax.device_put(sample_images.load_decoder(config,
+                                                                           'Sample grids')))
   workdir = files.make_directory(workdir)
   mesh = parallel.make_mesh(config.fsdp)
   parallel.check_batch_size(c.batch_size, mesh, 'config.compare.batch_size')

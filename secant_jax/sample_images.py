@@ -51,7 +51,8 @@ _decode_jitted = jax.jit(decode)
 def as_images(decoder_variables, samples, chunk=8):
   """`decode` of host samples [N, ...] (numpy out), `chunk` at a time on the default device
   (the last chunk padded to the same shape, so one compile serves every call; at 256 × 256
-  each of the decoder's 128-channel activations of 8 images takes 256 MiB)."""
+  each of the decoder's 128-channel activations of 8 images takes 256 MiB). The variables
+  are put on that device first; a caller that decodes again should put them there once."""
   samples = np.asarray(samples)
   if decoder_variables is None:
     return samples

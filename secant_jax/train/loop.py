@@ -196,8 +196,8 @@ def train_and_evaluate(config, workdir):
   schedule = recipe.learning_rate_schedule(config.optimizer)
   quality = (sample_quality.SampleQuality(config, workdir, mesh) if config.eval_every
              else None)
-  decoder = (sample_images.load_decoder(config, 'config.sample_every')
-             if config.sample_every else None)
+  decoder = (jax.device_put(sample_images.load_decoder(config, 'config.sample_every'))
+             if config.sample_every else None)  # on the device once, not at every grid
   writer = writers.create(workdir, just_logging=jax.process_index() > 0)
   report = writers.progress(config.num_train_steps, writer)
   rate = rate_lib.of_run(task, network, config.batch_size)
