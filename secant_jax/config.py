@@ -44,41 +44,86 @@ ADDED_SETTINGS = {'ema_warmup': False, 'secant.loss_weighting': 'uniform',
                   'secant.diffusion_log_sigma': None, 'path.schedule': 'rho',
                   'microbatches': 1}
 
-# A run's counts, in every mode: (setting, its least value, what it counts); of a tuple
-# setting, each of its values.
-RUN_COUNTS = (('num_train_steps', 0, 'the steps the run trains'),
-              ('log_every', 1, 'steps between logs'),
-              ('checkpoint_every', 1, 'steps between checkpoint saves'),
-              ('keep_checkpoints', 1, 'the latest checkpoints kept; with 0, each would be '
-               'deleted as soon as it was written'),
-              ('sample_every', 0, 'steps between sample grids, 0 for none'),
-              ('eval_every', 0, 'steps between FID evaluations, 0 for none'),
-              ('num_sample_images', 1, 'the images of a sample grid and of sample mode'),
-              ('teacher_sample_nfe', 1, "the network evaluations of a teacher run's grid"),
-              ('num_eval_samples', 1, 'the samples evaluate mode scores against the teacher'),
-              ('fid.num_samples', 1, 'the samples evaluate mode scores'),
-              ('fid.train_num_samples', 1, "the samples of a training run's FID"),
-              ('compare.num_samples', 1, 'the samples a comparison scores'),
-              ('compare.teacher_nfe', 1, "the evaluations of a comparison's teacher rows"),
-              ('compare.secant_steps', 1, "the steps of a comparison's secant rows"))
+# The settings whose values outside a range break a run, in every mode: (setting, its range
+# as mathematics writes it, what it is); of a tuple setting, each of its values. A count or
+# interval of 0 ends a run at its first step or grid with an error that names no setting,
+# keep_checkpoints=0 deletes every checkpoint as soon as it is written, and a decay or Adam
+# moment outside [0, 1) or a negative rate, clip or warmup trains with no error at all.
+SETTING_RANGES = (
+    ('num_train_steps', '[0, inf)', 'the steps the run trains'),
+    ('log_every', '[1, inf)', 'steps between logs'),
+    ('checkpoint_every', '[1, inf)', 'steps between checkpoint saves'),
+    ('keep_checkpoints', '[1, inf)', 'the latest checkpoints kept; with 0, each would be '
+     'deleted as soon as it was written'),
+    ('sample_every', '[0, inf)', 'steps between sample grids, 0 for none'),
+    ('eval_every', '[0, inf)', 'steps between FID evaluations, 0 for none'),
+    ('num_sample_images', '[1, inf)', 'the images of a sample grid and of sample mode'),
+    ('teacher_sample_nfe', '[1, inf)', "the network evaluations of a teacher run's grid"),
+    ('num_eval_samples', '[1, inf)', 'the samples evaluate mode scores against the teacher'),
+    ('fid.num_samples', '[1, inf)', 'the samples evaluate mode scores'),
+    ('fid.train_num_samples', '[1, inf)', "the samples of a training run's FID"),
+    ('compare.num_samples', '[1, inf)', 'the samples a comparison scores'),
+    ('compare.teacher_nfe', '[1, inf)', "the evaluations of a comparison's teacher rows"),
+    ('compare.secant_steps', '[1, inf)', "the steps of a comparison's secant rows"),
+    ('eval_save_seconds', '[0, inf)', 'seconds between saves of an evaluation, 0 for after '
+     'every batch'),
+    ('fsdp', '[1, inf)', "the devices that split a model's parameters, 1 for none"),
+    ('data.read_threads', '[0, inf)', "grain's reading threads per process, 0 for the "
+     'default of where the data is'),
+    ('ema_decay', '[0, 1]', 'the EMA\'s weight on its previous value at each step'),
+    ('optimizer.learning_rate', '[0, inf)', "Adam's step size; a negative one ascends"),
+    ('optimizer.b1', '[0, 1)', "the decay of Adam's first moment"),
+    ('optimizer.b2', '[0, 1)', "the decay of Adam's second moment; at 1 its bias correction "
+     'divides by zero'),
+    ('optimizer.eps', '(0, inf)', "Adam's denominator's floor; at 0 a parameter with a zero "
+     'gradient, such as an unused class embedding, becomes NaN'),
+    ('optimizer.weight_decay', '[0, inf)', "AdamW's decoupled weight decay"),
+    ('optimizer.grad_clip', '[0, inf)', 'the global gradient norm clipped to, 0 for none'),
+    ('optimizer.warmup_steps', '[0, inf)', "the learning rate's linear warmup, 0 for none"),
+    ('secant.stei_lambda', '[0, inf)', "the weight of STEI's diffusion term"),
+    ('path.rho', '(0, inf)', "the exponent of EDM's σ schedule"),
+    ('path.sigma_data', '(0, inf)', "the data's standard deviation, EDM's preconditioning"),
+)
 
 
-def check_run_counts(config):
-  """Refuses a RUN_COUNTS setting below its least value, naming it, before the run builds
-  anything (a zero interval, grid or sample count would otherwise end the run at its
-  first step or grid, after the compile, or with an error that names no setting, and
-  keep_checkpoints=0 would delete every checkpoint it wrote)."""
-  for name, least, what in RUN_COUNTS:
+def _bounds(range_text):
+  """'[0, 1)' → (0.0, True, 1.0, False): low, whether it is in, high, whether it is in."""
+  low, high = (float(b) for b in range_text[1:-1].split(','))
+  return low, range_text[0] == '[', high, range_text[-1] == ']'
+
+
+def _in_range(value, range_text):
+  low, low_in, high, high_in = _bounds(range_text)
+  return (low <= value if low_in else low < value) and (value <= high if high_in else
+                                                        value < high)
+
+
+def _required(name, range_text, each):
+  """(what a value must be, how to set it) for the messages of `check_setting_ranges`."""
+  low, low_in, high, _ = _bounds(range_text)
+  least = range_text[1:range_text.index(',')]
+  flag = f'each value of --config.{name}' if each else f'--config.{name}'
+  if high != float('inf'):
+    return f'in {range_text}', f'set {flag} to a value in {range_text}'
+  if not low_in:
+    return f'more than {least}', f'set {flag} to more than {least}'
+  return (f'at least {least}', f'set {flag} to {least} or more' if each else
+          f'set {flag}={least} or more')
+
+
+def check_setting_ranges(config):
+  """Refuses a SETTING_RANGES setting outside its range, naming it, the range and the fix,
+  before the run builds anything."""
+  for name, range_text, what in SETTING_RANGES:
     value = config
     for key in name.split('.'):
       value = value[key]
-    if isinstance(value, (tuple, list)):
-      if any(v < least for v in value):
-        raise ValueError(f'config.{name} is {tuple(value)!r}, each must be at least {least} '
-                         f'({what}): set each value of --config.{name} to {least} or more.')
-    elif value < least:
-      raise ValueError(f'config.{name} is {value}, must be at least {least} ({what}): '
-                       f'set --config.{name}={least} or more.')
+    each = isinstance(value, (tuple, list))
+    if all(_in_range(v, range_text) for v in (value if each else (value,))):
+      continue
+    must, fix = _required(name, range_text, each)
+    shown = f'{tuple(value)!r}, each must be' if each else f'{value}, must be'
+    raise ValueError(f'config.{name} is {shown} {must} ({what}): {fix}.')
 
 
 def with_added_settings(saved):

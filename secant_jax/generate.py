@@ -24,13 +24,22 @@ def sampler_secant(network, task, variables, secant_config):
   return secant_fn, None
 
 
+def guidance_interval(secant_config):
+  """config.secant.guidance_interval as the sampler takes it: (a, b), a <= b, the unit times
+  [a, b) of the steps it guides (a reversed pair would guide none)."""
+  interval = tuple(secant_config.guidance_interval)
+  guidance.check_ordered_pair(interval, 'guidance_interval (config.secant.guidance_interval: '
+                              'the unit times [a, b) of the guided steps)', names=('a', 'b'))
+  return interval
+
+
 def secant_steps(network, task, variables, secant_config, labels, num_steps=None):
   """The sampling.Steps of the secant sampler in `num_steps` (default: the task's) steps,
   guided as the config says, for `labels` [B]."""
   secant_fn, scale = sampler_secant(network, task, variables, secant_config)
   w = None if scale is None else jnp.full(labels.shape, scale, jnp.float32)
   return sampling.secant_steps(secant_fn, task.path, num_steps or task.num_steps, labels, w,
-                               tuple(secant_config.guidance_interval))
+                               guidance_interval(secant_config))
 
 
 def sample(network, task, variables, secant_config, noise, labels, num_steps=None):

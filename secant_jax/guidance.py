@@ -12,10 +12,11 @@ def check_drop_prob(drop_prob, what='label drop probability'):
     raise ValueError(f'{what} must be in [0, 1], got {drop_prob}.')
 
 
-def check_scale_range(scale_range, what='guidance range'):
-  if len(scale_range) != 2 or not scale_range[0] <= scale_range[1]:
-    raise ValueError(f'{what} must be (w_min, w_max) with w_min <= w_max, got '
-                     f'{tuple(scale_range)}.')
+def check_ordered_pair(pair, what='guidance range', names=('w_min', 'w_max')):
+  """Refuses a `pair` that is not two values, the first at most the second."""
+  low, high = names
+  if len(pair) != 2 or not pair[0] <= pair[1]:
+    raise ValueError(f'{what} must be ({low}, {high}) with {low} <= {high}, got {tuple(pair)}.')
 
 
 def drop_labels(key, labels, drop_prob, null_class):
@@ -51,7 +52,7 @@ def classifier_free(fn, null_class):
 
 def sample_scale(key, batch_size, scale_min, scale_max):
   """Per-example guidance scales w ~ U(w_min, w_max) for embedded-guidance distillation."""
-  check_scale_range((scale_min, scale_max))
+  check_ordered_pair((scale_min, scale_max))
   return jax.random.uniform(key, (batch_size,), minval=scale_min, maxval=scale_max)
 
 

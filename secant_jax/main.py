@@ -28,7 +28,7 @@ def run(config, workdir):
   if config.mode not in config_lib.MODES:
     raise ValueError(f'Unknown mode {config.mode!r}: expected one of {config_lib.MODES}; '
                      'set --config.mode.')
-  config_lib.check_run_counts(config)
+  config_lib.check_setting_ranges(config)
   if config.distributed:
     parallel.initialize_distributed(config.cluster)
   if config.compilation_cache_dir:

@@ -4,6 +4,7 @@ line as `python -m secant_jax.main` parses it (ml_collections' config_flags, loc
 import argparse
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -100,26 +101,46 @@ def older_run(config, *keys):
   return ml_collections.ConfigDict(config_lib.with_added_settings(saved_before(config, *keys)))
 
 
-@pytest.mark.parametrize('name, least', [(name, least)
-                                         for name, least, _ in config_lib.RUN_COUNTS])
-def test_a_run_count_below_its_least_value_is_refused_by_name(name, least):
+def _values_around(range_text, integer):
+  """(values in `range_text`, values just outside it) of an int or float setting."""
+  low, high = (float(b) for b in range_text[1:-1].split(','))
+  cast = int if integer else float
+  inside = [cast(low) if range_text[0] == '[' else cast(low + 1)]
+  outside = [cast(low - 1) if range_text[0] == '[' else cast(low)]
+  if high != float('inf'):
+    inside.append(cast(high) if range_text[-1] == ']' else cast((low + high) / 2))
+    outside.append(cast(high + 1) if range_text[-1] == ']' else cast(high))
+  return inside, outside
+
+
+@pytest.mark.parametrize('name, range_text', [(name, range_text) for name, range_text, _
+                                              in config_lib.SETTING_RANGES])
+def test_a_setting_outside_its_range_is_refused_by_name(name, range_text):
   config = config_lib.base_config()
   *sections, key = name.split('.')
   node = config
   for section in sections:
     node = node[section]
   is_tuple = isinstance(node[key], tuple)
-  node[key] = (least, least + 1) if is_tuple else least
-  config_lib.check_run_counts(config)
-  node[key] = (least, least - 1) if is_tuple else least - 1
-  if is_tuple:
-    expected = (rf'^config\.{name} is \({least}, {least - 1}\), each must be at least '
-                rf'{least} \(.+\): set each value of --config\.{name} to {least} or more\.$')
+  inside, outside = _values_around(range_text, isinstance(node[key], (int, tuple)))
+  for value in inside:
+    node[key] = (value, value) if is_tuple else value
+    config_lib.check_setting_ranges(config)
+  low = re.escape(range_text[1:range_text.index(',')])
+  flag = (r'each value of --config\.' if is_tuple else r'--config\.') + re.escape(name)
+  if 'inf' not in range_text:
+    must, fix = rf'in {re.escape(range_text)}', rf'set {flag} to a value in {re.escape(range_text)}'
+  elif range_text[0] == '(':
+    must, fix = rf'more than {low}', rf'set {flag} to more than {low}'
   else:
-    expected = (rf'^config\.{name} is {least - 1}, must be at least {least} \(.+\): set '
-                rf'--config\.{name}={least} or more\.$')
-  with pytest.raises(ValueError, match=expected):
-    config_lib.check_run_counts(config)
+    must, fix = rf'at least {low}', rf'set {flag}{" to " if is_tuple else "="}{low} or more'
+  for value in outside:
+    node[key] = (inside[0], value) if is_tuple else value
+    shown = re.escape(repr(node[key]) if is_tuple else str(value))
+    each = ', each' if is_tuple else ','
+    with pytest.raises(ValueError, match=rf'^config\.{re.escape(name)} is {shown}{each} must be '
+                                         rf'{must} \(.+\): {fix}\.$'):
+      config_lib.check_setting_ranges(config)
 
 
 def test_loss_weighting_reaches_the_task_and_older_runs_train_uniform():

@@ -681,10 +681,33 @@ def test_errors_are_one_line_and_name_the_fix(tmp_path, latent_dir):
                                        r'teacher rows\)'):
     main_lib.run(no_rows, tmp_path / 'r7')
   assert not os.path.exists(tmp_path / 'r7')
+  unguided = _config(TINY_DIT, {}, 'sdei')
+  unguided.secant.guidance_interval = (0.8, 0.2)
+  with pytest.raises(ValueError, match=r'guidance_interval \(config.secant.guidance_interval: '
+                                       r'the unit times \[a, b\) of the guided steps\) must be '
+                                       r'\(a, b\) with a <= b, got \(0.8, 0.2\)\.'):
+    loop.train_and_evaluate(unguided, tmp_path / 'r8')
+  assert not os.path.exists(tmp_path / 'r8')
   with pytest.raises(ValueError, match=r"Unknown mode 'eval'"):
     main_lib.run(_config(TINY_DIT, {}, 'stee', mode='eval'), tmp_path / 'r5')
   with pytest.raises(ValueError, match=r"Bad config argument 'step=4'"):
     config_lib.parse_arg('step=4', dict(variant='sdei', steps=4))
+
+
+def test_labels_the_model_has_no_class_for_are_refused_before_they_train(tmp_path):
+  fewer_classes = _digits_config(1)
+  fewer_classes.model.num_classes = 5  # digits' labels are 0 to 9
+  with pytest.raises(ValueError, match=r"^Dataset 'digits' gives the class label [5-9], and "
+                                       r'the model has 5 classes, labels 0 to 4: set '
+                                       r"config.model.num_classes to the data's number of "
+                                       r'classes \(or 0 for an unconditional model\), or fix '
+                                       r'config.data\.$'):
+    loop.train_and_evaluate(fewer_classes, tmp_path)
+  assert not glob.glob(str(tmp_path / 'checkpoints' / '*'))  # refused before step 1
+  with pytest.raises(ValueError, match=r'gives the class label -1, and the model has 10'):
+    loop.check_labels(np.array([3, -1, 9]), 10, 'digits')
+  loop.check_labels(np.array([0, 9]), 10, 'digits')
+  loop.check_labels(np.array([0, 9]), 0, 'digits')  # an unconditional model takes none
 
 
 class _ImageWriter:

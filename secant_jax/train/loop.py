@@ -115,6 +115,20 @@ def _record_config(config, workdir, resumed_step, changes):
     files.write_text(path, config.to_json_best_effort(indent=2))
 
 
+def check_labels(labels, num_classes, data_name):
+  """Refuses class labels the network has no class for: each must be in 0 … num_classes − 1
+  (a network of 0 classes, unconditional, takes none). Outside, a DiT's embedding lookup
+  gives NaN (the run diverges, its loss naming no cause) and the U-Net's one-hot input is
+  all zeros, the null class, so the label would be dropped without a word."""
+  labels = np.asarray(labels)
+  if num_classes and labels.size and not 0 <= labels.min() <= labels.max() < num_classes:
+    bad = labels.max() if labels.max() >= num_classes else labels.min()
+    raise ValueError(f'Dataset {data_name!r} gives the class label {bad}, and the model has '
+                     f'{num_classes} classes, labels 0 to {num_classes - 1}: set '
+                     "config.model.num_classes to the data's number of classes (or 0 for an "
+                     'unconditional model), or fix config.data.')
+
+
 def _global_batch(local, sharding):
   return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
           for k, v in local.items()}
@@ -159,7 +173,8 @@ def train_and_evaluate(config, workdir):
   history being the logged metrics ({'step': ..., 'loss': ..., ...} per log step), each
   the mean over the steps since the previous log. Raises checkpoint.Stopped when SIGTERM
   stopped it before its last step."""
-  config_lib.check_run_counts(config)
+  config_lib.check_setting_ranges(config)
+  generate.guidance_interval(config.secant)  # the grids', and the exported model's sampler
   workdir = files.make_directory(workdir)
   mesh = parallel.make_mesh(config.fsdp)
   step_lib.check_microbatches(config.microbatches)  # before it divides the batch
@@ -217,8 +232,9 @@ def train_and_evaluate(config, workdir):
     window, window_steps = None, 0  # metrics summed on device since the last log
     while step < config.num_train_steps:
       with trace.step(step + 1, state):
-        state, metrics = step_fn(state, teacher_variables,
-                                 _global_batch(next(data_iter), batch_sharding))
+        local = next(data_iter)
+        check_labels(local['y'], network.num_classes, config.data.name)
+        state, metrics = step_fn(state, teacher_variables, _global_batch(local, batch_sharding))
       trace.stepped(state)
       window = metrics if window is None else jax.tree_util.tree_map(jnp.add, window, metrics)
       window_steps += 1

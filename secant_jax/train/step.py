@@ -63,7 +63,7 @@ class SecantTask:
     secant.check_log_sigma(self.diffusion_log_sigma, self.variant, self.path,
                            'diffusion_log_sigma (config.secant.diffusion_log_sigma)')
     if self.guidance_range is not None:
-      guidance.check_scale_range(self.guidance_range, 'guidance_range (config.secant.guidance)')
+      guidance.check_ordered_pair(self.guidance_range, 'guidance_range (config.secant.guidance)')
     if self.variant == 'stei':
       secant.check_stei_target(self.stei_target, 'stei_target (config.secant.stei_target)')
       if self.stei_target == 'self' and self.guidance_range is not None:
