@@ -20,6 +20,7 @@ from secant_jax.evaluation import sample_quality
 from secant_jax.models import inception
 from secant_jax.models import registry
 from secant_jax.train import loop
+from secant_jax.train import parallel
 from secant_jax.train import recipe
 
 
@@ -33,6 +34,12 @@ def _demo_evaluate_config(inception_dir):
   c.fid.update(dict(inception=str(inception_dir), num_reference_images=16, num_samples=12,
                     batch_size=8))
   return c
+
+
+def _save_inception(directory, seed):
+  common.save(jax.tree_util.tree_map(np.asarray, jax.jit(inception.InceptionV3().init)(
+      jax.random.key(seed), jnp.zeros((1, 8, 8, 3), jnp.uint8))), directory, overwrite=True)
+  return directory
 
 
 def _images(directory):
@@ -56,10 +63,7 @@ def _first_batch(c, ema_dir):
 
 def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, progress_saves,
                                                         monkeypatch):
-  inception_dir = tmp_path / 'inception'
-  common.save(jax.tree_util.tree_map(np.asarray, jax.jit(inception.InceptionV3().init)(
-      jax.random.key(0), jnp.zeros((1, 8, 8, 3), jnp.uint8))), inception_dir)
-  c = _demo_evaluate_config(inception_dir)
+  c = _demo_evaluate_config(_save_inception(tmp_path / 'inception', 0))
   c.eval_save_seconds = 0.0
   c.fid.image_dir = str(tmp_path / 'images')
   network = registry.build(c.model, guided=False)
@@ -135,3 +139,32 @@ def test_fid_without_inception_weights_says_what_to_set(tmp_path):
   with pytest.raises(ValueError, match=r'FID needs the Inception weights: set '
                                        r'config.fid.inception to weights-inception-2015'):
     main_lib.run(c, tmp_path)
+
+
+def test_the_cached_reference_is_of_this_feature_network_and_these_images(tmp_path,
+                                                                          monkeypatch):
+  c = _demo_evaluate_config(_save_inception(tmp_path / 'inception', 0))
+  mesh = parallel.make_mesh(1)
+  c.fid.num_reference_images = 8
+  eight = sample_quality.SampleQuality(c, tmp_path, mesh).reference
+  c.fid.num_reference_images = 16  # was: the cache of the 8 images, used as if of 16
+  sixteen = sample_quality.SampleQuality(c, tmp_path, mesh).reference
+  assert not np.allclose(eight[0], sixteen[0])
+  computed = sample_quality.SampleQuality._accumulate
+  monkeypatch.setattr(sample_quality.SampleQuality, '_accumulate',
+                      lambda *a, **k: pytest.fail('computed, not read from the cache'))
+  cached = sample_quality.SampleQuality(c, tmp_path, mesh).reference
+  np.testing.assert_array_equal(cached[1], sixteen[1])
+  monkeypatch.setattr(sample_quality.SampleQuality, '_accumulate', computed)
+  _save_inception(tmp_path / 'inception', 1)  # a retrained network, the same path
+  other = sample_quality.SampleQuality(c, tmp_path, mesh).reference
+  assert not np.allclose(other[0], sixteen[0])
+  np.testing.assert_array_equal(fid.load_reference(tmp_path / sample_quality.REFERENCE_FILE.format(
+      metric='fid', split='train'))[0], other[0])  # still a reference others can read
+  np.savez(tmp_path / 'small.npz', mu=np.zeros(5), sigma=np.eye(5))
+  c.fid.reference = str(tmp_path / 'small.npz')
+  with pytest.raises(ValueError, match=r'small.npz are of features of shape mu \(5,\), sigma '
+                                       r'\(5, 5\); the feature network \(fid\) gives 2048 '
+                                       r'features: set config.fid.reference to statistics of '
+                                       r"its features, or to '' to compute them"):
+    sample_quality.SampleQuality(c, tmp_path, mesh)

@@ -9,6 +9,7 @@ ImageNet-256 or EDM's cifar10-32x32.npz) or, for pixel datasets, are computed on
 the config.fid.reference_split of the data and cached in the workdir.
 """
 
+import json
 import os
 
 import jax
@@ -22,6 +23,7 @@ from secant_jax import generate
 from secant_jax import sample_images
 from secant_jax.evaluation import features as features_lib
 from secant_jax.evaluation import fid
+from secant_jax.evaluation import progress as progress_lib
 from secant_jax.train import parallel
 
 REFERENCE_FILE = '{metric}_reference_{split}.npz'
@@ -92,13 +94,28 @@ class SampleQuality:
     self.reference = self._reference(workdir)
 
   def _reference(self, workdir):
+    """(μ, Σ) of the reference: config.fid.reference's, or else those of the data's
+    reference_split, computed once and cached in the workdir stamped with what made them
+    (the feature network's weights, the data, the split and the image count). A cache that
+    another feature network or other reference images made (a retrained classifier, a
+    changed num_reference_images, from before the stamp) is computed afresh, not used."""
     if self.config.fid.reference:
-      return fid.load_reference(self.config.fid.reference)
+      return self._fitting(self.config.fid.reference,
+                           fid.load_reference(self.config.fid.reference))
     split = self.config.fid.reference_split
     cached = os.path.join(workdir, REFERENCE_FILE.format(metric=self.network.metric,
                                                          split=split))
+    stamp = json.dumps({'features': progress_lib.weights_digest(self.network.variables),
+                        'data': {k: self.config.data.get(k) for k in ('name', 'dir')},
+                        'split': split,
+                        'num_reference_images': self.config.fid.num_reference_images},
+                       sort_keys=True)
     if epath.Path(cached).exists():
-      return fid.load_reference(cached)
+      with epath.Path(cached).open('rb') as file, np.load(file) as saved:
+        if 'fingerprint' in saved and str(saved['fingerprint']) == stamp:
+          return saved['mu'], saved['sigma']
+      logging.info('%s was made with another feature network or other reference images; '
+                   'computing it afresh.', cached)
     if self.config.data.name == 'imagenet_latents':
       raise ValueError('ImageNet FID needs reference statistics: set config.fid.reference '
                        'to ADM\'s VIRTUAL_imagenet256_labeled.npz (its mu/sigma).')
@@ -121,8 +138,20 @@ class SampleQuality:
 
     mu, sigma = self._accumulate(batches(), total, 'reference images').statistics()
     if jax.process_index() == 0:
-      files.write_npz(cached, mu=mu, sigma=sigma)
+      progress_lib.write_stamped(cached, stamp, {'mu': mu, 'sigma': sigma})
     return mu, sigma
+
+  def _fitting(self, path, reference):
+    """`reference` (μ, Σ) read from `path`, refused where its features are not the feature
+    network's (whose Fréchet distance would otherwise fail only after every sample)."""
+    dim, (mu, sigma) = self.network.dim, reference
+    if mu.shape != (dim,) or sigma.shape != (dim, dim):
+      raise ValueError(
+          f'Reference statistics {path} are of features of shape mu {mu.shape}, sigma '
+          f'{sigma.shape}; the feature network ({self.network.metric}) gives {dim} features: '
+          "set config.fid.reference to statistics of its features, or to '' to compute them "
+          "from config.data's fid.reference_split (pixel data).")
+    return reference
 
   def scores(self):
     """An empty Scores to `add` batches to."""
