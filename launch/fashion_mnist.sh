@@ -7,9 +7,11 @@
 #
 # writes runs/fmnist/{teacher,sdei,stee,features,table,references}: table/table.md is the
 # table, references/ the teacher's reference solutions, which a later table of the same
-# teacher reads instead of solving again. A finished stage is skipped and an interrupted
-# one resumes from its last checkpoint (the table: after its last saved batch), so the
-# same command continues after a preemption. Settings (environment):
+# teacher reads instead of solving again. An interrupted stage resumes from its last
+# checkpoint (the table: after its last saved batch), so the same command continues after
+# a preemption; a finished training stage is restored and checked against its settings
+# (more steps train it on, other settings are refused), and a teacher that trains on
+# refuses the secant stages trained from its earlier weights. Settings (environment):
 #   MODEL (SiT-S/2; unet for EDM's U-Net on the σ-path), STEPS (secant steps, 4),
 #   DATA_DIR (the IDX files; Debian's default),
 #   TEACHER_TRAIN_STEPS, SECANT_TRAIN_STEPS, NUM_SAMPLES (the config's unless set),
@@ -35,8 +37,10 @@ beside() {  # "$@" in the background, beside the next stage, or now with PARALLE
   if [ "$parallel" = 1 ]; then "$@" & pids+=($!); else "$@"; fi
 }
 
+latest_checkpoint() {  # stage name → its latest checkpoint's step, or nothing
+  ls "$runs/$1/checkpoints" 2>/dev/null | grep -E '^[0-9]+$' | sort -n | tail -n 1 || true
+}
 train() {  # stage name, config argument tail, train steps, stage flags
-  [ -d "$runs/$1/ema" ] && { echo "$runs/$1 is finished"; return 0; }
   # shellcheck disable=SC2086
   "$python" -m secant_jax.main --config="$config:$2,$args" --workdir="$runs/$1" \
     "${common[@]}" $(optional num_train_steps "$3") $4
@@ -47,7 +51,18 @@ if [ ! -f "$runs/features/accuracy.json" ]; then
   beside "$python" -m secant_jax.evaluation.fmnist_features --out "$runs/features" \
     --epochs "${EPOCHS:-8}" ${DATA_DIR:+--data_dir "$DATA_DIR"}
 fi
+teacher_before=$(latest_checkpoint teacher)
 train teacher stage=teacher "${TEACHER_TRAIN_STEPS:-}" "${TEACHER_FLAGS:-}"
+if [ "$(latest_checkpoint teacher)" != "$teacher_before" ]; then
+  for variant in sdei stee; do
+    if [ -d "$runs/$variant" ]; then
+      echo "The teacher in $runs/teacher has trained further, and $runs/$variant was" \
+        "trained from its earlier weights: delete it to train it from this teacher, or" \
+        "use a new RUNS_DIR." >&2
+      exit 1
+    fi
+  done
+fi
 for variant in sdei stee; do
   beside train "$variant" "stage=secant,variant=$variant,steps=${STEPS:-4}" \
     "${SECANT_TRAIN_STEPS:-}" "${SECANT_FLAGS:-}"

@@ -1,7 +1,8 @@
 """The demo (configs/demo.py): teacher → SDEI and STEE secant models → error table.
 
 Each stage is an ordinary training run of `train.loop` with a derived config, in its own
-subdirectory of the workdir (so a re-run resumes or skips finished stages); the evaluation
+subdirectory of the workdir (so a rerun resumes stopped stages, and checks finished ones
+against the config: more steps train on, other settings are refused); the evaluation
 (evaluation.comparison) compares, from the same noise and labels, secant samples with the
 teacher's Euler and Heun at equal NFE, all measured as RMS distance to the teacher's
 adaptive reference solution of its own (guided) ODE.
@@ -36,9 +37,23 @@ def stage_config(config, workdir, name, variant, steps, num_train_steps, init=''
 
 
 def train_stage(config, stage_dir):
-  if not epath.Path(stage_dir, 'ema').is_dir():
-    loop.train_and_evaluate(config, stage_dir)
-  return os.path.join(stage_dir, 'ema')
+  """(the stage's EMA export, whether it trained now): a new stage trains, a stopped one
+  resumes, and a finished one is only restored and checked, so that a rerun with more
+  steps trains on and one with other settings is refused (train.loop), not skipped."""
+  _, history = loop.train_and_evaluate(config, stage_dir)
+  return os.path.join(stage_dir, 'ema'), bool(history)
+
+
+def check_no_secant_stages(workdir, stage_names):
+  """Refuses secant stages in `workdir` that an earlier teacher trained: called when the
+  teacher stage has just trained on (more teacher steps), whose secant models would
+  otherwise be compared with a teacher they were not trained from."""
+  earlier = [name for name in stage_names if epath.Path(workdir, name).exists()]
+  if earlier:
+    raise ValueError(f'The teacher in {workdir}/teacher has trained further, and the secant '
+                     f'stages {", ".join(earlier)} there were trained from its earlier '
+                     'weights: delete them to train them from this teacher, or run the demo '
+                     'in a new --workdir.')
 
 
 def evaluate(config, workdir, teacher_dir, secant_runs):
@@ -70,15 +85,17 @@ def run(config, workdir):
   d = config.demo
   workdir = files.absolute(workdir)
   c, stage_dir = stage_config(config, workdir, 'teacher', 'diffusion', 1, d.teacher_steps)
-  teacher_dir = train_stage(c, stage_dir)
+  teacher_dir, teacher_trained = train_stage(c, stage_dir)
+  if teacher_trained:
+    check_no_secant_stages(workdir, [f'sdei-{n}' for n in d.sdei_step_counts] + ['stee'])
   secant_runs = {'secant SDEI': [], 'secant STEE': []}
   for n in d.sdei_step_counts:  # one SDEI model per step count
     c, stage_dir = stage_config(config, workdir, f'sdei-{n}', 'sdei', n, d.sdei_steps,
                                 init=teacher_dir, teacher=teacher_dir)
-    secant_runs['secant SDEI'].append((c, train_stage(c, stage_dir), [n]))
+    secant_runs['secant SDEI'].append((c, train_stage(c, stage_dir)[0], [n]))
   c, stage_dir = stage_config(config, workdir, 'stee', 'stee', 1, d.stee_steps,
                               init=teacher_dir)  # one STEE model for every step count
-  secant_runs['secant STEE'].append((c, train_stage(c, stage_dir), d.eval_step_counts))
+  secant_runs['secant STEE'].append((c, train_stage(c, stage_dir)[0], d.eval_step_counts))
   rows = evaluate(config, workdir, teacher_dir, secant_runs)
   files.write_json(os.path.join(workdir, 'metrics.json'),
                    {'guidance_scale': d.eval_scale, 'num_samples': d.num_eval, 'rows': rows})

@@ -216,24 +216,32 @@ cd {home} && bash -c "$cmd"
       f"[-m][{module}][--out][gs://b/my latents][--note=it's][{flag}]\n")
 
 
-def _fashion_mnist_calls(tmp_path, **env):
+def _fashion_mnist_calls(tmp_path, check=True, **env):
   """The commands launch/fashion_mnist.sh runs (with the memory fractions each process
   gets under JAX's two names for it), a stand-in for python that makes the outputs each
-  stage is checked by."""
+  stage is checked by (a training stage: its checkpoint of num_train_steps, 10 unless
+  set)."""
   tmp_path.mkdir(exist_ok=True)
   log = tmp_path / 'calls'
   _stand_in(tmp_path, 'python', f'''echo "{_MEMORY_FRACTIONS} $*" >> {log}
-previous=
+previous= workdir= steps=10
 for arg in "$@"; do
-  case "$arg" in --workdir=*) mkdir -p "${{arg#--workdir=}}/ema";; esac
+  case "$arg" in
+    --workdir=*) workdir=${{arg#--workdir=}};;
+    --config.num_train_steps=*) steps=${{arg#--config.num_train_steps=}};;
+  esac
   [ "$previous" = --out ] && mkdir -p "$arg" && touch "$arg/accuracy.json"
   previous=$arg
 done
+[ -n "$workdir" ] && mkdir -p "$workdir/ema" "$workdir/checkpoints/$steps"
+exit 0
 ''')
-  subprocess.run(['bash', os.path.join(REPO, 'launch', 'fashion_mnist.sh'),
-                  str(tmp_path / 'runs')], check=True,
-                 env={**_without_memory_fraction(os.environ),
-                      'PYTHON': str(tmp_path / 'python'), **env})
+  process = subprocess.run(['bash', os.path.join(REPO, 'launch', 'fashion_mnist.sh'),
+                            str(tmp_path / 'runs')], check=check, capture_output=True,
+                           text=True, env={**_without_memory_fraction(os.environ),
+                                           'PYTHON': str(tmp_path / 'python'), **env})
+  if not check:
+    return process
   calls = log.read_text().splitlines()
   log.unlink()
   stage = lambda call: ('classifier' if 'fmnist_features' in call else
@@ -241,19 +249,28 @@ done
   return [(' '.join(call.split()[:2]), stage(call)) for call in calls]
 
 
-def test_fashion_mnist_script_runs_stages_two_at_a_time_or_one_and_skips_finished_ones(
+def test_fashion_mnist_script_runs_stages_two_at_a_time_or_one_and_checks_finished_ones(
     tmp_path):
   """Two processes at a time, each allowed 45% of a GPU's memory (JAX would take 75%
   each); with PARALLEL=0 one at a time (a TPU VM's chips are one process's); with the
   caller's memory fraction, under either name, and not the default beside it; the same
-  command again only runs the table (which resumes)."""
+  command again runs the training stages (which check their settings and train on where
+  asked for more steps) and the table (which resumes), not the finished classifier; a
+  teacher that trains on refuses the secant stages trained from it."""
   calls = _fashion_mnist_calls(tmp_path / 'a')
   stages = [stage for _, stage in calls]
   assert sorted(stages) == ['classifier', 'sdei', 'stee', 'table', 'teacher']
   assert stages[-1] == 'table' and stages.index('teacher') < min(stages.index('sdei'),
                                                                  stages.index('stee'))
   assert {fraction for fraction, _ in calls} == {'0.45 -'}
-  assert _fashion_mnist_calls(tmp_path / 'a') == [('0.45 -', 'table')]
+  again = [stage for _, stage in _fashion_mnist_calls(tmp_path / 'a')]
+  assert again[0] == 'teacher' and sorted(again[1:3]) == ['sdei', 'stee'] and again[3:] == [
+      'table']
+  refused = _fashion_mnist_calls(tmp_path / 'a', check=False, TEACHER_TRAIN_STEPS='12')
+  assert refused.returncode == 1 and refused.stderr == (
+      f"The teacher in {tmp_path / 'a' / 'runs'}/teacher has trained further, and "
+      f"{tmp_path / 'a' / 'runs'}/sdei was trained from its earlier weights: delete it to "
+      'train it from this teacher, or use a new RUNS_DIR.\n')
   assert _fashion_mnist_calls(tmp_path / 'b', PARALLEL='0') == [
       ('- -', 'classifier'), ('- -', 'teacher'), ('- -', 'sdei'), ('- -', 'stee'),
       ('- -', 'table')]

@@ -349,6 +349,32 @@ def test_demo_stages_and_evaluate_mode_agree(tmp_path):
   assert os.path.isfile(os.path.join(stage_dir, 'eval.json'))
 
 
+def test_a_demo_rerun_trains_finished_stages_on_or_refuses_their_changes(tmp_path):
+  """A rerun does not skip a finished stage: more steps train it on, another setting is
+  refused, and a teacher trained further refuses the secant stages trained from it."""
+  from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
+  c = demo_config.get_config()
+  c.model.hidden_size, c.model.depth, c.model.num_heads = 32, 1, 2
+  c.batch_size, c.log_every = 8, 2
+  c.demo.update(dict(teacher_steps=4, sdei_steps=2, stee_steps=2, sdei_step_counts=(1,),
+                     eval_step_counts=(1,), num_eval=8))
+  main_lib.run(c, tmp_path)
+  c.demo.stee_steps = 4  # was: STEE's 2 steps kept, as if they were 4
+  main_lib.run(c, tmp_path)
+  assert [os.listdir(tmp_path / stage / 'checkpoints') for stage in
+          ('teacher', 'sdei-1', 'stee')] == [['4'], ['2'], ['4']]
+  c.demo.secant_learning_rate = 1e-3
+  with pytest.raises(ValueError, match=r'sdei-1 trained up to step 2 with another config \(1 '
+                                       r'settings differ from its config.json: '
+                                       r'optimizer.learning_rate: 0.0002 → 0.001\)'):
+    main_lib.run(c, tmp_path)
+  c.demo.secant_learning_rate, c.demo.teacher_steps = 2e-4, 6
+  with pytest.raises(ValueError, match=r'The teacher in .* has trained further, and the '
+                                       r'secant stages sdei-1, stee there were trained from '
+                                       r'its earlier weights: delete them'):
+    main_lib.run(c, tmp_path)
+
+
 def test_sigterm_in_a_demo_stage_stops_the_demo_there(tmp_path, monkeypatch):
   """The teacher stage stopped by SIGTERM ends the demo with checkpoint.Stopped (main's exit
   status 75), instead of starting a secant stage from a teacher that was never exported."""
