@@ -526,6 +526,36 @@ def test_a_resume_that_changes_what_is_trained_is_refused_unless_allowed(tmp_pat
       1e-3, 5e-4)
 
 
+def test_a_resume_with_other_teacher_weights_at_the_same_path_is_refused_unless_allowed(
+    tmp_path):
+  """A run records which teacher weights it learns from; resumed after the teacher's
+  checkpoint was replaced (a teacher trained on, converted again), it is refused, since
+  its steps so far learnt from the other one; allowed, it goes on and records the new."""
+  model = dict(TINY_DIT, in_channels=1)
+  teacher = _save_teacher(model, tmp_path / 'teacher')
+  c = _config(model, dict(name='digits'), 'sdei', init_checkpoint=teacher)
+  loop.train_and_evaluate(c, tmp_path / 'run')
+  record = json.loads((tmp_path / 'run' / loop.TEACHER_RECORD).read_text())
+  c.num_train_steps = 2
+  loop.train_and_evaluate(c, tmp_path / 'run')  # the same teacher: resumes
+  assert json.loads((tmp_path / 'run' / loop.TEACHER_RECORD).read_text()) == record
+  shutil.rmtree(teacher)
+  _save_teacher(model, teacher, seed=1)
+  c.num_train_steps = 3
+  with pytest.raises(ValueError, match=r'The teacher weights in .*teacher are not those the '
+                                       r'run in .*run learnt its 2 steps from \(its '
+                                       r'teacher.json: those in .*teacher then; trained on or '
+                                       r'converted again since\?\): resume with those weights, '
+                                       r'start a new --workdir for these, or go on with them on '
+                                       r'purpose with --config.allow_config_change=True\.'):
+    loop.train_and_evaluate(c, tmp_path / 'run')
+  c.allow_config_change = True
+  state, _ = loop.train_and_evaluate(c, tmp_path / 'run')
+  assert int(state.step) == 3
+  assert json.loads((tmp_path / 'run' / loop.TEACHER_RECORD).read_text())['digest'] != (
+      record['digest'])
+
+
 def test_changed_settings_are_those_that_decide_the_training_and_both_configs_hold():
   saved = json.loads(config_lib.base_config().to_json_best_effort())
   current = json.loads(config_lib.base_config().to_json_best_effort())

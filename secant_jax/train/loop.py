@@ -30,6 +30,7 @@ from secant_jax import writers
 from secant_jax.convert import common
 from secant_jax.convert import sit as convert_sit
 from secant_jax.data import pipeline
+from secant_jax.evaluation import progress
 from secant_jax.evaluation import reference_error
 from secant_jax.evaluation import sample_quality
 from secant_jax.models import registry
@@ -85,6 +86,38 @@ def _config_changes(config, workdir, resumed_step):
         'the change on purpose with --config.allow_config_change=True (config.json of the '
         f'steps before is then kept as config.step_{resumed_step}.json).')
   return changes
+
+
+TEACHER_RECORD = 'teacher.json'
+
+
+def _check_teacher(config, workdir, resumed_step, teacher_digest):
+  """Records in workdir/teacher.json a digest of the teacher's weights (as the step computes
+  with them) that a new run learns from, and refuses to resume a run whose teacher's
+  weights have changed since, at the same path (a teacher trained on, or converted again
+  from another file or key), unless allow_config_change: its steps so far learnt from the
+  earlier teacher. `teacher_digest`: `progress.weights_digest` of the teacher's variables,
+  None for a run without a teacher (STEE), which records none."""
+  if teacher_digest is None:
+    return
+  path = os.path.join(workdir, TEACHER_RECORD)
+  record = {'checkpoint': config.teacher_checkpoint or config.init_checkpoint,
+            'digest': teacher_digest}
+  if resumed_step is not None and epath.Path(path).exists():
+    recorded = files.read_json(path)
+    if recorded['digest'] == record['digest']:
+      return
+    if not config.allow_config_change:
+      raise ValueError(
+          f'The teacher weights in {record["checkpoint"]} are not those the run in {workdir} '
+          f'learnt its {resumed_step} steps from (its {TEACHER_RECORD}: those in '
+          f'{recorded["checkpoint"]} then; trained on or converted again since?): resume with '
+          'those weights, start a new --workdir for these, or go on with them on purpose '
+          'with --config.allow_config_change=True.')
+    logging.warning('Resuming at step %d with a changed teacher: %s', resumed_step,
+                    record['checkpoint'])
+  if jax.process_index() == 0:
+    files.write_json(path, record)
 
 
 def _warn_of_initial_weights_in_ema(config):
@@ -186,6 +219,8 @@ def train_and_evaluate(config, workdir):
   k_init, k_teacher, k_state = jax.random.split(jax.random.key(config.seed), 3)
   teacher, teacher_variables = (teacher_of(config, k_teacher, mesh) if task.needs_teacher
                                 else (None, None))
+  teacher_digest = (progress.weights_digest(teacher_variables)  # on the host, before sharding
+                    if teacher_variables is not None else None)
   optimizer = recipe.make_optimizer(config.optimizer)
   train_step = recipe.make_train_step(config, task, network, teacher, optimizer, mesh)
   _warn_of_initial_weights_in_ema(config)
@@ -224,6 +259,7 @@ def train_and_evaluate(config, workdir):
       config.keep_checkpoints) as ckpts, trace:
     resumed_step = ckpts.latest_step
     changes = _config_changes(config, workdir, resumed_step)
+    _check_teacher(config, workdir, resumed_step, teacher_digest)
     state = _start_state(config, workdir, ckpts,
                          checkpoint.abstract_like(abstract_state, state_sharding), data_iter, init)
     # after the restore, so that a checkpoint the config does not fit keeps its config.json
