@@ -58,7 +58,7 @@ SETTING_RANGES = (
     ('sample_every', '[0, inf)', 'steps between sample grids, 0 for none'),
     ('eval_every', '[0, inf)', 'steps between FID evaluations, 0 for none'),
     ('num_sample_images', '[1, inf)', 'the images of a sample grid and of sample mode'),
-    ('teacher_sample_nfe', '[1, inf)', "the network evaluations of a teacher run's grid"),
+    ('teacher_sample_nfe', '[1, inf)', "the network evaluations of a teacher run's samples"),
     ('num_eval_samples', '[1, inf)', 'the samples evaluate mode scores against the teacher'),
     ('fid.num_samples', '[1, inf)', 'the samples evaluate mode scores'),
     ('fid.train_num_samples', '[1, inf)', "the samples of a training run's FID"),
@@ -252,7 +252,8 @@ def base_config():
   c.keep_checkpoints = 3
   c.sample_every = 0  # sample grid every K steps (0: never); latents decoded by fid.vae
   c.num_sample_images = 64
-  c.teacher_sample_nfe = 35  # a diffusion (teacher) run's grid: its ODE by Heun at this NFE
+  # a diffusion (teacher) run's samples (grids, sample mode, FID): its ODE by Heun at this NFE
+  c.teacher_sample_nfe = 35
   c.num_eval_samples = 256  # evaluate mode: samples scored against the teacher's reference
   # evaluate and compare modes: seconds between saves of the running sums, from which the
   # same command resumes a stopped evaluation (0: after every batch)

@@ -8,6 +8,7 @@ import numpy as np
 
 from secant_jax import guidance
 from secant_jax import sampling
+from secant_jax.evaluation import reference_error
 from secant_jax.train import step as step_lib
 
 
@@ -47,6 +48,17 @@ def sample(network, task, variables, secant_config, noise, labels, num_steps=Non
   return sampling.run_steps(
       secant_steps(network, task, variables, secant_config, labels, num_steps), noise,
       task.path)
+
+
+def model_sample(network, task, variables, config, noise, labels):
+  """A run's samples from `noise` [B, ...] for `labels` [B] (traceable): a secant model's
+  in its task's steps with config.secant's guidance (`sample`); a teacher's (variant
+  'diffusion', trained on f(x, t, t) only, whose one step would show the class mean) by
+  solving its conditional ODE with Heun at config.teacher_sample_nfe evaluations."""
+  if task.variant != 'diffusion':
+    return sample(network, task, variables, config.secant, noise, labels)
+  tangent = reference_error.teacher_tangent(network, variables, task, labels, None)
+  return sampling.solve_with_nfe(tangent, noise, task.path, config.teacher_sample_nfe, 'heun')
 
 
 def image_grid(images, columns=None):

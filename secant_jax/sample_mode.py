@@ -1,5 +1,6 @@
-"""--config.mode=sample: secant samples from a run's EMA export (workdir/ema), with the
-config's steps and guidance, as samples.npz (`samples`, the sampler's outputs, latents on
+"""--config.mode=sample: samples from a run's EMA export (workdir/ema), a secant model's with
+the config's steps and guidance, a teacher's by Heun at config.teacher_sample_nfe
+(`generate.model_sample`), as samples.npz (`samples`, the sampler's outputs, latents on
 ImageNet; `labels`; `images`, the uint8 images they stand for, quantised as the official
 `sample_ddp.py` saves them) and a PNG grid of the images. On latent data the images are
 the SD-VAE decoder's (config.fid.vae); without it only `samples` and `labels` are written.
@@ -29,8 +30,8 @@ def write_samples(config, workdir):
   variables = loop.load_into(network, os.path.join(workdir, 'ema'), jax.random.key(0))
   noise, labels = generate.fixed_noise_and_labels(
       config.seed, config.num_sample_images, network.image_shape, network.num_classes)
-  samples = np.asarray(jax.jit(lambda v: generate.sample(
-      network, task, v, config.secant, noise, labels))(variables))
+  samples = np.asarray(jax.jit(lambda v: generate.model_sample(
+      network, task, v, config, noise, labels))(variables))
   arrays = {'samples': samples, 'labels': np.asarray(labels)}
   path = os.path.join(workdir, 'samples.png') if with_images else None
   if with_images:

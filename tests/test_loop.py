@@ -772,8 +772,9 @@ class _ImageWriter:
     self.images = images
 
 
-def test_a_teachers_sample_grid_solves_its_ode_not_one_step():
-  """One step of a flow teacher is the class mean; the grid must show its ODE's solution."""
+def test_a_teachers_samples_solve_its_ode_not_one_step(tmp_path):
+  """One step of a flow teacher is the class mean; its grid and sample mode must show its
+  ODE's solution."""
   c = _config(TINY_DIT, {}, 'diffusion', num_sample_images=4, teacher_sample_nfe=3)
   c.secant = config_lib.secant_config('diffusion', 1)
   network = registry.build(c.model, guided=False)
@@ -789,6 +790,11 @@ def test_a_teachers_sample_grid_solves_its_ode_not_one_step():
   expected = sampling.ode_sample(tangent, noise, task.path, 2, 'edm_heun')
   np.testing.assert_allclose(writer.images['samples'][0],
                              generate.image_grid(expected), atol=1e-5)
+  common.save(variables, tmp_path / 'ema')
+  c.mode, c.data.name = 'sample', 'cifar10'  # pixels: no decoder; was: one secant step
+  main_lib.run(c, tmp_path)
+  with np.load(tmp_path / 'samples.npz') as saved:
+    np.testing.assert_allclose(saved['samples'], expected, atol=1e-5)
 
 
 def test_sample_mode_writes_the_samples_and_their_grid(tmp_path):

@@ -192,7 +192,7 @@ class SampleQuality:
       k_noise, k_label = jax.random.split(key)
       noise = jax.random.normal(k_noise, (batch, *network.image_shape))
       labels = jax.random.randint(k_label, (batch,), 0, max(network.num_classes, 1))
-      return generate.sample(network, task, v, self.config.secant, noise, labels)
+      return generate.model_sample(network, task, v, self.config, noise, labels)
 
     sample = jax.jit(draw, out_shardings=parallel.batch_sharding(self.mesh))
     scores = self.scores()

@@ -25,13 +25,11 @@ from secant_jax import config as config_lib
 from secant_jax import files
 from secant_jax import generate
 from secant_jax import sample_images
-from secant_jax import sampling
 from secant_jax import writers
 from secant_jax.convert import common
 from secant_jax.convert import sit as convert_sit
 from secant_jax.data import pipeline
 from secant_jax.evaluation import progress
-from secant_jax.evaluation import reference_error
 from secant_jax.evaluation import sample_quality
 from secant_jax.models import registry
 from secant_jax.train import checkpoint
@@ -303,20 +301,13 @@ def train_and_evaluate(config, workdir):
 
 
 def write_samples(config, network, task, variables, writer, step, decoder_variables=None):
-  """A grid of EMA samples from fixed noise and labels, as an image summary: a secant
-  model's in its task's steps; a teacher's (variant 'diffusion') by solving its ODE with
-  Heun at config.teacher_sample_nfe (one step of a teacher only shows the class mean).
-  Latent samples are decoded with `decoder_variables` (`sample_images.load_decoder`)."""
+  """A grid of EMA samples (`generate.model_sample`) from fixed noise and labels, as an
+  image summary. Latent samples are decoded with `decoder_variables`
+  (`sample_images.load_decoder`)."""
   noise, labels = generate.fixed_noise_and_labels(
       config.seed, config.num_sample_images, network.image_shape, network.num_classes)
-
-  def sample(v):
-    if task.variant != 'diffusion':
-      return generate.sample(network, task, v, config.secant, noise, labels)
-    tangent = reference_error.teacher_tangent(network, v, task, labels, None)
-    return sampling.solve_with_nfe(tangent, noise, task.path, config.teacher_sample_nfe,
-                                   'heun')
-
-  images = sample_images.as_images(decoder_variables, jax.device_get(jax.jit(sample)(variables)))
+  samples = jax.jit(lambda v: generate.model_sample(network, task, v, config, noise, labels))(
+      variables)
+  images = sample_images.as_images(decoder_variables, jax.device_get(samples))
   writer.write_images(step, {'samples': generate.image_grid(images)[None]})
 
