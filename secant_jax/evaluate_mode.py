@@ -64,6 +64,7 @@ def fid_progress(config, workdir, variables):
   stamp = {'weights': progress.weights_digest(variables), 'seed': config.seed,
            'model': config.model.to_dict(), 'path': config.path.to_dict(),
            'secant': config.secant.to_dict(), 'fid': config.fid.to_dict(),
+           'teacher_sample_nfe': config.teacher_sample_nfe,  # a teacher run's sampler
            'matmul_precision': config.matmul_precision, 'processes': jax.process_count()}
   return progress.Progress(files.make_directory(os.path.join(workdir, 'eval')), stamp,
                            config.eval_save_seconds)
@@ -83,6 +84,8 @@ def evaluate(config, workdir):
   variables = loop.load_into(network, os.path.join(workdir, 'ema'), jax.random.key(0))
   _, scale = generate.sampler_secant(network, task, variables, config.secant)
   result = {'steps': task.num_steps, 'guidance_scale': scale}
+  if task.variant == 'diffusion':  # sampled by Heun (generate.model_sample)
+    result['teacher_sample_nfe'] = config.teacher_sample_nfe
   # The resumable FID part first: saves of another evaluation are refused before anything
   # is computed, and a run stopped there has not spent the integration error's solves.
   if scored:

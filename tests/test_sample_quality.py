@@ -56,8 +56,8 @@ def _first_batch(c, ema_dir):
   k_noise, k_label = jax.random.split(jax.random.fold_in(jax.random.key(c.seed + 2), 0))
   noise = jax.random.normal(k_noise, (8, *network.image_shape))
   labels = jax.random.randint(k_label, (8,), 0, c.model.num_classes)
-  samples = generate.sample(network, recipe.make_task(c, network), variables, c.secant,
-                            noise, labels)
+  samples = generate.model_sample(network, recipe.make_task(c, network), variables, c,
+                                  noise, labels)
   return np.asarray(fid.to_uint8(samples))[..., 0]
 
 
@@ -100,6 +100,7 @@ def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, progress_saves
   np.testing.assert_allclose(images[:8], _first_batch(c, tmp_path / 'run' / 'ema'), atol=1)
   assert np.isfinite(result['fid']) and result['fid'] > 0
   assert 1.0 <= result['inception_score'] <= 1008 and result['num_fid_samples'] == 12
+  assert result['teacher_sample_nfe'] == 35  # the demo's config trains its teacher
   with open(tmp_path / 'run' / 'eval.json') as f:
     assert json.load(f)['fid'] == result['fid']
   with np.load(tmp_path / 'run' / sample_quality.REFERENCE_FILE.format(
