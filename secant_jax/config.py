@@ -111,10 +111,10 @@ def _required(name, range_text, each):
           f'set {flag}={least} or more')
 
 
-def check_setting_ranges(config):
-  """Refuses a SETTING_RANGES setting outside its range, naming it, the range and the fix,
-  before the run builds anything."""
-  for name, range_text, what in SETTING_RANGES:
+def check_setting_ranges(config, ranges=SETTING_RANGES):
+  """Refuses a setting of `ranges` (as SETTING_RANGES) outside its range, naming it, the
+  range and the fix, before the run builds anything."""
+  for name, range_text, what in ranges:
     value = config
     for key in name.split('.'):
       value = value[key]

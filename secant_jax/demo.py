@@ -21,6 +21,16 @@ from secant_jax.train import loop
 from secant_jax.train import parallel
 
 
+# The demo's own settings that would otherwise fail only after its stages trained (as
+# config.SETTING_RANGES, checked by `run` first).
+DEMO_RANGES = (
+    ('demo.sdei_step_counts', '[1, inf)', 'the step counts of the SDEI models'),
+    ('demo.eval_step_counts', '[1, inf)', 'the step counts the table compares'),
+    ('demo.num_eval', '[1, inf)', 'the samples the table scores'),
+    ('demo.secant_learning_rate', '[0, inf)', "the secant stages' learning rate"),
+)
+
+
 def stage_config(config, workdir, name, variant, steps, num_train_steps, init='',
                  teacher=''):
   c = config.copy_and_resolve_references()
@@ -83,6 +93,7 @@ def evaluate(config, workdir, teacher_dir, secant_runs):
 def run(config, workdir):
   """All stages and the evaluation; writes workdir/metrics.json and samples.png."""
   d = config.demo
+  config_lib.check_setting_ranges(config, DEMO_RANGES)
   workdir = files.absolute(workdir)
   c, stage_dir = stage_config(config, workdir, 'teacher', 'diffusion', 1, d.teacher_steps)
   teacher_dir, teacher_trained = train_stage(c, stage_dir)

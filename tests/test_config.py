@@ -13,7 +13,9 @@ import ml_collections
 import pytest
 from absl import flags
 
+from configs import demo as demo_config
 from secant_jax import config as config_lib
+from secant_jax import demo
 from secant_jax import main
 from secant_jax.convert import sit as convert_sit
 from secant_jax.train import recipe
@@ -113,10 +115,11 @@ def _values_around(range_text, integer):
   return inside, outside
 
 
-@pytest.mark.parametrize('name, range_text', [(name, range_text) for name, range_text, _
-                                              in config_lib.SETTING_RANGES])
-def test_a_setting_outside_its_range_is_refused_by_name(name, range_text):
-  config = config_lib.base_config()
+@pytest.mark.parametrize('ranges, name, range_text', [
+    (ranges, name, range_text) for ranges in (config_lib.SETTING_RANGES, demo.DEMO_RANGES)
+    for name, range_text, _ in ranges])
+def test_a_setting_outside_its_range_is_refused_by_name(ranges, name, range_text):
+  config = demo_config.get_config() if ranges is demo.DEMO_RANGES else config_lib.base_config()
   *sections, key = name.split('.')
   node = config
   for section in sections:
@@ -125,7 +128,7 @@ def test_a_setting_outside_its_range_is_refused_by_name(name, range_text):
   inside, outside = _values_around(range_text, isinstance(node[key], (int, tuple)))
   for value in inside:
     node[key] = (value, value) if is_tuple else value
-    config_lib.check_setting_ranges(config)
+    config_lib.check_setting_ranges(config, ranges)
   low = re.escape(range_text[1:range_text.index(',')])
   flag = (r'each value of --config\.' if is_tuple else r'--config\.') + re.escape(name)
   if 'inf' not in range_text:
@@ -140,7 +143,7 @@ def test_a_setting_outside_its_range_is_refused_by_name(name, range_text):
     each = ', each' if is_tuple else ','
     with pytest.raises(ValueError, match=rf'^config\.{re.escape(name)} is {shown}{each} must be '
                                          rf'{must} \(.+\): {fix}\.$'):
-      config_lib.check_setting_ranges(config)
+      config_lib.check_setting_ranges(config, ranges)
 
 
 def test_loss_weighting_reaches_the_task_and_older_runs_train_uniform():

@@ -63,6 +63,13 @@ def test_idx_errors_name_the_file_and_the_fix(tmp_path):
     fashion_mnist.load(str(tmp_path), 'val')
 
 
+def test_the_classifiers_counts_are_refused_below_one(tmp_path, capsys):
+  for flag in ('--epochs', '--batch_size'):  # was: IndexError, ZeroDivisionError after the load
+    with pytest.raises(SystemExit):
+      fmnist_features.main(['--out', str(tmp_path), flag, '0'])
+    assert f'error: {flag} must be at least 1, got 0.' in capsys.readouterr().err
+
+
 @needs_real_data
 def test_the_debian_files():
   for split, count in (('train', 60_000), ('test', 10_000)):

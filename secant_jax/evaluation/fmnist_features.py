@@ -116,6 +116,9 @@ def main(argv=None):
   parser.add_argument('--learning_rate', type=float, default=1e-3)
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
+  for flag in ('epochs', 'batch_size'):
+    if getattr(args, flag) < 1:
+      parser.error(f'--{flag} must be at least 1, got {getattr(args, flag)}.')
   train_data = fashion_mnist.load(args.data_dir, 'train')
   test_data = fashion_mnist.load(args.data_dir, 'test')
   steps = args.epochs * (len(train_data[1]) // args.batch_size)
