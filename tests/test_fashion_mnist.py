@@ -67,7 +67,7 @@ def test_the_classifiers_counts_are_refused_below_one(tmp_path, capsys):
   for flag in ('--epochs', '--batch_size'):  # was: IndexError, ZeroDivisionError after the load
     with pytest.raises(SystemExit):
       fmnist_features.main(['--out', str(tmp_path), flag, '0'])
-    assert f'error: {flag} must be at least 1, got 0.' in capsys.readouterr().err
+    assert f"argument {flag}: expected a positive integer, got '0'" in capsys.readouterr().err
 
 
 @needs_real_data

@@ -37,6 +37,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from secant_jax import arguments
 from secant_jax import config as config_lib
 from secant_jax import generate
 from secant_jax.bench import flops as flops_lib
@@ -301,13 +302,6 @@ def _target(name):
     raise argparse.ArgumentTypeError(str(error)) from error
 
 
-def _positive(text):
-  """The type of the counts: a positive integer."""
-  if not text.isdigit() or int(text) < 1:
-    raise argparse.ArgumentTypeError(f'expected a positive integer, got {text!r}')
-  return int(text)
-
-
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--config', default='imagenet_sit', choices=CONFIGS)
@@ -315,11 +309,11 @@ def parse_args(argv=None):
                       f'SiT-XL/2) or {"/".join(UNET_ARCHS)} (cifar10_edm; default ddpmpp)')
   parser.add_argument('--variant', default='sdei',
                       choices=('sdei', 'stei', 'sdee', 'stee', 'diffusion'))
-  parser.add_argument('--batch', type=_positive, default=64)
-  parser.add_argument('--steps', type=_positive, default=20, help='timed iterations')
+  parser.add_argument('--batch', type=arguments.positive_int, default=64)
+  parser.add_argument('--steps', type=arguments.positive_int, default=20, help='timed iterations')
   parser.add_argument('--warmup', type=int, default=3)
   parser.add_argument('--sample', action='store_true', help='time sampling, not training')
-  parser.add_argument('--num-steps', type=_positive, default=4, help='sampling steps')
+  parser.add_argument('--num-steps', type=arguments.positive_int, default=4, help='sampling steps')
   parser.add_argument('--dtype', default='', help="compute dtype; default the config's "
                       '(bfloat16 for imagenet_sit, float32 for cifar10_edm)')
   parser.add_argument('--residual-dtype', default='', choices=('', 'float32', 'bfloat16'),
@@ -330,11 +324,11 @@ def parse_args(argv=None):
                       "cifar10_edm, as EDM trains; '' for JAX's default)")
   parser.add_argument('--attention', default='', help="'' (XLA's choice), 'cudnn', 'xla'")
   parser.add_argument('--remat', action='store_true')
-  parser.add_argument('--microbatches', type=_positive, default=1,
+  parser.add_argument('--microbatches', type=arguments.positive_int, default=1,
                       help='train: accumulate the gradient over this many slices of the batch')
   parser.add_argument('--split-qkv', action='store_true', help='DiT: q, k and v as three '
                       'products of the qkv kernel, not one product and a split copy')
-  parser.add_argument('--fsdp', type=_positive, default=1)
+  parser.add_argument('--fsdp', type=arguments.positive_int, default=1)
   parser.add_argument('--peak-tflops', type=float, default=0.0)
   parser.add_argument('--profile', type=int, default=0, metavar='N',
                       help='after timing, trace N calls and print where device time goes')

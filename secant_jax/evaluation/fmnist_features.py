@@ -20,6 +20,7 @@ import numpy as np
 import optax
 from etils import epath
 
+from secant_jax import arguments
 from secant_jax import files
 from secant_jax.convert import common
 from secant_jax.data import fashion_mnist
@@ -111,14 +112,11 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--data_dir', default=fashion_mnist.DEFAULT_DIR)
   parser.add_argument('--out', required=True, help='Orbax checkpoint directory to write')
-  parser.add_argument('--epochs', type=int, default=8)
-  parser.add_argument('--batch_size', type=int, default=128)
+  parser.add_argument('--epochs', type=arguments.positive_int, default=8)
+  parser.add_argument('--batch_size', type=arguments.positive_int, default=128)
   parser.add_argument('--learning_rate', type=float, default=1e-3)
   parser.add_argument('--seed', type=int, default=0)
   args = parser.parse_args(argv)
-  for flag in ('epochs', 'batch_size'):
-    if getattr(args, flag) < 1:
-      parser.error(f'--{flag} must be at least 1, got {getattr(args, flag)}.')
   train_data = fashion_mnist.load(args.data_dir, 'train')
   test_data = fashion_mnist.load(args.data_dir, 'test')
   steps = args.epochs * (len(train_data[1]) // args.batch_size)
