@@ -100,7 +100,7 @@ def _in_range(value, range_text):
 
 def _required(name, range_text, each):
   """(what a value must be, how to set it) for the messages of `check_setting_ranges`."""
-  low, low_in, high, _ = _bounds(range_text)
+  _, low_in, high, _ = _bounds(range_text)
   least = range_text[1:range_text.index(',')]
   flag = f'each value of --config.{name}' if each else f'--config.{name}'
   if high != float('inf'):

@@ -49,17 +49,30 @@ def write_stamped(path, fingerprint, arrays):
   files.write_npz(path, fingerprint=np.asarray(fingerprint), **arrays)
 
 
-def read_stamped(path, fingerprint, holds, fix):
-  """The arrays `write_stamped` wrote to `path`, if it was stamped with `fingerprint`;
-  otherwise an error that it holds `holds`, naming the keys that differ and saying `fix`."""
+def _read_with_differences(path, fingerprint):
+  """(the arrays `write_stamped` wrote to `path`, the keys in which its stamp differs from
+  `fingerprint`, sorted; a file without a stamp differs in all of them)."""
   with epath.Path(path).open('rb') as f, np.load(f) as saved:
     arrays = {k: saved[k] for k in saved.files}
   theirs, ours = (traverse_util.flatten_dict(json.loads(str(s)), sep='.')
-                  for s in (arrays.pop('fingerprint'), fingerprint))
-  differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+                  for s in (arrays.pop('fingerprint', '{}'), fingerprint))
+  return arrays, sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+
+
+def read_stamped(path, fingerprint, holds, fix):
+  """The arrays `write_stamped` wrote to `path`, if it was stamped with `fingerprint`;
+  otherwise an error that it holds `holds`, naming the keys that differ and saying `fix`."""
+  arrays, differ = _read_with_differences(path, fingerprint)
   if differ:
     raise ValueError(f'{path} holds {holds} (it differs in {", ".join(differ)}): {fix}.')
   return arrays
+
+
+def read_if_stamped(path, fingerprint):
+  """The arrays `write_stamped` wrote to `path` if it was stamped with `fingerprint`, else
+  None (another stamp, or none: a file from before stamps), for a cache to recompute."""
+  arrays, differ = _read_with_differences(path, fingerprint)
+  return None if differ else arrays
 
 
 class Progress:

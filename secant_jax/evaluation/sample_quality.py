@@ -111,9 +111,9 @@ class SampleQuality:
                         'num_reference_images': self.config.fid.num_reference_images},
                        sort_keys=True)
     if epath.Path(cached).exists():
-      with epath.Path(cached).open('rb') as file, np.load(file) as saved:
-        if 'fingerprint' in saved and str(saved['fingerprint']) == stamp:
-          return saved['mu'], saved['sigma']
+      saved = progress_lib.read_if_stamped(cached, stamp)
+      if saved is not None:
+        return saved['mu'], saved['sigma']
       logging.info('%s was made with another feature network or other reference images; '
                    'computing it afresh.', cached)
     if self.config.data.name == 'imagenet_latents':
