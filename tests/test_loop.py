@@ -36,6 +36,7 @@ from secant_jax.train import checkpoint
 from secant_jax.train import loop
 from secant_jax.train import recipe
 from secant_jax.train import step_trace
+from test_sample_quality import teacher_variables
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_DIT = dict(family='dit', name='DiT-S/2', input_size=8, in_channels=4, num_classes=10,
@@ -779,10 +780,7 @@ def test_a_teachers_samples_solve_its_ode_not_one_step(tmp_path):
   c.secant = config_lib.secant_config('diffusion', 1)
   network = registry.build(c.model, guided=False)
   task = recipe.make_task(c, network)
-  params = traverse_util.flatten_dict(network.init(jax.random.key(0)))
-  rng = np.random.default_rng(0)  # adaLN-zero starts at a zero output; make it a real field
-  variables = traverse_util.unflatten_dict(
-      {k: v + 0.3 * rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()})
+  variables = teacher_variables(network, 0)
   writer = _ImageWriter()
   loop.write_samples(c, network, task, variables, writer, 7)
   noise, labels = generate.fixed_noise_and_labels(c.seed, 4, network.image_shape, 10)

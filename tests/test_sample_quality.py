@@ -9,13 +9,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import traverse_util
 from PIL import Image
 
 from secant_jax import evaluate_mode
 from secant_jax import generate
 from secant_jax import main as main_lib
+from secant_jax import sampling
 from secant_jax.convert import common
 from secant_jax.evaluation import fid
+from secant_jax.evaluation import reference_error
 from secant_jax.evaluation import sample_quality
 from secant_jax.models import inception
 from secant_jax.models import registry
@@ -48,17 +51,29 @@ def _images(directory):
   return np.stack([np.asarray(Image.open(os.path.join(directory, n))) for n in names])
 
 
+def teacher_variables(network, seed):
+  """Variables of a teacher whose tangent is not zero: a DiT starts at adaLN-zero (output 0),
+  whose ODE is the identity, so its Heun solve and one step would be the same image."""
+  params = traverse_util.flatten_dict(network.init(jax.random.key(seed)))
+  rng = np.random.default_rng(seed)
+  return traverse_util.unflatten_dict(
+      {k: v + 0.3 * rng.standard_normal(v.shape).astype(v.dtype) for k, v in params.items()})
+
+
 def _first_batch(c, ema_dir):
   """The first 8 FID samples of evaluate mode (batch 0: key fold_in(key(seed + 2), 0)) as
-  uint8 images [8, H, W]."""
+  uint8 images [8, H, W], for a teacher run by Heun at config.teacher_sample_nfe
+  evaluations, and its one secant step (what a teacher's samples must not be)."""
   network = recipe.make_network(c)
+  task = recipe.make_task(c, network)
   variables = loop.load_into(network, ema_dir, jax.random.key(0))
   k_noise, k_label = jax.random.split(jax.random.fold_in(jax.random.key(c.seed + 2), 0))
   noise = jax.random.normal(k_noise, (8, *network.image_shape))
   labels = jax.random.randint(k_label, (8,), 0, c.model.num_classes)
-  samples = generate.model_sample(network, recipe.make_task(c, network), variables, c,
-                                  noise, labels)
-  return np.asarray(fid.to_uint8(samples))[..., 0]
+  tangent = reference_error.teacher_tangent(network, variables, task, labels, None)
+  solved = sampling.solve_with_nfe(tangent, noise, task.path, c.teacher_sample_nfe, 'heun')
+  one_step = generate.sample(network, task, variables, c.secant, noise, labels)
+  return [np.asarray(fid.to_uint8(x))[..., 0] for x in (solved, one_step)]
 
 
 def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, progress_saves,
@@ -67,13 +82,13 @@ def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, progress_saves
   c.eval_save_seconds = 0.0
   c.fid.image_dir = str(tmp_path / 'images')
   network = registry.build(c.model, guided=False)
-  common.save(network.init(jax.random.key(1)), tmp_path / 'run' / 'ema')
+  common.save(teacher_variables(network, 1), tmp_path / 'run' / 'ema')
   saved = progress_saves.done
   with pytest.raises(progress_saves.Preempted):
     main_lib.run(c, tmp_path / 'run')
   assert sorted(os.listdir(tmp_path / 'run' / 'eval')) == ['progress.process_0.8.npz']
   assert sorted(os.listdir(tmp_path / 'images')) == [f'{i:06d}.png' for i in range(8)]
-  common.save(network.init(jax.random.key(2)), tmp_path / 'run' / 'ema', overwrite=True)
+  common.save(teacher_variables(network, 2), tmp_path / 'run' / 'ema', overwrite=True)
   c.teacher_checkpoint = 'teacher'  # refused before the integration error is computed
   monkeypatch.setattr(evaluate_mode, 'integration_error', lambda *a: pytest.fail('computed'))
   with pytest.raises(ValueError, match=r'progress.process_0.8.npz holds the progress of a '
@@ -81,7 +96,7 @@ def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, progress_saves
                                        r'finish that one with its settings, or delete'):
     main_lib.run(c, tmp_path / 'run')
   c.teacher_checkpoint = ''
-  common.save(network.init(jax.random.key(1)), tmp_path / 'run' / 'ema', overwrite=True)
+  common.save(teacher_variables(network, 1), tmp_path / 'run' / 'ema', overwrite=True)
   c.matmul_precision = 'bfloat16'  # other products, other samples: not mixed with these
   with pytest.raises(ValueError, match=r'different evaluation \(it differs in '
                                        r'matmul_precision\)'):
@@ -97,7 +112,9 @@ def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, progress_saves
   assert images.shape == (12, 8, 8)  # the digits' grey 8 × 8 images
   assert len({image.tobytes() for image in images}) == 12  # so an image in the wrong file shows
   np.testing.assert_array_equal(resumed_images, images)
-  np.testing.assert_allclose(images[:8], _first_batch(c, tmp_path / 'run' / 'ema'), atol=1)
+  solved, one_step = _first_batch(c, tmp_path / 'run' / 'ema')
+  np.testing.assert_allclose(images[:8], solved, atol=1)
+  assert np.abs(images[:8].astype(int) - one_step).max() > 8  # the teacher's ODE, not a step
   assert np.isfinite(result['fid']) and result['fid'] > 0
   assert 1.0 <= result['inception_score'] <= 1008 and result['num_fid_samples'] == 12
   assert result['teacher_sample_nfe'] == 35  # the demo's config trains its teacher
