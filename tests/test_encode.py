@@ -197,6 +197,22 @@ def test_images_are_listed_as_torchvisions_image_folder_lists_them(tmp_path):
   assert items == theirs.samples
 
 
+ENCODE_PATHS = ['--images', 'x', '--vae', 'x', '--out', 'x']  # never read: refused before
+IMPORT_PATHS = ['--features', 'x', '--labels', 'x', '--out', 'x']
+
+
+@pytest.mark.parametrize('tool, paths, flag, value, expected', [
+    (encode.main, ENCODE_PATHS, '--shard-size', '-5', 'a positive integer'),  # was: 0 shards
+    (encode.main, ENCODE_PATHS, '--shard-size', '0', 'a positive integer'),
+    (encode.main, ENCODE_PATHS, '--read-threads', '-1', 'a non-negative integer'),
+    (latents.main, IMPORT_PATHS, '--shard-size', '0', 'a positive integer')])
+def test_the_latent_writers_refuse_bad_counts_by_flag(tool, paths, flag, value, expected,
+                                                      capsys):
+  with pytest.raises(SystemExit):
+    tool([*paths, flag, value])
+  assert f"argument {flag}: expected {expected}, got '{value}'" in capsys.readouterr().err
+
+
 def test_bad_input_is_named_with_the_fix(tmp_path):
   root = _image_folder(tmp_path / 'images')
   _vae_directory(tmp_path / 'vae')

@@ -116,12 +116,15 @@ def test_the_edm_config_benchmarks_the_unet(edit_benchmark_config, capsys):
     throughput.main(['--config', 'cifar10_edm', '--residual-dtype', 'bfloat16'])
 
 
-def test_counts_must_be_positive_integers(capsys):
-  for flag, value in (('--batch', '0'), ('--steps', '-1'), ('--num-steps', '2.5')):
-    with pytest.raises(SystemExit):
-      throughput.parse_args([flag, value])
-    assert f"argument {flag}: expected a positive integer, got '{value}'" in (
-        capsys.readouterr().err)
+@pytest.mark.parametrize('flag, value, expected', [
+    ('--batch', '0', 'a positive integer'), ('--steps', '-1', 'a positive integer'),
+    ('--num-steps', '2.5', 'a positive integer'), ('--warmup', '-1', 'a non-negative integer'),
+    ('--profile', '-3', 'a non-negative integer')])
+def test_counts_are_refused_by_flag(flag, value, expected, capsys):
+  with pytest.raises(SystemExit):
+    throughput.parse_args([flag, value])
+  assert f"argument {flag}: expected {expected}, got '{value}'" in capsys.readouterr().err
+  throughput.parse_args([flag, '1'])
 
 
 def _one_cpu_device(**settings):

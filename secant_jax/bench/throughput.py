@@ -311,7 +311,7 @@ def parse_args(argv=None):
                       choices=('sdei', 'stei', 'sdee', 'stee', 'diffusion'))
   parser.add_argument('--batch', type=arguments.positive_int, default=64)
   parser.add_argument('--steps', type=arguments.positive_int, default=20, help='timed iterations')
-  parser.add_argument('--warmup', type=int, default=3)
+  parser.add_argument('--warmup', type=arguments.non_negative_int, default=3)
   parser.add_argument('--sample', action='store_true', help='time sampling, not training')
   parser.add_argument('--num-steps', type=arguments.positive_int, default=4, help='sampling steps')
   parser.add_argument('--dtype', default='', help="compute dtype; default the config's "
@@ -330,7 +330,7 @@ def parse_args(argv=None):
                       'products of the qkv kernel, not one product and a split copy')
   parser.add_argument('--fsdp', type=arguments.positive_int, default=1)
   parser.add_argument('--peak-tflops', type=float, default=0.0)
-  parser.add_argument('--profile', type=int, default=0, metavar='N',
+  parser.add_argument('--profile', type=arguments.non_negative_int, default=0, metavar='N',
                       help='after timing, trace N calls and print where device time goes')
   parser.add_argument('--profile-dir', default='', help='where the trace goes (default: a '
                       'temporary directory); open it with TensorBoard/XProf')

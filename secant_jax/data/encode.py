@@ -35,6 +35,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from PIL import Image
 
+from secant_jax import arguments
 from secant_jax import files
 from secant_jax.convert import vae as convert_vae
 from secant_jax.data import latents
@@ -211,8 +212,10 @@ def main(argv=None):
   parser.add_argument('--flip', choices=('random', 'none'), default='random')
   parser.add_argument('--latent', choices=('sample', 'mean'), default='sample')
   parser.add_argument('--seed', type=int, default=0)
-  parser.add_argument('--shard-size', type=int, default=10000, help='images per shard')
-  parser.add_argument('--read-threads', type=int, default=16)
+  parser.add_argument('--shard-size', type=arguments.positive_int, default=10000,
+                      help='images per shard')
+  parser.add_argument('--read-threads', type=arguments.non_negative_int, default=16,
+                      help='threads that read and crop images (0: the main thread)')
   parser.add_argument('--matmul-precision', choices=('highest', 'high', 'default'),
                       default='highest')
   parser.add_argument('--distributed', action='store_true',

@@ -41,6 +41,7 @@ import numpy as np
 from etils import epath
 from flax import serialization
 
+from secant_jax import arguments
 from secant_jax import files
 from secant_jax.models.vae import SD_VAE_SCALE
 
@@ -253,7 +254,8 @@ def main(argv=None):
   parser.add_argument('--labels', required=True)
   parser.add_argument('--out', required=True)
   parser.add_argument('--already-scaled', action='store_true')
-  parser.add_argument('--shard-size', type=int, default=10000, help='latents per shard')
+  parser.add_argument('--shard-size', type=arguments.positive_int, default=10000,
+                      help='latents per shard')
   args = parser.parse_args(argv)
   count = import_npy(args.features, args.labels, args.out, args.already_scaled,
                      args.shard_size)
