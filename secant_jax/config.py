@@ -147,7 +147,13 @@ def parse_arg(arg, defaults):
     if not sep or key not in defaults:
       raise ValueError(f'Bad config argument {item!r}: expected key=value with key in '
                        f'{sorted(defaults)}, e.g. variant=stee,steps=8.')
-    values[key] = type(defaults[key])(value)
+    kind = type(defaults[key])
+    try:
+      values[key] = kind(value)
+    except ValueError:
+      what = {int: 'an integer', float: 'a number'}.get(kind, kind.__name__)
+      raise ValueError(f'Bad config argument {item!r}: {key} takes {what}, e.g. '
+                       f'{key}={defaults[key]}.') from None
   return values
 
 

@@ -749,6 +749,10 @@ def test_errors_are_one_line_and_name_the_fix(tmp_path, latent_dir):
     main_lib.run(_config(TINY_DIT, {}, 'stee', mode='eval'), tmp_path / 'r5')
   with pytest.raises(ValueError, match=r"Bad config argument 'step=4'"):
     config_lib.parse_arg('step=4', dict(variant='sdei', steps=4))
+  with pytest.raises(ValueError, match=r"^Bad config argument 'steps=x': steps takes an "
+                                       r'integer, e.g. steps=4.$'):  # was: "invalid literal"
+    config_lib.parse_arg('variant=stee,steps=x', dict(variant='sdei', steps=4))
+  assert config_lib.parse_arg('scale=2', dict(scale=1.0)) == dict(scale=2.0)
 
 
 def test_labels_the_model_has_no_class_for_are_refused_before_they_train(tmp_path):
