@@ -26,6 +26,7 @@ Give the same model to all three stages of one table.
 """
 
 from secant_jax import config as config_lib
+from secant_jax.models import dit
 
 STAGES = ('teacher', 'secant', 'compare')
 TINY = dict(hidden_size=64, depth=2, num_heads=4)
@@ -56,6 +57,8 @@ def get_config(arg=None):
     c.path.sigma_data = 0.66
   else:
     tiny = args['model'] == 'tiny'
+    if not tiny:
+      _check_dit_name(args['model'])
     c.model = config_lib.dit_model('DiT-S/4' if tiny else args['model'], input_size=32,
                                    in_channels=1, num_classes=10, learn_sigma=False,
                                    **(TINY if tiny else {}))
@@ -100,3 +103,12 @@ def get_config(arg=None):
     c.compare.update(dict(teacher=args['teacher'], batch_size=500,
                           secants='sdei=runs/fmnist-sdei,stee=runs/fmnist-stee'))
   return c
+
+
+def _check_dit_name(name):
+  """A DiT/SiT size name, or an error that also names this config's other models."""
+  try:
+    dit.parse_name(name)
+  except ValueError as error:
+    raise ValueError(f"{error} configs/fashion_mnist.py also takes model=tiny, or the "
+                     f"U-Nets {', '.join(f'model={k}' for k in UNETS)}.") from None

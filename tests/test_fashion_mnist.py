@@ -243,6 +243,10 @@ def test_compare_errors_name_the_fix(tmp_path):
   from configs import fashion_mnist as fmnist_config  # pylint: disable=import-outside-toplevel
   with pytest.raises(ValueError, match=r"Unknown stage 'distil'"):
     fmnist_config.get_config('stage=distil')
+  with pytest.raises(ValueError, match=r"Unknown model name 'UNet': .* configs/fashion_mnist.py "
+                                       r'also takes model=tiny, or the U-Nets model=unet, '
+                                       r'model=unet-tiny.$'):  # was: only the DiT names
+    fmnist_config.get_config('model=UNet')
   with pytest.raises(ValueError, match=r'FD-FMNIST needs the Fashion-MNIST classifier'):
     fmnist_features.feature_network('')
   from configs import cifar10_edm  # pylint: disable=import-outside-toplevel
