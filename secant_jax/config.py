@@ -36,6 +36,16 @@ RESUMABLE_CHANGES = ('mode', 'num_train_steps', 'log_every', 'checkpoint_every',
                      'secant.sample_cfg_scale', 'secant.sample_guidance_scale',
                      'secant.guidance_interval', 'allow_config_change', 'demo')
 
+# What a run's exported model is and how a sampler reads it (its network, path, variant,
+# guidance input, and whether it was trained for classic CFG). Sample and evaluate mode
+# refuse to read a run's ema/ under a config that differs from its config.json in one of
+# these (`changed_settings(..., only=MODEL_SETTINGS, free=SAMPLING_CHOICES)`): the network
+# would load, a guidance embedder it lacks filled in at its initialisation, and sample as
+# another model with no error. The compute settings among them may differ.
+MODEL_SETTINGS = ('model', 'path', 'secant.variant', 'secant.guidance',
+                  'secant.label_dropout', 'data.name')
+SAMPLING_CHOICES = RESUMABLE_CHANGES + ('model.dtype',)
+
 # Settings added after runs had trained, each with the value in effect before it existed.
 # A run's config.json without one holds that value (`with_added_settings`), so a run from
 # before is rebuilt as it trained (compare, evaluate), and resuming it under a config that
@@ -169,16 +179,21 @@ def matmul_precision(config):
   return jax.default_matmul_precision(value or None)
 
 
-def changed_settings(saved, current):
-  """'key: saved → current' for each setting (dotted key) that both configs (JSON dicts)
-  hold with different values, those in RESUMABLE_CHANGES aside. The saved config holds
-  ADDED_SETTINGS at their values from before they existed; another key only one of them
-  holds (a setting added or removed between versions) is not a change."""
+def changed_settings(saved, current, only=('',), free=RESUMABLE_CHANGES):
+  """'key: saved → current' for each setting (dotted key) under `only` (all by default)
+  that both configs (JSON dicts) hold with different values, those under `free` aside. The
+  saved config holds ADDED_SETTINGS at their values from before they existed; another key
+  only one of them holds (a setting added or removed between versions) is not a change."""
   saved, current = (traverse_util.flatten_dict(c, sep='.')
                     for c in (with_added_settings(saved), current))
-  free = lambda key: any(key == f or key.startswith(f + '.') for f in RESUMABLE_CHANGES)
   return [f'{key}: {saved[key]!r} → {current[key]!r}' for key in current
-          if key in saved and not _same(saved[key], current[key]) and not free(key)]
+          if key in saved and not _same(saved[key], current[key])
+          and _under(key, only) and not _under(key, free)]
+
+
+def _under(key, settings):
+  """Whether dotted `key` is one of `settings` or inside one ('' holds every key)."""
+  return any(not s or key == s or key.startswith(s + '.') for s in settings)
 
 
 def _same(saved, current):

@@ -1,5 +1,6 @@
 """--config.mode=evaluate: the run's EMA export (workdir/ema) sampled with the config's steps
-and guidance, scored by
+and guidance (a config of another model than the run's config.json is refused:
+`loop.check_trained_model`), scored by
 
 - its integration error to the teacher's reference ODE solution from the same noise, next
   to the teacher's own Euler and Heun at the same number of guided evaluations (when the
@@ -72,6 +73,7 @@ def fid_progress(config, workdir, variables):
 
 def evaluate(config, workdir):
   """Returns the result dict that it writes."""
+  loop.check_trained_model(config, workdir, 'Evaluate mode')
   has_teacher = bool(config.teacher_checkpoint or config.init_checkpoint)
   scored = features.configured(config.fid)
   if not (has_teacher or scored):

@@ -4,7 +4,8 @@ the config's steps and guidance, a teacher's by Heun at config.teacher_sample_nf
 ImageNet; `labels`; `images`, the uint8 images they stand for, quantised as the official
 `sample_ddp.py` saves them) and a PNG grid of the images. On latent data the images are
 the SD-VAE decoder's (config.fid.vae); without it only `samples` and `labels` are written.
-With several processes each computes the same samples and process 0 writes them."""
+With several processes each computes the same samples and process 0 writes them. A config
+of another model than the run's config.json is refused (`loop.check_trained_model`)."""
 
 import os
 
@@ -22,6 +23,7 @@ from secant_jax.train import recipe
 def write_samples(config, workdir):
   """Returns the grid's path; None where no images can be made of the samples (latents
   without config.fid.vae: `sample_images.images_unavailable`)."""
+  loop.check_trained_model(config, workdir, 'Sample mode')
   with_images = not sample_images.images_unavailable(config,
                                                      "samples.png (and samples.npz's images)")
   decoder = sample_images.load_decoder(config, 'Sample mode') if with_images else None

@@ -816,6 +816,41 @@ def test_sample_mode_writes_the_samples_and_their_grid(tmp_path):
     np.testing.assert_array_equal(np.asarray(image), grid[..., 0])
 
 
+def test_sample_and_evaluate_mode_refuse_a_config_of_another_model(tmp_path, caplog):
+  """A run's ema/ read under a config that differs in what the model is: an STEE run under
+  the default SDEI arguments loaded (its guidance embedder filled in at init) and sampled
+  without its CFG, with no error, as did one on another path."""
+  c = _digits_config(1, num_sample_images=2)
+  loop.train_and_evaluate(c, tmp_path)
+  sdei = _digits_config(1, num_sample_images=2, mode='sample')
+  sdei.secant = config_lib.secant_config('sdei', 4, guidance=(1.0, 2.0))
+  with pytest.raises(ValueError, match=r"^Sample mode reads the model that the run in .* "
+                                       r"trained, and the config differs from its config.json "
+                                       r"in what that model is \(secant.variant: 'stee' → "
+                                       r"'sdei'; secant.guidance: None → \[1.0, 2.0\]; "
+                                       r"secant.label_dropout: 0.1 → 0.0\): it would sample as "
+                                       r"another model. Give the --config the run trained with "
+                                       r"\(variant 'stee', steps 2; .*config.json holds every "
+                                       r"setting\), or read it so on purpose with "
+                                       r"--config.allow_config_change=True.$"):
+    main_lib.run(sdei, tmp_path)
+  assert not os.path.exists(tmp_path / 'samples.npz')
+  other_path = _digits_config(1, mode='evaluate')
+  other_path.path.name = 'edm'
+  with pytest.raises(ValueError, match=r"^Evaluate mode reads .*\(path.name: 'linear' → "
+                                       r"'edm'\)"):
+    main_lib.run(other_path, tmp_path)
+  sampling_choices = _digits_config(1, num_sample_images=2, mode='sample')
+  sampling_choices.secant.update(dict(steps=1, sample_cfg_scale=2.0,
+                                     guidance_interval=(0.2, 1.0)))
+  sampling_choices.model.dtype = 'bfloat16'
+  with caplog.at_level('INFO'):
+    main_lib.run(sampling_choices, tmp_path)
+  assert 'samples the run in' in caplog.text and 'in 1 steps; it trained for 2.' in caplog.text
+  sdei.allow_config_change = True
+  main_lib.run(sdei, tmp_path)
+
+
 def test_sample_mode_on_latents_writes_the_decoders_images(tmp_path, latent_dir, caplog):
   """On latent data samples.npz keeps the latents and adds their SD-VAE images (uint8,
   quantised as the official sample_ddp.py saves them), which the PNG grid shows; without

@@ -76,14 +76,44 @@ def _config_changes(config, workdir, resumed_step):
   changes = config_lib.changed_settings(files.read_json(path),
                                         json.loads(config.to_json_best_effort()))
   if changes and not config.allow_config_change:
-    shown = '; '.join(changes[:4]) + ('; ...' if len(changes) > 4 else '')
     raise ValueError(
         f'The run in {workdir} trained up to step {resumed_step} with another config '
-        f'({len(changes)} settings differ from its config.json: {shown}). Resume with the '
-        'config it was saved with, start the changed run in a new --workdir, or go on with '
-        'the change on purpose with --config.allow_config_change=True (config.json of the '
-        f'steps before is then kept as config.step_{resumed_step}.json).')
+        f'({len(changes)} settings differ from its config.json: {_shown(changes)}). Resume '
+        'with the config it was saved with, start the changed run in a new --workdir, or go '
+        'on with the change on purpose with --config.allow_config_change=True (config.json '
+        f'of the steps before is then kept as config.step_{resumed_step}.json).')
   return changes
+
+
+def _shown(changes):
+  return '; '.join(changes[:4]) + ('; ...' if len(changes) > 4 else '')
+
+
+def check_trained_model(config, workdir, mode):
+  """Refuses to read workdir/ema in `mode` (e.g. 'Sample mode') under a config that differs
+  from the run's config.json in what its model is (config.MODEL_SETTINGS; a forgotten
+  :variant=stee would sample an STEE model as SDEI, its guidance embedder at init and
+  without its CFG), unless allow_config_change. A secant model sampled in other steps
+  than it trained for is logged. A workdir without config.json (a converted checkpoint
+  placed in RUN/ema) is not checked."""
+  path = os.path.join(workdir, 'config.json')
+  if not epath.Path(path).exists():
+    return
+  saved = files.read_json(path)
+  changes = config_lib.changed_settings(saved, json.loads(config.to_json_best_effort()),
+                                        only=config_lib.MODEL_SETTINGS,
+                                        free=config_lib.SAMPLING_CHOICES)
+  variant, trained = saved['secant']['variant'], saved['secant']['steps']
+  if changes and not config.allow_config_change:
+    raise ValueError(
+        f'{mode} reads the model that the run in {workdir} trained, and the config differs '
+        f'from its config.json in what that model is ({_shown(changes)}): it would sample '
+        f'as another model. Give the --config the run trained with (variant {variant!r}, '
+        f'steps {trained}; {path} holds every setting), or read it so on purpose with '
+        '--config.allow_config_change=True.')
+  if variant != 'diffusion' and config.secant.steps != trained:
+    logging.info('%s samples the run in %s in %d steps; it trained for %d.', mode, workdir,
+                 config.secant.steps, trained)
 
 
 TEACHER_RECORD = 'teacher.json'
