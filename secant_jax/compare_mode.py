@@ -137,6 +137,7 @@ def _compare(config, workdir):
              if features.configured(config.fid) else None)
   stamp = {'compare': stamped_settings(c),
            'seed': config.seed, 'fid': config.fid.to_dict(),
+           'latent_scale': config.data.get('latent_scale'),  # what the decoder divides by
            'compare_in_float32': config.compare_in_float32,
            'matmul_precision': reference_error.precision(config),
            'processes': jax.process_count(),

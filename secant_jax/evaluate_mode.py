@@ -65,6 +65,7 @@ def fid_progress(config, workdir, variables):
   stamp = {'weights': progress.weights_digest(variables), 'seed': config.seed,
            'model': config.model.to_dict(), 'path': config.path.to_dict(),
            'secant': config.secant.to_dict(), 'fid': config.fid.to_dict(),
+           'latent_scale': config.data.get('latent_scale'),  # what the decoder divides by
            'teacher_sample_nfe': config.teacher_sample_nfe,  # a teacher run's sampler
            'matmul_precision': config.matmul_precision, 'processes': jax.process_count()}
   return progress.Progress(files.make_directory(os.path.join(workdir, 'eval')), stamp,

@@ -855,9 +855,10 @@ def test_sample_mode_on_latents_writes_the_decoders_images(tmp_path, latent_dir,
   """On latent data samples.npz keeps the latents and adds their SD-VAE images (uint8,
   quantised as the official sample_ddp.py saves them), which the PNG grid shows; without
   config.fid.vae only the latents are written, with a warning that names the setting. The
-  training loop's sample grids need the decoder up front."""
-  c = _config(TINY_DIT, dict(name='imagenet_latents', dir=latent_dir), 'stee',
-              num_sample_images=3)
+  training loop's sample grids need the decoder up front. The decoder divides by the
+  data's latent_scale (here another VAE's 0.5, not SD-VAE's 0.18215)."""
+  c = _config(TINY_DIT, dict(name='imagenet_latents', dir=latent_dir, latent_scale=0.5),
+              'stee', num_sample_images=3)
   loop.train_and_evaluate(c, tmp_path)
   c.mode = 'sample'
   assert main_lib.run(c, tmp_path) is None
@@ -874,7 +875,8 @@ def test_sample_mode_on_latents_writes_the_decoders_images(tmp_path, latent_dir,
   common.save(decoder_variables, tmp_path / 'sd-vae')
   c.fid.vae = str(tmp_path / 'sd-vae')
   path = main_lib.run(c, tmp_path)
-  expected = np.asarray(fid.to_uint8(decoder.apply(decoder_variables, latents)))
+  expected = np.asarray(fid.to_uint8(vae.VAEDecoder(latent_scale=0.5).apply(
+      decoder_variables, latents)))
   with np.load(tmp_path / 'samples.npz') as f:
     np.testing.assert_array_equal(f['samples'], latents)
     assert f['images'].shape == (3, 64, 64, 3) and f['images'].dtype == np.uint8

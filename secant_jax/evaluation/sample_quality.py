@@ -29,12 +29,12 @@ from secant_jax.train import parallel
 REFERENCE_FILE = '{metric}_reference_{split}.npz'
 
 
-def _features_fn(mesh, network, decoder_variables):
+def _features_fn(mesh, network, decoder):
   """images or latents [B, ...] (batch-sharded) → the network's outputs, float32, and
   'pixels': the uint8 images it scored."""
 
   def features(variables, x):
-    pixels = fid.to_uint8(sample_images.decode(decoder_variables, x))
+    pixels = fid.to_uint8(sample_images.decode(decoder, x))
     return {**network.apply(variables, pixels), 'pixels': pixels}
 
   return jax.jit(features, out_shardings=parallel.batch_sharding(mesh))
@@ -89,8 +89,8 @@ class SampleQuality:
     replicated = parallel.replicated(mesh)
     self.network = features_lib.from_config(config.fid)
     self.variables = jax.device_put(self.network.variables, replicated)
-    decoder_variables = jax.device_put(sample_images.load_decoder(config, 'FID'), replicated)
-    self.features_of = _features_fn(mesh, self.network, decoder_variables)
+    decoder = jax.device_put(sample_images.load_decoder(config, 'FID'), replicated)
+    self.features_of = _features_fn(mesh, self.network, decoder)
     self.reference = self._reference(workdir)
 
   def _reference(self, workdir):

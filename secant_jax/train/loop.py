@@ -330,14 +330,14 @@ def train_and_evaluate(config, workdir):
   return state, history
 
 
-def write_samples(config, network, task, variables, writer, step, decoder_variables=None):
+def write_samples(config, network, task, variables, writer, step, decoder=None):
   """A grid of EMA samples (`generate.model_sample`) from fixed noise and labels, as an
-  image summary. Latent samples are decoded with `decoder_variables`
+  image summary. Latent samples are decoded with `decoder`
   (`sample_images.load_decoder`)."""
   noise, labels = generate.fixed_noise_and_labels(
       config.seed, config.num_sample_images, network.image_shape, network.num_classes)
   samples = jax.jit(lambda v: generate.model_sample(network, task, v, config, noise, labels))(
       variables)
-  images = sample_images.as_images(decoder_variables, jax.device_get(samples))
+  images = sample_images.as_images(decoder, jax.device_get(samples))
   writer.write_images(step, {'samples': generate.image_grid(images)[None]})
 
