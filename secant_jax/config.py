@@ -37,13 +37,14 @@ RESUMABLE_CHANGES = ('mode', 'num_train_steps', 'log_every', 'checkpoint_every',
                      'secant.guidance_interval', 'allow_config_change', 'demo')
 
 # What a run's exported model is and how a sampler reads it (its network, path, variant,
-# guidance input, and whether it was trained for classic CFG). Sample and evaluate mode
-# refuse to read a run's ema/ under a config that differs from its config.json in one of
-# these (`changed_settings(..., only=MODEL_SETTINGS, free=SAMPLING_CHOICES)`): the network
-# would load, a guidance embedder it lacks filled in at its initialisation, and sample as
+# guidance input, whether it was trained for classic CFG, what its samples are and the
+# scale its latents are decoded at). Sample and evaluate mode refuse to read a run's ema/
+# under a config that differs from its config.json in one of these
+# (`changed_settings(..., only=MODEL_SETTINGS, free=SAMPLING_CHOICES)`): the network would
+# load, a guidance embedder it lacks filled in at its initialisation, and sample as
 # another model with no error. The compute settings among them may differ.
 MODEL_SETTINGS = ('model', 'path', 'secant.variant', 'secant.guidance',
-                  'secant.label_dropout', 'data.name')
+                  'secant.label_dropout', 'data.name', 'data.latent_scale')
 SAMPLING_CHOICES = RESUMABLE_CHANGES + ('model.dtype',)
 
 # Settings added after runs had trained, each with the value in effect before it existed.

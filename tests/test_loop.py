@@ -885,6 +885,11 @@ def test_sample_mode_on_latents_writes_the_decoders_images(tmp_path, latent_dir,
   with Image.open(path) as image:
     assert image.mode == 'RGB' and image.size == (128, 128)  # 2 × 2 grid of 64 × 64
 
+  c.data.latent_scale = 0.18215  # SD-VAE's: the latents would decode 2.7 times too large
+  with pytest.raises(ValueError, match=r'what that model is \(data.latent_scale: 0.5 → '
+                                       r'0.18215\)'):
+    main_lib.run(c, tmp_path)
+  c.data.latent_scale = 0.5
   c.mode, c.fid.vae, c.sample_every = 'train', '', 1
   with pytest.raises(ValueError, match=r"^config.sample_every on latent data "
                                        r"\('imagenet_latents'\) needs the SD-VAE decoder: set "
