@@ -113,7 +113,15 @@ def test_missing_or_unknown_files_are_named(tmp_path):
   run.mkdir()
   (run / 'config.json').write_text('{}')
   with pytest.raises(FileNotFoundError, match=r'teacher-run/ema does not exist: the run in '
-                                              r'.*teacher-run has not finished .* run it again'):
+                                              r'.*teacher-run has not finished .* to resume it '
+                                              r'to the end.$'):
+    common.load_variables(run / 'ema')
+  for step in ('400', '1200', 'tmp'):  # an orbax step directory, and a save in flight
+    (run / 'checkpoints' / step).mkdir(parents=True)
+  with pytest.raises(FileNotFoundError, match=r'to resume it to the end, or with '
+                                              r'--config.num_train_steps=1200 \(its latest '
+                                              r'checkpoint\) to export the EMA it has now and '
+                                              r'train on later.$'):
     common.load_variables(run / 'ema')
 
 

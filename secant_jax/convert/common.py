@@ -299,10 +299,14 @@ def existing_checkpoint(directory):
     raise FileNotFoundError(f'Converted checkpoint {directory} does not exist; make it with '
                             'python -m secant_jax.convert.sit (or .edm) --in WEIGHTS --out DIR.')
   if epath.Path(run_dir, 'config.json').exists():
+    steps = [int(p.name) for p in epath.Path(run_dir, 'checkpoints').glob('*')
+             if p.name.isdigit()]
+    now = (f', or with --config.num_train_steps={max(steps)} (its latest checkpoint) to '
+           'export the EMA it has now and train on later' if steps else '')
     raise FileNotFoundError(f'{directory} does not exist: the run in {run_dir} has not '
                             'finished (a training run exports its EMA there when it reaches '
                             'num_train_steps); run it again with the same --config and '
-                            f'--workdir={run_dir} to resume it to the end.')
+                            f'--workdir={run_dir} to resume it to the end{now}.')
   raise FileNotFoundError(f'{directory} does not exist and {run_dir} holds no training run; '
                           'train one there (python -m secant_jax.main --config=... '
                           f'--workdir={run_dir}), or point the config at a converted '
