@@ -20,6 +20,9 @@
 #   PARALLEL (1: two stages at a time as above, each process allowed 45% of a GPU's memory
 #   unless XLA_CLIENT_MEM_FRACTION says otherwise, where JAX would take 75% each;
 #   0: one stage at a time, as on a TPU VM, whose chips one process holds).
+# Ctrl-C, SIGTERM to this script, or a stage that fails stop every stage still running as a
+# preemption does (SIGTERM: a training stage saves a checkpoint and exits), and the script
+# waits for them, so that none trains on unseen beside the next run of the same command.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 runs=${1:?usage: launch/fashion_mnist.sh RUNS_DIR}
@@ -32,9 +35,26 @@ optional() { [ -n "$2" ] && echo "--config.$1=$2"; return 0; }
 parallel=${PARALLEL:-1}
 source launch/memory_fraction.sh
 [ "$parallel" = 1 ] && default_memory_fraction 0.45
+# Each stage is a function that ends in exec, run as a background job that ignores SIGINT
+# (a terminal's Ctrl-C reaches the whole process group), so that this script alone decides
+# how the stages stop: on its exit, SIGTERM to those still running, then it waits for them.
+stop_stages() {
+  local running
+  running=$(jobs -pr)
+  [ -n "$running" ] || return 0
+  # shellcheck disable=SC2086
+  kill -TERM $running 2>/dev/null || true
+  # shellcheck disable=SC2086
+  wait $running 2>/dev/null || true
+}
+trap stop_stages EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
 pids=()
-beside() {  # "$@" in the background, beside the next stage, or now with PARALLEL=0
-  if [ "$parallel" = 1 ]; then "$@" & pids+=($!); else "$@"; fi
+launch() { (trap '' INT; "$@") & }
+now() { launch "$@"; wait $!; }  # waited for where a trap can interrupt the wait
+beside() {  # "$@" beside the next stage, or now with PARALLEL=0
+  if [ "$parallel" = 1 ]; then launch "$@"; pids+=($!); else now "$@"; fi
 }
 
 latest_checkpoint() {  # stage name → its latest checkpoint's step, or nothing
@@ -42,17 +62,28 @@ latest_checkpoint() {  # stage name → its latest checkpoint's step, or nothing
 }
 train() {  # stage name, config argument tail, train steps, stage flags
   # shellcheck disable=SC2086
-  "$python" -m secant_jax.main --config="$config:$2,$args" --workdir="$runs/$1" \
+  exec "$python" -m secant_jax.main --config="$config:$2,$args" --workdir="$runs/$1" \
     "${common[@]}" $(optional num_train_steps "$3") $4
+}
+classifier() {
+  exec "$python" -m secant_jax.evaluation.fmnist_features --out "$runs/features" \
+    --epochs "${EPOCHS:-8}" ${DATA_DIR:+--data_dir "$DATA_DIR"}
+}
+table() {
+  # shellcheck disable=SC2086
+  exec "$python" -m secant_jax.main --config="$config:stage=compare,$args" \
+    --workdir="$runs/table" "${common[@]}" --config.fid.fmnist="$runs/features" \
+    --config.compare.secants="sdei=$runs/sdei,stee=$runs/stee" \
+    --config.compare.references="$runs/references" \
+    $(optional compare.num_samples "${NUM_SAMPLES:-}") ${COMPARE_FLAGS:-}
 }
 
 if [ ! -f "$runs/features/accuracy.json" ]; then
   rm -rf "$runs/features"
-  beside "$python" -m secant_jax.evaluation.fmnist_features --out "$runs/features" \
-    --epochs "${EPOCHS:-8}" ${DATA_DIR:+--data_dir "$DATA_DIR"}
+  beside classifier
 fi
 teacher_before=$(latest_checkpoint teacher)
-train teacher stage=teacher "${TEACHER_TRAIN_STEPS:-}" "${TEACHER_FLAGS:-}"
+now train teacher stage=teacher "${TEACHER_TRAIN_STEPS:-}" "${TEACHER_FLAGS:-}"
 if [ "$(latest_checkpoint teacher)" != "$teacher_before" ]; then
   for variant in sdei stee; do
     if [ -d "$runs/$variant" ]; then
@@ -68,9 +99,4 @@ for variant in sdei stee; do
     "${SECANT_TRAIN_STEPS:-}" "${SECANT_FLAGS:-}"
 done
 for pid in "${pids[@]}"; do wait "$pid"; done
-# shellcheck disable=SC2086
-"$python" -m secant_jax.main --config="$config:stage=compare,$args" --workdir="$runs/table" \
-  "${common[@]}" --config.fid.fmnist="$runs/features" \
-  --config.compare.secants="sdei=$runs/sdei,stee=$runs/stee" \
-  --config.compare.references="$runs/references" \
-  $(optional compare.num_samples "${NUM_SAMPLES:-}") ${COMPARE_FLAGS:-}
+now table

@@ -3,6 +3,7 @@
 import os
 import re
 import shutil
+import signal
 import subprocess
 import time
 
@@ -278,3 +279,68 @@ def test_fashion_mnist_script_runs_stages_two_at_a_time_or_one_and_checks_finish
       tmp_path / 'c', XLA_CLIENT_MEM_FRACTION='0.3')} == {'0.3 -'}
   assert {fraction for fraction, _ in _fashion_mnist_calls(
       tmp_path / 'd', XLA_PYTHON_CLIENT_MEM_FRACTION='0.3')} == {'- 0.3'}
+
+
+def _stage_stand_in(tmp_path, waiting, failing=''):
+  """A python for launch/fashion_mnist.sh whose stages in `waiting` run until SIGTERM (then
+  log 'stopped STAGE' and exit 75, as a training run stopped on SIGTERM does), the stage
+  `failing` exits 1, and the others finish at once; each logs 'started STAGE PID'."""
+  log = tmp_path / 'stages'
+  _stand_in(tmp_path, 'python', f'''stage=classifier
+for arg in "$@"; do case "$arg" in --workdir=*/runs/*) stage=${{arg##*/}};; esac; done
+echo "started $stage $$" >> {log}
+case " {' '.join(waiting)} " in
+  *" $stage "*)
+    trap 'kill $pause; echo "stopped $stage" >> {log}; exit 75' TERM
+    sleep 60 & pause=$!
+    wait $pause;;
+esac
+[ "$stage" = "{failing}" ] && exit 1
+[ "$stage" = teacher ] && mkdir -p {tmp_path}/runs/teacher/checkpoints/10
+exit 0
+''')
+  return log
+
+
+def _started(log, stages, timeout=30):
+  """{stage: pid} once every stage in `stages` has logged that it started."""
+  for _ in range(timeout * 20):
+    lines = log.read_text().splitlines() if log.exists() else []
+    started = {l.split()[1]: int(l.split()[2]) for l in lines if l.startswith('started')}
+    if set(stages) <= set(started):
+      return started
+    time.sleep(0.05)
+  raise AssertionError(f'{stages} did not all start: {lines}')
+
+
+@pytest.mark.parametrize('waiting', [('classifier', 'teacher'), ('classifier', 'sdei', 'stee')])
+def test_ctrl_c_stops_every_running_stage_as_a_preemption_does(tmp_path, waiting):
+  """A terminal's Ctrl-C (SIGINT to the script's process group) during the teacher, or
+  during the two secant stages: each stage still running gets SIGTERM (it saves and stops)
+  and the script waits for them. Stages in the background ignored SIGINT, and trained on
+  after the script had ended."""
+  log = _stage_stand_in(tmp_path, waiting)
+  script = subprocess.Popen(['bash', os.path.join(REPO, 'launch', 'fashion_mnist.sh'),
+                             str(tmp_path / 'runs')], start_new_session=True,
+                            env={**os.environ, 'PYTHON': str(tmp_path / 'python')})
+  pids = _started(log, waiting)
+  os.killpg(script.pid, signal.SIGINT)
+  assert script.wait(timeout=30) == 130
+  assert sorted(l for l in log.read_text().splitlines() if l.startswith('stopped')) == [
+      f'stopped {stage}' for stage in sorted(waiting)]
+  for pid in pids.values():
+    with pytest.raises(ProcessLookupError):
+      os.kill(pid, 0)
+
+
+def test_a_failed_stage_stops_the_stages_beside_it(tmp_path):
+  log = _stage_stand_in(tmp_path, ('classifier',), failing='teacher')
+  process = subprocess.run(['bash', os.path.join(REPO, 'launch', 'fashion_mnist.sh'),
+                            str(tmp_path / 'runs')], timeout=30,
+                           env={**os.environ, 'PYTHON': str(tmp_path / 'python')})
+  assert process.returncode == 1
+  lines = log.read_text().splitlines()
+  assert [l.split()[:2] for l in lines if l.startswith('started')] in (
+      [['started', 'classifier'], ['started', 'teacher']],
+      [['started', 'teacher'], ['started', 'classifier']])
+  assert 'stopped classifier' in lines
