@@ -19,7 +19,8 @@ the same command resumes a preempted comparison. The saves are stamped with
 config.compare (`stamped_settings`), config.seed, config.fid, the precision, the process
 count and a digest of each model's weights (evaluation.progress.weights_digest): a run
 retrained into the same directory is refused by name, not taken for the one compared
-before. With compare.references set, the teacher's reference solutions are kept there
+before. A secant run whose teacher.json says it learnt from other teacher weights than the
+table's is refused (`loop.check_learnt_from`). With compare.references set, the teacher's reference solutions are kept there
 (evaluation.references) and read back by any later comparison with the same teacher (path
 and weights), guidance_scale, seed, num_samples, batch_size and precision.
 """
@@ -39,6 +40,7 @@ from secant_jax.evaluation import progress
 from secant_jax.evaluation import reference_error
 from secant_jax.evaluation import references
 from secant_jax.evaluation import sample_quality
+from secant_jax.train import loop
 from secant_jax.train import parallel
 
 
@@ -117,13 +119,15 @@ def _compare(config, workdir):
   workdir = files.make_directory(workdir)
   mesh = parallel.make_mesh(config.fsdp)
   parallel.check_batch_size(c.batch_size, mesh, 'config.compare.batch_size')
-  network, task, tangent_of, teacher_digest = comparison.teacher(
+  network, task, tangent_of, teacher_variables = comparison.teacher(
       teacher_config, teacher_weights, c.guidance_scale, config.compare_in_float32, mesh)
+  teacher_digest = progress.weights_digest(teacher_variables)
   samplers = comparison.teacher_samplers(task, tangent_of, c.teacher_nfe)
   added_steps = {}
   for name, run_dir in parse_runs(c.secants):
     run_config, ema_dir = common.load_run(run_dir)
     check_same_path(name, run_dir, run_config, teacher_config)
+    loop.check_learnt_from(run_dir, lambda: teacher_variables, config.allow_config_change)
     steps = tuple(c.secant_steps)
     if run_config.secant.steps not in steps:  # after the rows asked for, which keep their order
       added_steps[name] = run_config.secant.steps

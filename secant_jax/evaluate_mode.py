@@ -4,7 +4,7 @@ and guidance (a config of another model than the run's config.json is refused:
 
 - its integration error to the teacher's reference ODE solution from the same noise, next
   to the teacher's own Euler and Heun at the same number of guided evaluations (when the
-  config names a teacher), and
+  config names a teacher: the one the run learnt from, `loop.check_learnt_from`), and
 - FID and Inception Score (or the Fréchet distance of another feature network) over
   config.fid.num_samples samples, when config.fid names the network's weights (see
   evaluation.sample_quality); with config.fid.image_dir set, these samples are also
@@ -81,6 +81,9 @@ def evaluate(config, workdir):
     raise ValueError(f'Nothing to evaluate: set config.fid.{config.fid.features} (the '
                      'weights of the feature network: FID, Inception Score) and/or '
                      'config.teacher_checkpoint (error to the teacher\'s ODE).')
+  if has_teacher:  # before the FID samples, which the integration error comes after
+    loop.check_learnt_from(workdir, lambda: loop.load_teacher(config, jax.random.key(0))[1],
+                           config.allow_config_change)
   mesh = parallel.make_mesh(config.fsdp)
   network = recipe.make_network(config, mesh)
   task = recipe.make_task(config, network)

@@ -851,6 +851,41 @@ def test_sample_and_evaluate_mode_refuse_a_config_of_another_model(tmp_path, cap
   main_lib.run(sdei, tmp_path)
 
 
+def test_a_secant_run_is_measured_against_the_teacher_it_learnt_from(tmp_path):
+  """Evaluate and compare mode refuse a teacher whose weights changed at the same path
+  after a secant run learnt from it (its teacher.json, digested as its bf16 step held
+  them); they measured the run against the new teacher with no error."""
+  teacher = _digits_config(1, secant=config_lib.secant_config('diffusion', 1))
+  teacher.model.dtype = 'bfloat16'
+  loop.train_and_evaluate(teacher, tmp_path / 'teacher')
+  sdei = _digits_config(1, secant=config_lib.secant_config('sdei', 2, guidance=(1.0, 2.0)),
+                        num_eval_samples=2, teacher_checkpoint=str(tmp_path / 'teacher/ema'))
+  sdei.model.dtype = 'bfloat16'
+  loop.train_and_evaluate(sdei, tmp_path / 'sdei')
+  sdei.mode = 'evaluate'
+  compare = _digits_config(1, mode='compare')
+  compare.compare.update(dict(teacher=str(tmp_path / 'teacher'), num_samples=8, batch_size=8,
+                              secants=f'sdei={tmp_path / "sdei"}', teacher_nfe=(1,),
+                              secant_steps=(1,)))
+  measured = main_lib.run(sdei, tmp_path / 'sdei')['secant']
+  rows = main_lib.run(compare, tmp_path / 'table')
+  common.save(teacher_variables(registry.build(teacher.model, guided=False), 3),
+              tmp_path / 'teacher' / 'ema', overwrite=True)  # trained on, or converted again
+  for config, workdir in ((sdei, tmp_path / 'sdei'), (compare, tmp_path / 'table')):
+    with pytest.raises(ValueError, match=r'^The secant run in .*sdei learnt from other '
+                                         r'teacher weights than these \(its teacher.json: '
+                                         r'those in .*teacher/ema when it trained; trained on '
+                                         r'or converted again since\?\): its error to this '
+                                         r"teacher's solutions would not measure what it "
+                                         r'learnt. Measure it against the teacher it learnt '
+                                         r'from, or against this one on purpose with '
+                                         r'--config.allow_config_change=True.$'):
+      main_lib.run(config, workdir)
+    config.allow_config_change = True
+  assert main_lib.run(sdei, tmp_path / 'sdei')['secant'] != measured
+  assert main_lib.run(compare, tmp_path / 'table2') != rows
+
+
 def test_sample_mode_on_latents_writes_the_decoders_images(tmp_path, latent_dir, caplog):
   """On latent data samples.npz keeps the latents and adds their SD-VAE images (uint8,
   quantised as the official sample_ddp.py saves them), which the PNG grid shows; without

@@ -53,8 +53,8 @@ class Sampler:
 
 
 def teacher(run_config, ema_dir, scale, float32, mesh=None):
-  """(teacher network, task, guided tangent of labels: y → v(x, t), digest of its weights
-  (evaluation.progress.weights_digest)) of a trained teacher run, CFG-guided at `scale`
+  """(teacher network, task, guided tangent of labels: y → v(x, t), its variables as its
+  checkpoint holds them) of a trained teacher run, CFG-guided at `scale`
   (None: the plain conditional tangent), in float32 throughout with `float32`
   (reference_error.measured_config), for `compare` on `mesh` (registry.build)."""
   run_config = reference_error.measured_config(run_config, float32)
@@ -65,7 +65,7 @@ def teacher(run_config, ema_dir, scale, float32, mesh=None):
   def tangent_of(labels):
     return reference_error.teacher_tangent(network, variables, task, labels, scale)
 
-  return network, task, tangent_of, progress_lib.weights_digest(variables)
+  return network, task, tangent_of, variables
 
 
 def teacher_samplers(task, tangent_of, nfes):

@@ -15,6 +15,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
@@ -52,18 +53,25 @@ def load_into(network, directory, key):
                                  f'{e}') from None
 
 
-def teacher_of(config, key, mesh=None):
-  """(teacher network, variables): the same architecture without the guidance input, its
-  frozen variables as it computes with them (`Network.inference_variables`: bf16 for a
-  bf16 DiT, so the step neither holds nor re-casts an fp32 copy); for programs that split
-  its batch over `mesh` (`registry.build`)."""
+def load_teacher(config, key, mesh=None):
+  """(teacher network, variables): the same architecture without the guidance input, for
+  programs that split its batch over `mesh` (`registry.build`), and its variables as its
+  checkpoint holds them."""
   path = config.teacher_checkpoint or config.init_checkpoint
   if not path:
     raise ValueError(f'Variant {config.secant.variant!r} needs a teacher: set '
                      'config.teacher_checkpoint (or config.init_checkpoint) to a converted '
                      'checkpoint.')
   teacher = registry.build(config.model, guided=False, mesh=mesh)
-  return teacher, teacher.inference_variables(load_into(teacher, path, key))
+  return teacher, load_into(teacher, path, key)
+
+
+def teacher_of(config, key, mesh=None):
+  """`load_teacher`'s network and its frozen variables as it computes with them
+  (`Network.inference_variables`: bf16 for a bf16 DiT, so the step neither holds nor
+  re-casts an fp32 copy)."""
+  teacher, variables = load_teacher(config, key, mesh)
+  return teacher, teacher.inference_variables(variables)
 
 
 def _config_changes(config, workdir, resumed_step):
@@ -146,6 +154,31 @@ def _check_teacher(config, workdir, resumed_step, teacher_digest):
                     record['checkpoint'])
   if jax.process_index() == 0:
     files.write_json(path, record)
+
+
+def check_learnt_from(run_dir, teacher_variables, allow_change):
+  """Refuses to measure the secant run in `run_dir` against a teacher whose weights are not
+  those it learnt from, unless `allow_change`: `teacher_variables()` (the teacher's, as its
+  checkpoint holds them; called only where there is a record), cast as the run's train
+  step held them (the model of its config.json), must have the digest that its
+  teacher.json recorded (`_check_teacher`). A run without that record (STEE, whose steps
+  use no teacher; a run from before the record) is not checked."""
+  path = os.path.join(run_dir, TEACHER_RECORD)
+  if allow_change or not epath.Path(path).exists():
+    return
+  recorded = files.read_json(path)
+  model = config_lib.with_added_settings(
+      files.read_json(os.path.join(run_dir, 'config.json')))['model']
+  held = registry.build(ml_collections.ConfigDict(model), guided=False).inference_variables(
+      teacher_variables())
+  if progress.weights_digest(held) == recorded['digest']:
+    return
+  raise ValueError(
+      f'The secant run in {run_dir} learnt from other teacher weights than these (its '
+      f'{TEACHER_RECORD}: those in {recorded["checkpoint"]} when it trained; trained on or '
+      'converted again since?): its error to this teacher\'s solutions would not measure '
+      'what it learnt. Measure it against the teacher it learnt from, or against this one on '
+      'purpose with --config.allow_config_change=True.')
 
 
 def _warn_of_initial_weights_in_ema(config):
