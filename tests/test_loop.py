@@ -849,6 +849,19 @@ def test_sample_and_evaluate_mode_refuse_a_config_of_another_model(tmp_path, cap
   assert 'samples the run in' in caplog.text and 'in 1 steps; it trained for 2.' in caplog.text
   sdei.allow_config_change = True
   main_lib.run(sdei, tmp_path)
+  sdei_dir = tmp_path / 'sdei'  # distilled from the STEE run: a teacher of the same shape
+  sdei.allow_config_change, sdei.mode = False, 'train'
+  sdei.teacher_checkpoint = str(tmp_path / 'ema')
+  loop.train_and_evaluate(sdei, sdei_dir)
+  sdei.mode = 'sample'
+  caplog.clear()
+  main_lib.run(sdei, sdei_dir)  # at 1.5, inside [1, 2]
+  assert 'extrapolates' not in caplog.text
+  sdei.secant.sample_guidance_scale = 3.0
+  main_lib.run(sdei, sdei_dir)
+  assert (f'Sample mode samples the run in {sdei_dir} at the guidance scale 3, outside the '
+          'range [1, 2] it trained on: its guidance input extrapolates. Set '
+          'config.secant.sample_guidance_scale inside it') in caplog.text
 
 
 def test_a_secant_run_is_measured_against_the_teacher_it_learnt_from(tmp_path):

@@ -102,8 +102,10 @@ def check_trained_model(config, workdir, mode):
   from the run's config.json in what its model is (config.MODEL_SETTINGS; a forgotten
   :variant=stee would sample an STEE model as SDEI, its guidance embedder at init and
   without its CFG), unless allow_config_change. A secant model sampled in other steps
-  than it trained for is logged. A workdir without config.json (a converted checkpoint
-  placed in RUN/ema) is not checked."""
+  than it trained for is logged, and one with embedded guidance sampled at a scale outside
+  the range it trained on (config.secant.sample_guidance_scale; its guidance input then
+  extrapolates) is warned of. A workdir without config.json (a converted checkpoint placed
+  in RUN/ema) is not checked."""
   path = os.path.join(workdir, 'config.json')
   if not epath.Path(path).exists():
     return
@@ -122,6 +124,12 @@ def check_trained_model(config, workdir, mode):
   if variant != 'diffusion' and config.secant.steps != trained:
     logging.info('%s samples the run in %s in %d steps; it trained for %d.', mode, workdir,
                  config.secant.steps, trained)
+  scales, scale = saved['secant'].get('guidance'), config.secant.sample_guidance_scale
+  if scales and not scales[0] <= scale <= scales[1]:
+    logging.warning('%s samples the run in %s at the guidance scale %g, outside the range '
+                    '[%g, %g] it trained on: its guidance input extrapolates. Set '
+                    'config.secant.sample_guidance_scale inside it to sample as it learnt.',
+                    mode, workdir, scale, *scales)
 
 
 TEACHER_RECORD = 'teacher.json'
