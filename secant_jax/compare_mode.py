@@ -20,9 +20,10 @@ config.compare (`stamped_settings`), config.seed, config.fid, the precision, the
 count and a digest of each model's weights (evaluation.progress.weights_digest): a run
 retrained into the same directory is refused by name, not taken for the one compared
 before. A secant run whose teacher.json says it learnt from other teacher weights than the
-table's is refused (`loop.check_learnt_from`). With compare.references set, the teacher's reference solutions are kept there
-(evaluation.references) and read back by any later comparison with the same teacher (path
-and weights), guidance_scale, seed, num_samples, batch_size and precision.
+table's is refused (`loop.check_learnt_from`). With compare.references set, the teacher's
+reference solutions are kept there (evaluation.references) and read back by any later
+comparison with the same teacher (path and weights), guidance_scale, seed, num_samples,
+batch_size and precision.
 """
 
 import functools

@@ -5,6 +5,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -313,6 +314,10 @@ def _started(log, stages, timeout=30):
   raise AssertionError(f'{stages} did not all start: {lines}')
 
 
+_WITH_DEFAULT_SIGINT = ('import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); '
+                        'os.execvp(sys.argv[1], sys.argv[1:])')
+
+
 @pytest.mark.parametrize('waiting', [('classifier', 'teacher'), ('classifier', 'sdei', 'stee')])
 def test_ctrl_c_stops_every_running_stage_as_a_preemption_does(tmp_path, waiting):
   """A terminal's Ctrl-C (SIGINT to the script's process group) during the teacher, or
@@ -320,7 +325,10 @@ def test_ctrl_c_stops_every_running_stage_as_a_preemption_does(tmp_path, waiting
   and the script waits for them. Stages in the background ignored SIGINT, and trained on
   after the script had ended."""
   log = _stage_stand_in(tmp_path, waiting)
-  script = subprocess.Popen(['bash', os.path.join(REPO, 'launch', 'fashion_mnist.sh'),
+  # As from a terminal, whatever this process ignores (a suite started in the background
+  # ignores SIGINT, and bash cannot trap a signal ignored when it started).
+  script = subprocess.Popen([sys.executable, '-c', _WITH_DEFAULT_SIGINT, 'bash',
+                             os.path.join(REPO, 'launch', 'fashion_mnist.sh'),
                              str(tmp_path / 'runs')], start_new_session=True,
                             env={**os.environ, 'PYTHON': str(tmp_path / 'python')})
   pids = _started(log, waiting)
