@@ -15,7 +15,6 @@ import os
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
@@ -175,9 +174,8 @@ def check_learnt_from(run_dir, teacher_variables, allow_change):
   if allow_change or not epath.Path(path).exists():
     return
   recorded = files.read_json(path)
-  model = config_lib.with_added_settings(
-      files.read_json(os.path.join(run_dir, 'config.json')))['model']
-  held = registry.build(ml_collections.ConfigDict(model), guided=False).inference_variables(
+  run_config, _ = common.load_run(run_dir)
+  held = registry.build(run_config.model, guided=False).inference_variables(
       teacher_variables())
   if progress.weights_digest(held) == recorded['digest']:
     return
