@@ -129,6 +129,8 @@ def _compare(config, workdir):
     run_config, ema_dir = common.load_run(run_dir)
     check_same_path(name, run_dir, run_config, teacher_config)
     loop.check_learnt_from(run_dir, lambda: teacher_variables, config.allow_config_change)
+    loop.warn_outside_guidance('Compare mode', run_dir, run_config.secant.guidance,
+                               c.guidance_scale, 'config.compare.guidance_scale')
     steps = tuple(c.secant_steps)
     if run_config.secant.steps not in steps:  # after the rows asked for, which keep their order
       added_steps[name] = run_config.secant.steps

@@ -864,10 +864,11 @@ def test_sample_and_evaluate_mode_refuse_a_config_of_another_model(tmp_path, cap
           'config.secant.sample_guidance_scale inside it') in caplog.text
 
 
-def test_a_secant_run_is_measured_against_the_teacher_it_learnt_from(tmp_path):
+def test_a_secant_run_is_measured_against_the_teacher_it_learnt_from(tmp_path, caplog):
   """Evaluate and compare mode refuse a teacher whose weights changed at the same path
   after a secant run learnt from it (its teacher.json, digested as its bf16 step held
-  them); they measured the run against the new teacher with no error."""
+  them); they measured the run against the new teacher with no error. Compare mode warns
+  of a guidance scale outside the range a run trained on, as sample mode does."""
   teacher = _digits_config(1, secant=config_lib.secant_config('diffusion', 1))
   teacher.model.dtype = 'bfloat16'
   loop.train_and_evaluate(teacher, tmp_path / 'teacher')
@@ -882,6 +883,13 @@ def test_a_secant_run_is_measured_against_the_teacher_it_learnt_from(tmp_path):
                               secant_steps=(1,)))
   measured = main_lib.run(sdei, tmp_path / 'sdei')['secant']
   rows = main_lib.run(compare, tmp_path / 'table')
+  assert 'extrapolates' not in caplog.text  # at 1, inside [1, 2]
+  compare.compare.guidance_scale = 3.0
+  main_lib.run(compare, tmp_path / 'guided')
+  assert (f'Compare mode samples the run in {tmp_path / "sdei"} at the guidance scale 3, '
+          'outside the range [1, 2] it trained on: its guidance input extrapolates. Set '
+          'config.compare.guidance_scale inside it') in caplog.text
+  compare.compare.guidance_scale = 1.0
   common.save(teacher_variables(registry.build(teacher.model, guided=False), 3),
               tmp_path / 'teacher' / 'ema', overwrite=True)  # trained on, or converted again
   for config, workdir in ((sdei, tmp_path / 'sdei'), (compare, tmp_path / 'table')):

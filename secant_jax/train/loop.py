@@ -123,12 +123,19 @@ def check_trained_model(config, workdir, mode):
   if variant != 'diffusion' and config.secant.steps != trained:
     logging.info('%s samples the run in %s in %d steps; it trained for %d.', mode, workdir,
                  config.secant.steps, trained)
-  scales, scale = saved['secant'].get('guidance'), config.secant.sample_guidance_scale
-  if scales and not scales[0] <= scale <= scales[1]:
+  warn_outside_guidance(mode, workdir, saved['secant'].get('guidance'),
+                        config.secant.sample_guidance_scale, 'config.secant.sample_guidance_scale')
+
+
+def warn_outside_guidance(mode, run_dir, trained_range, scale, setting):
+  """Warns that the run in `run_dir`, whose embedded guidance trained on the scales
+  `trained_range` (None: no guidance input), is sampled at `scale`, given by `setting`,
+  outside that range, where its guidance input extrapolates."""
+  if trained_range and not trained_range[0] <= scale <= trained_range[1]:
     logging.warning('%s samples the run in %s at the guidance scale %g, outside the range '
-                    '[%g, %g] it trained on: its guidance input extrapolates. Set '
-                    'config.secant.sample_guidance_scale inside it to sample as it learnt.',
-                    mode, workdir, scale, *scales)
+                    '[%g, %g] it trained on: its guidance input extrapolates. Set %s '
+                    'inside it to sample as it learnt.', mode, run_dir, scale, *trained_range,
+                    setting)
 
 
 TEACHER_RECORD = 'teacher.json'
