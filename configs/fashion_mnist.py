@@ -10,7 +10,7 @@ paper's table in miniature.
     python -m secant_jax.evaluation.fmnist_features --out ckpt/fmnist-features
     python -m secant_jax.main --config=configs/fashion_mnist.py:stage=compare --workdir=runs/fmnist-table
 
-Arguments: stage (teacher | secant | compare), variant and steps (the secant stage),
+Arguments: stage (teacher | secant | compare), variant and steps (the secant stage's only),
 model, teacher (the teacher's run directory). The secant runs the table compares are
 --config.compare.secants. Models:
 
@@ -44,6 +44,12 @@ def get_config(arg=None):
   if args['stage'] not in STAGES:
     raise ValueError(f"Unknown stage {args['stage']!r}: expected one of {STAGES}, e.g. "
                      'configs/fashion_mnist.py:stage=secant,variant=sdei,steps=4.')
+  ignored = sorted(config_lib.given_keys(arg) & {'variant', 'steps'})
+  if ignored and args['stage'] != 'secant':
+    raise ValueError(f"Config arguments {', '.join(ignored)}: stage={args['stage']} does not "
+                     'read them (they choose the secant model that stage=secant trains; '
+                     'stage=compare compares the runs in --config.compare.secants). Drop '
+                     'them, or give stage=secant.')
   c = config_lib.base_config()
   unet = args['model'] in UNETS
   if unet:

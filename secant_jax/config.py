@@ -153,8 +153,7 @@ def with_added_settings(saved):
 def parse_arg(arg, defaults):
   """'k=v,k=v' → {k: v} over `defaults` (values typed like the defaults)."""
   values = dict(defaults)
-  for item in filter(None, (arg or '').split(',')):
-    key, sep, value = item.partition('=')
+  for item, key, sep, value in _arg_items(arg):
     if not sep or key not in defaults:
       raise ValueError(f'Bad config argument {item!r}: expected key=value with key in '
                        f'{sorted(defaults)}, e.g. variant=stee,steps=8.')
@@ -166,6 +165,16 @@ def parse_arg(arg, defaults):
       raise ValueError(f'Bad config argument {item!r}: {key} takes {what}, e.g. '
                        f'{key}={defaults[key]}.') from None
   return values
+
+
+def given_keys(arg):
+  """The keys that a 'k=v,k=v' config argument gives (parse_arg fills in the others)."""
+  return {key for _, key, _, _ in _arg_items(arg)}
+
+
+def _arg_items(arg):
+  for item in filter(None, (arg or '').split(',')):
+    yield (item, *item.partition('='))
 
 
 def matmul_precision(config):

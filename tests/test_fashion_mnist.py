@@ -247,6 +247,14 @@ def test_compare_errors_name_the_fix(tmp_path):
                                        r'also takes model=tiny, or the U-Nets model=unet, '
                                        r'model=unet-tiny.$'):  # was: only the DiT names
     fmnist_config.get_config('model=UNet')
+  with pytest.raises(ValueError, match=r'^Config arguments steps, variant: stage=teacher does '
+                                       r'not read them \(they choose the secant model that '
+                                       r'stage=secant trains; .*\)\. Drop them, or give '
+                                       r'stage=secant.$'):  # was: a teacher, trained silently
+    fmnist_config.get_config('variant=stee,steps=2')
+  with pytest.raises(ValueError, match=r'^Config arguments variant: stage=compare does not'):
+    fmnist_config.get_config('stage=compare,variant=stee')
+  assert fmnist_config.get_config('stage=secant,variant=stee,steps=2').secant.steps == 2
   with pytest.raises(ValueError, match=r'FD-FMNIST needs the Fashion-MNIST classifier'):
     fmnist_features.feature_network('')
   from configs import cifar10_edm  # pylint: disable=import-outside-toplevel
