@@ -65,6 +65,18 @@ def two_block_dit(edit_benchmark_config):
 
 
 @pytest.fixture
+def from_a_terminal():
+  """argv → the argv that runs it with SIGINT at its default, as a command started from a
+  terminal has it, whatever this process ignores: a suite started in the background ignores
+  SIGINT, and a child inherits that (Python then installs no KeyboardInterrupt, and bash
+  cannot trap a signal ignored when it started)."""
+  import sys
+  wrapper = ('import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); '
+             'os.execvp(sys.argv[1], sys.argv[1:])')
+  return lambda argv: [sys.executable, '-c', wrapper, *argv]
+
+
+@pytest.fixture
 def gcs_bucket(monkeypatch, request):
   """'gs://bucket-…' (named after the test), served for the duration of a test by a local
   emulator of Cloud Storage's JSON API (gcp-storage-emulator, in memory). Tensorstore

@@ -74,6 +74,49 @@ def test_sigterm_forces_a_save_and_asks_to_stop(tmp_path):
   assert signal.getsignal(signal.SIGTERM) is before  # close() gives the handler back
 
 
+@pytest.fixture
+def sigint(request):
+  """SIGINT's disposition set to `request.param` ('default': Python's KeyboardInterrupt, as
+  in a terminal; 'ignored': as in a shell script's background job) for the test, whatever
+  this process started with (a suite started in the background ignores SIGINT)."""
+  before = signal.signal(signal.SIGINT, {'default': signal.default_int_handler,
+                                         'ignored': signal.SIG_IGN}[request.param])
+  yield request.param
+  signal.signal(signal.SIGINT, before)
+
+
+@pytest.mark.parametrize('sigint', ['default'], indirect=True)
+def test_ctrl_c_forces_a_save_and_asks_to_stop_and_a_second_stops_now(tmp_path, sigint,
+                                                                       capfd):
+  """Ctrl-C raised KeyboardInterrupt wherever the step was, losing the steps since the
+  last save."""
+  del sigint
+  ckpts = checkpoint.Checkpoints(tmp_path, every=100, keep=3)
+  assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+  os.kill(os.getpid(), signal.SIGINT)
+  assert ckpts.stop_requested and ckpts.stopped_by == 'Ctrl-C'
+  assert ('Ctrl-C: the run stops after this step with a checkpoint; Ctrl-C again stops it '
+          'now, without one.') in capfd.readouterr().err
+  assert ckpts.save_if_due(3, _state(3), _Iterator(3)) and ckpts.latest_step == 3
+  with pytest.raises(KeyboardInterrupt):
+    os.kill(os.getpid(), signal.SIGINT)
+  ckpts.close()
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
+
+
+@pytest.mark.parametrize('sigint', ['ignored'], indirect=True)
+def test_a_process_that_ignores_sigint_keeps_ignoring_it(tmp_path, sigint):
+  """A script's background stage (launch/fashion_mnist.sh), which the script stops with
+  SIGTERM."""
+  del sigint
+  ckpts = checkpoint.Checkpoints(tmp_path, every=100, keep=3)
+  assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+  os.kill(os.getpid(), signal.SIGINT)
+  assert not ckpts.stop_requested
+  ckpts.close()
+  assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+
+
 def test_a_checkpoint_of_another_model_is_refused_naming_the_arrays_and_kept(tmp_path):
   ckpts = checkpoint.Checkpoints(tmp_path, every=1, keep=3)
   ckpts.save(1, _state(1), _Iterator(1))

@@ -5,7 +5,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -314,22 +313,18 @@ def _started(log, stages, timeout=30):
   raise AssertionError(f'{stages} did not all start: {lines}')
 
 
-_WITH_DEFAULT_SIGINT = ('import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); '
-                        'os.execvp(sys.argv[1], sys.argv[1:])')
-
-
 @pytest.mark.parametrize('waiting', [('classifier', 'teacher'), ('classifier', 'sdei', 'stee')])
-def test_ctrl_c_stops_every_running_stage_as_a_preemption_does(tmp_path, waiting):
+def test_ctrl_c_stops_every_running_stage_as_a_preemption_does(tmp_path, waiting,
+                                                               from_a_terminal):
   """A terminal's Ctrl-C (SIGINT to the script's process group) during the teacher, or
   during the two secant stages: each stage still running gets SIGTERM (it saves and stops)
   and the script waits for them. Stages in the background ignored SIGINT, and trained on
   after the script had ended."""
   log = _stage_stand_in(tmp_path, waiting)
-  # As from a terminal, whatever this process ignores (a suite started in the background
-  # ignores SIGINT, and bash cannot trap a signal ignored when it started).
-  script = subprocess.Popen([sys.executable, '-c', _WITH_DEFAULT_SIGINT, 'bash',
-                             os.path.join(REPO, 'launch', 'fashion_mnist.sh'),
-                             str(tmp_path / 'runs')], start_new_session=True,
+  script = subprocess.Popen(from_a_terminal(['bash', os.path.join(REPO, 'launch',
+                                                                  'fashion_mnist.sh'),
+                                             str(tmp_path / 'runs')]),
+                            start_new_session=True,
                             env={**os.environ, 'PYTHON': str(tmp_path / 'python')})
   pids = _started(log, waiting)
   os.killpg(script.pid, signal.SIGINT)

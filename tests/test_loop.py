@@ -284,12 +284,12 @@ def _digits_config(steps, **overrides):
   return _config(model, dict(name='digits'), 'stee', steps=steps, **overrides)
 
 
-def _run_main(workdir, steps, extra=()):
-  return subprocess.Popen(
+def _run_main(workdir, steps, extra=(), wrap=lambda argv: argv):
+  return subprocess.Popen(wrap(
       [sys.executable, '-m', 'secant_jax.main', f'--config={REPO}/configs/demo.py',
        f'--workdir={workdir}', '--config.mode=train', f'--config.num_train_steps={steps}',
        '--config.log_every=1', '--config.batch_size=8', '--config.model.hidden_size=32',
-       '--config.model.depth=1', '--config.model.num_heads=2', *extra],
+       '--config.model.depth=1', '--config.model.num_heads=2', *extra]),
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -466,6 +466,24 @@ def test_a_custom_partitioned_kernel_on_two_devices_is_cached_once_only_if_run_p
                          env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ['48.0']
   assert len([f for f in os.listdir(tmp_path) if f.startswith('jit__lambda-')]) == entries
+
+
+def test_ctrl_c_stops_a_run_with_a_checkpoint_as_sigterm_does(tmp_path, from_a_terminal):
+  """It raised KeyboardInterrupt wherever the step was: the steps since the last save were
+  lost, and the exit status did not say that the run can go on."""
+  proc = _run_main(tmp_path, 100000, ['--config.checkpoint_every=100000'], from_a_terminal)
+  for line in proc.stdout:
+    if 'loss' in line:
+      break
+  proc.send_signal(signal.SIGINT)
+  output, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 75, output[-3000:]
+  steps = [int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()]
+  assert len(steps) == 1 and 0 < steps[0] < 100000
+  assert 'Ctrl-C: the run stops after this step with a checkpoint' in output
+  assert (f'Stopped on Ctrl-C at step {steps[0]} of 100000, with a checkpoint in '
+          f'{tmp_path}/checkpoints; the same command resumes the run.') in output
+  assert 'KeyboardInterrupt' not in output
 
 
 def test_sigterm_leaves_a_checkpoint_the_run_continues_from(tmp_path):

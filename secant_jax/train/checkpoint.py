@@ -1,6 +1,6 @@
 """Checkpoints of a run: async Orbax saves every N steps, the latest K kept, a forced save
-when the process is told to stop (SIGTERM: preemption of a TPU VM or a Slurm job), and
-restore of the latest on start.
+when the process is told to stop (SIGTERM: preemption of a TPU VM or a Slurm job; Ctrl-C in
+the terminal of a one-process run), and restore of the latest on start.
 
 A checkpoint holds two checkpointables: 'state' (the TrainState pytree, restored with the
 shardings of the abstract state given) and 'data' (the data iterator's JSON state, written
@@ -15,11 +15,18 @@ would leave the others waiting in a collective. There JAX's preemption sync serv
 (started by jax.distributed.initialize, which owns SIGTERM) picks one step at which every
 host saves and stops.
 
-Use it as a context manager: leaving the block, however (a finished run, a non-finite loss,
-a config that does not fit), waits for the save in flight to commit and gives SIGTERM back
-to its previous handler.
+Ctrl-C (SIGINT) stops a one-process run as SIGTERM does, after its current step with a
+checkpoint, where it would otherwise raise KeyboardInterrupt wherever the step was and lose
+the steps since the last save; a second Ctrl-C raises KeyboardInterrupt at once (the
+checkpoints already committed stay). A process that started with SIGINT ignored (a
+background job of a shell script, such as launch/fashion_mnist.sh's stages, which it stops
+with SIGTERM) keeps ignoring it. Several processes leave SIGINT as it is.
 
-A run that stopped on SIGTERM ends by raising `Stopped`, which `python -m secant_jax.main`
+Use it as a context manager: leaving the block, however (a finished run, a non-finite loss,
+a config that does not fit), waits for the save in flight to commit and gives SIGTERM and
+SIGINT back to their previous handlers.
+
+A run that stopped on SIGTERM or Ctrl-C ends by raising `Stopped`, which `python -m secant_jax.main`
 turns into exit status 75 (sysexits' EX_TEMPFAIL: run again later), so that a scheduler
 can tell it from a finished run and queue it again. Process 0 alone exits 75, the others
 0: process 0 commits the checkpoint, so a launcher that kills the remaining processes when
@@ -39,7 +46,7 @@ STOPPED_EXIT_STATUS = 75
 
 
 class Stopped(Exception):
-  """The run saved a checkpoint and stopped before its last step, on SIGTERM."""
+  """The run saved a checkpoint and stopped before its last step, on SIGTERM or Ctrl-C."""
 
 
 class Checkpoints:
@@ -51,9 +58,14 @@ class Checkpoints:
         os.fspath(directory), context=orbax_context.context(),
         preservation_policy=ocp.training.preservation_policies.LatestN(keep))
     self.stop_requested = False
+    self.stopped_by = 'SIGTERM'  # what asked the run to stop, for its last message
     self._multihost = jax.process_count() > 1
+    self._previous_handlers = {}
     if not self._multihost:
-      self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+      signals = [signal.SIGTERM]
+      if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored
+        signals.append(signal.SIGINT)
+      self._previous_handlers = {s: signal.signal(s, self._on_stop_signal) for s in signals}
 
   def __enter__(self):
     return self
@@ -61,8 +73,14 @@ class Checkpoints:
   def __exit__(self, *exc_info):
     self.close()
 
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
+  def _on_stop_signal(self, signum, frame):
+    del frame
+    if signum == signal.SIGINT:
+      if self.stop_requested:
+        raise KeyboardInterrupt
+      self.stopped_by = 'Ctrl-C'
+      os.write(2, b'\nCtrl-C: the run stops after this step with a checkpoint; Ctrl-C again '
+                  b'stops it now, without one.\n')  # no buffered write inside a handler
     self.stop_requested = True
 
   @property
@@ -119,8 +137,8 @@ class Checkpoints:
   def close(self):
     self._checkpointer.wait()
     self._checkpointer.close()
-    if not self._multihost:
-      signal.signal(signal.SIGTERM, self._previous_handler)
+    for signum, handler in self._previous_handlers.items():
+      signal.signal(signum, handler)
 
 
 def _flat_arrays(tree):
