@@ -95,8 +95,8 @@ def test_ctrl_c_forces_a_save_and_asks_to_stop_and_a_second_stops_now(tmp_path, 
   assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
   os.kill(os.getpid(), signal.SIGINT)
   assert ckpts.stop_requested and ckpts.stopped_by == 'Ctrl-C'
-  assert ('Ctrl-C: the run stops after this step with a checkpoint; Ctrl-C again stops it '
-          'now, without one.') in capfd.readouterr().err
+  assert ('Ctrl-C: the run stops after this step, with a checkpoint. Ctrl-C again: it '
+          'stops now (a save under way still commits).') in capfd.readouterr().err
   assert ckpts.save_if_due(3, _state(3), _Iterator(3)) and ckpts.latest_step == 3
   with pytest.raises(KeyboardInterrupt):
     os.kill(os.getpid(), signal.SIGINT)

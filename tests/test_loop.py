@@ -480,7 +480,7 @@ def test_ctrl_c_stops_a_run_with_a_checkpoint_as_sigterm_does(tmp_path, from_a_t
   assert proc.returncode == 75, output[-3000:]
   steps = [int(d) for d in os.listdir(tmp_path / 'checkpoints') if d.isdigit()]
   assert len(steps) == 1 and 0 < steps[0] < 100000
-  assert 'Ctrl-C: the run stops after this step with a checkpoint' in output
+  assert 'Ctrl-C: the run stops after this step, with a checkpoint.' in output
   assert (f'Stopped on Ctrl-C at step {steps[0]} of 100000, with a checkpoint in '
           f'{tmp_path}/checkpoints; the same command resumes the run.') in output
   assert 'KeyboardInterrupt' not in output

@@ -17,8 +17,8 @@ host saves and stops.
 
 Ctrl-C (SIGINT) stops a one-process run as SIGTERM does, after its current step with a
 checkpoint, where it would otherwise raise KeyboardInterrupt wherever the step was and lose
-the steps since the last save; a second Ctrl-C raises KeyboardInterrupt at once (the
-checkpoints already committed stay). A process that started with SIGINT ignored (a
+the steps since the last save; a second Ctrl-C raises KeyboardInterrupt at once (leaving
+the block still waits for a save under way to commit). A process that started with SIGINT ignored (a
 background job of a shell script, such as launch/fashion_mnist.sh's stages, which it stops
 with SIGTERM) keeps ignoring it. Several processes leave SIGINT as it is.
 
@@ -79,8 +79,8 @@ class Checkpoints:
       if self.stop_requested:
         raise KeyboardInterrupt
       self.stopped_by = 'Ctrl-C'
-      os.write(2, b'\nCtrl-C: the run stops after this step with a checkpoint; Ctrl-C again '
-                  b'stops it now, without one.\n')  # no buffered write inside a handler
+      os.write(2, b'\nCtrl-C: the run stops after this step, with a checkpoint. Ctrl-C '
+                  b'again: it stops now (a save under way still commits).\n')  # unbuffered
     self.stop_requested = True
 
   @property
