@@ -6,7 +6,8 @@
 #       --config.model.split_qkv=True --config.model.attention=cudnn
 #
 # CUDA_VISIBLE_DEVICES picks the GPUs; launch/gpu_env.sh sets XLA's memory share and flags.
-# SIGTERM (kill, a scheduler's preemption) saves a checkpoint; the same command resumes.
+# SIGTERM (kill, a scheduler's preemption) or Ctrl-C saves a checkpoint; the same command
+# resumes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source launch/gpu_env.sh
