@@ -6,8 +6,9 @@ reference ODE solution, FID and Inception Score), compare (a teacher run and its
 runs: the table of evaluation.comparison), demo (configs/demo.py: the whole method on
 digits).
 
-Exit status 75 (process 0 only): a training run, or a demo stage, stopped on SIGTERM after
-saving its checkpoint; the same command resumes it (see train.checkpoint).
+Exit status 75 (process 0 only): a training run, or a demo stage, stopped on SIGTERM (or
+Ctrl-C, in one process) after saving its checkpoint; the same command resumes it (see
+train.checkpoint).
 """
 
 import sys
