@@ -15,6 +15,7 @@ module.
 
 import importlib.util
 import os
+import sys
 import threading
 import types
 
@@ -70,7 +71,6 @@ def from_a_terminal():
   terminal has it, whatever this process ignores: a suite started in the background ignores
   SIGINT, and a child inherits that (Python then installs no KeyboardInterrupt, and bash
   cannot trap a signal ignored when it started)."""
-  import sys
   wrapper = ('import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); '
              'os.execvp(sys.argv[1], sys.argv[1:])')
   return lambda argv: [sys.executable, '-c', wrapper, *argv]

@@ -75,22 +75,20 @@ def test_sigterm_forces_a_save_and_asks_to_stop(tmp_path):
 
 
 @pytest.fixture
-def sigint(request):
-  """SIGINT's disposition set to `request.param` ('default': Python's KeyboardInterrupt, as
-  in a terminal; 'ignored': as in a shell script's background job) for the test, whatever
-  this process started with (a suite started in the background ignores SIGINT)."""
-  before = signal.signal(signal.SIGINT, {'default': signal.default_int_handler,
-                                         'ignored': signal.SIG_IGN}[request.param])
-  yield request.param
+def set_sigint():
+  """set(disposition) sets SIGINT's for the rest of the test (Python's KeyboardInterrupt, as
+  in a terminal; SIG_IGN, as in a shell script's background job), whatever this process
+  started with (a suite started in the background ignores SIGINT)."""
+  before = signal.getsignal(signal.SIGINT)
+  yield lambda disposition: signal.signal(signal.SIGINT, disposition)
   signal.signal(signal.SIGINT, before)
 
 
-@pytest.mark.parametrize('sigint', ['default'], indirect=True)
-def test_ctrl_c_forces_a_save_and_asks_to_stop_and_a_second_stops_now(tmp_path, sigint,
+def test_ctrl_c_forces_a_save_and_asks_to_stop_and_a_second_stops_now(tmp_path, set_sigint,
                                                                        capfd):
   """Ctrl-C raised KeyboardInterrupt wherever the step was, losing the steps since the
   last save."""
-  del sigint
+  set_sigint(signal.default_int_handler)
   ckpts = checkpoint.Checkpoints(tmp_path, every=100, keep=3)
   assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
   os.kill(os.getpid(), signal.SIGINT)
@@ -104,11 +102,10 @@ def test_ctrl_c_forces_a_save_and_asks_to_stop_and_a_second_stops_now(tmp_path, 
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
 
 
-@pytest.mark.parametrize('sigint', ['ignored'], indirect=True)
-def test_a_process_that_ignores_sigint_keeps_ignoring_it(tmp_path, sigint):
+def test_a_process_that_ignores_sigint_keeps_ignoring_it(tmp_path, set_sigint):
   """A script's background stage (launch/fashion_mnist.sh), which the script stops with
   SIGTERM."""
-  del sigint
+  set_sigint(signal.SIG_IGN)
   ckpts = checkpoint.Checkpoints(tmp_path, every=100, keep=3)
   assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
   os.kill(os.getpid(), signal.SIGINT)
