@@ -773,6 +773,21 @@ def test_errors_are_one_line_and_name_the_fix(tmp_path, latent_dir):
   assert config_lib.parse_arg('scale=2', dict(scale=1.0)) == dict(scale=2.0)
 
 
+def test_cifar10_missing_from_tfds_default_dir_names_that_dir(tmp_path):
+  """Where config.data.dir is empty, TFDS reads $TFDS_DATA_DIR (at its import, hence a
+  subprocess): the error names that directory, not just 'the default'."""
+  script = ('import ml_collections\n'
+            'from secant_jax.data import cifar10\n'
+            "cifar10.source(ml_collections.ConfigDict({'name': 'cifar10', 'dir': ''}))\n")
+  done = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
+                        text=True, env={**os.environ, 'TFDS_DATA_DIR': str(tmp_path / 'tfds')},
+                        check=False)
+  assert done.returncode == 1
+  assert (f"FileNotFoundError: CIFAR-10 is not prepared in TFDS's default dir "
+          f"{tmp_path / 'tfds'} (KeyError); run `tfds build cifar10 "
+          "--file_format=array_record` first.") in done.stderr
+
+
 def test_labels_the_model_has_no_class_for_are_refused_before_they_train(tmp_path):
   fewer_classes = _digits_config(1)
   fewer_classes.model.num_classes = 5  # digits' labels are 0 to 9

@@ -20,12 +20,13 @@ class Cifar10Source:
 
 
 def source(data_config):
-  """tfds.data_source('cifar10') from config.data.dir (TFDS's default dir where empty). Random
-  access needs the ArrayRecord files of `tfds build cifar10 --file_format=array_record`;
-  plain `tfds build` writes TFRecord, which TFDS refuses here."""
+  """tfds.data_source('cifar10') from config.data.dir (TFDS's default dir where empty:
+  $TFDS_DATA_DIR, else ~/tensorflow_datasets). Random access needs the ArrayRecord files of
+  `tfds build cifar10 --file_format=array_record`; plain `tfds build` writes TFRecord, which
+  TFDS refuses here."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   data_dir = data_config.get('dir') or None
-  where = data_dir or 'the TFDS default dir'
+  where = data_dir or f'TFDS\'s default dir {tfds.builder("cifar10").data_dir_root}'
   build = 'tfds build cifar10 --file_format=array_record' + (f' --data_dir={data_dir}'
                                                               if data_dir else '')
   if data_dir is not None and not epath.Path(data_dir).is_dir():
