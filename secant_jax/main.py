@@ -68,11 +68,12 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   from secant_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
-  try:
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
-  except checkpoint.Stopped as stopped:
-    print(stopped, flush=True)
-    sys.exit(checkpoint.STOPPED_EXIT_STATUS if jax.process_index() == 0 else 0)
+  with parallel.exit_at_once_on_error():
+    try:
+      run(flags.FLAGS.config, flags.FLAGS.workdir)
+    except checkpoint.Stopped as stopped:
+      print(stopped, flush=True)
+      sys.exit(checkpoint.STOPPED_EXIT_STATUS if jax.process_index() == 0 else 0)
 
 
 def define_config_flag(flag_values, sys_argv):

@@ -24,6 +24,7 @@ from PIL import Image
 
 from secant_jax import config as config_lib
 from secant_jax.convert import common
+from secant_jax.data import pipeline
 from secant_jax.train import parallel
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,7 +49,7 @@ def _launch(argv, processes=2):
           for i in range(processes)]
 
 
-def _train(workdir, steps, processes=2):
+def _train(workdir, steps, processes=2, extra=()):
   cluster = lambda port, i: [
       '--config.distributed=True', f'--config.cluster.coordinator_address=localhost:{port}',
       f'--config.cluster.num_processes={processes}', f'--config.cluster.process_id={i}']
@@ -58,7 +59,7 @@ def _train(workdir, steps, processes=2):
       '--config.batch_size=8', '--config.checkpoint_every=100000', '--config.sample_every=2',
       '--config.num_sample_images=4', f'--config.fsdp={NUM_DEVICES}',
       '--config.model.hidden_size=64', '--config.model.depth=1', '--config.model.num_heads=2',
-      *(cluster(port, i) if processes > 1 else [])], processes)
+      *extra, *(cluster(port, i) if processes > 1 else [])], processes)
 
 
 def _finish(procs, stopped=False):
@@ -109,6 +110,30 @@ def test_sigterm_to_one_host_stops_all_at_one_step_and_the_resumed_run_is_exact(
   for workdir, launches in ((preempted, 2), (tmp_path / 'straight', 1)):  # process 0 writes
     events = [f for f in os.listdir(workdir) if f.startswith('events.out.tfevents')]
     assert len(events) == launches, events
+
+
+@pytest.mark.slow
+def test_an_error_on_one_process_ends_both_at_once(tmp_path):
+  """With seed 29 and 9 classes, process 1's fourth slice of digits has a label (9) the
+  model has none for, process 0's first ten slices not: process 1 raises at step 4, process
+  0 waits for it in that step's collectives. Both end, status 1 (process 0's collective
+  fails), where before they sat 5 minutes in JAX's shutdown barrier and then aborted (the
+  timeout below catches that)."""
+  c = config_lib.base_config()
+  c.data.name = 'digits'
+  maxima = [[next(it)['y'].max() for _ in range(10)]
+            for it, _ in (pipeline.build(c.data, 8, 29, process=(p, 2)) for p in (0, 1))]
+  assert max(maxima[0]) < 9 and max(maxima[1][:3]) < 9 <= maxima[1][3]  # what it relies on
+  procs = _train(tmp_path, 10, extra=['--config.seed=29', '--config.model.num_classes=9'])
+  try:
+    outputs = [p.communicate(timeout=150)[0] for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  assert [p.returncode for p in procs] == [1, 1], outputs[0][-2000:] + outputs[1][-2000:]
+  assert ("ValueError: Dataset 'digits' gives the class label 9, and the model has 9 "
+          'classes') in outputs[1]
+  assert '[3] ' in outputs[0] and '[4] ' not in outputs[0]  # process 0 logged step 3 only
 
 
 def test_unset_cluster_settings_are_left_to_jax_and_process_zero_is_set(monkeypatch):

@@ -229,10 +229,11 @@ def main(argv=None):
   args = parser.parse_args(argv)
   if args.distributed:
     parallel.initialize_distributed(args)
-  count, scaling_factor = encode_folder(
-      args.images, args.out, args.vae, args.image_size, args.batch_size,
-      args.flip == 'random', args.latent == 'sample', args.seed, args.shard_size,
-      args.read_threads, args.matmul_precision)
+  with parallel.exit_at_once_on_error():
+    count, scaling_factor = encode_folder(
+        args.images, args.out, args.vae, args.image_size, args.batch_size,
+        args.flip == 'random', args.latent == 'sample', args.seed, args.shard_size,
+        args.read_threads, args.matmul_precision)
   if jax.process_index() == 0:
     print(f'{count} latents → {args.out} (raw; this VAE scales them by {scaling_factor}: '
           f'set config.data.dir={args.out} config.data.latent_scale={scaling_factor})')

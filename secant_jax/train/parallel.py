@@ -4,8 +4,15 @@ The batch is split over every device (both mesh axes). Parameters, EMA, optimize
 and the frozen teacher are replicated, or with FSDP sharded along 'fsdp' on their largest
 axis that divides evenly (small arrays stay replicated); the networks then gather their
 variables where they use them (`fsdp_apply`), so the compute stays data-parallel. The
-same code runs on one CPU, 8 emulated devices, a GPU node and a TPU pod.
+same code runs on one CPU, 8 emulated devices, a GPU node and a TPU pod. The processes of
+a multi-host run join through `initialize_distributed`, and an error ends them together
+(`exit_at_once_on_error`).
 """
+
+import contextlib
+import os
+import sys
+import traceback
 
 import jax
 import numpy as np
@@ -24,6 +31,27 @@ def initialize_distributed(cluster):
   jax.distributed.initialize(coordinator_address=cluster.coordinator_address or None,
                              num_processes=cluster.num_processes or None,
                              process_id=None if cluster.process_id < 0 else cluster.process_id)
+
+
+@contextlib.contextmanager
+def exit_at_once_on_error():
+  """Where jax.distributed is initialised, an exception (or Ctrl-C) leaving the block is
+  printed and ends this process at once, status 1. Left to propagate, it would end in JAX's
+  shutdown barrier, which waits for every process (shutdown_timeout_seconds, 300 s) while
+  the others wait in the step's collectives for this one: on two CPU processes, one of which
+  raised, both sat idle for 5 minutes, then aborted. Ended at once, the others' next
+  collective fails (there, as measured: they end within the second), or else JAX's
+  heartbeat (heartbeat_timeout_seconds, 100 s) ends them. A one-process run raises as
+  usual. The block is left normally, or by SystemExit, as it is."""
+  try:
+    yield
+  except (Exception, KeyboardInterrupt):  # pylint: disable=broad-exception-caught
+    if not jax.distributed.is_initialized():
+      raise
+    traceback.print_exc()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def make_mesh(fsdp=1, devices=None):
