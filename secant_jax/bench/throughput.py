@@ -35,7 +35,6 @@ import time
 from typing import Any, Callable, NamedTuple
 
 import jax
-import jax.numpy as jnp
 
 from secant_jax import arguments
 from secant_jax import config as config_lib
@@ -45,6 +44,7 @@ from secant_jax.bench import profile as profile_lib
 from secant_jax.bench import targets
 from secant_jax.bench import traffic as traffic_lib
 from secant_jax.models import registry
+from secant_jax.train import memory as memory_lib
 from secant_jax.train import parallel
 from secant_jax.train import recipe
 from secant_jax.train import state as state_lib
@@ -112,27 +112,15 @@ def _peak_memory_gib():
 def _device_memory_gib(target):
   """Memory of one device: the target's, or what the allocator may use on a real one."""
   if target is not None:
-    return target.memory_bytes / 2 ** 30
+    return target.memory_bytes / memory_lib.GIB
   limit = (jax.local_devices()[0].memory_stats() or {}).get('bytes_limit')
-  return None if limit is None else limit / 2 ** 30
+  return None if limit is None else limit / memory_lib.GIB
 
 
 def _compiled_memory_gib(compiled):
-  """Device memory the compiled program needs, from XLA's buffer assignment: arguments,
-  outputs not aliased to (donated) arguments, and temporaries; per device."""
-  stats = compiled.memory_analysis()
-  if stats is None:
-    return None
-  return (stats.argument_size_in_bytes + stats.output_size_in_bytes
-          - stats.alias_size_in_bytes + stats.temp_size_in_bytes) / 2 ** 30
-
-
-def _batch_spec(network, batch, mesh):
-  """The abstract batch {'x', 'y'}, split over the mesh."""
-  sharding = parallel.batch_sharding(mesh)
-  return {'x': jax.ShapeDtypeStruct((batch, *network.image_shape), jnp.float32,
-                                    sharding=sharding),
-          'y': jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=sharding)}
+  """Device memory the compiled program needs per device (`train.memory.compiled_bytes`)."""
+  needed = memory_lib.compiled_bytes(compiled)
+  return None if needed is None else needed['total'] / memory_lib.GIB
 
 
 def _synthetic_batch(network, spec):
@@ -188,7 +176,7 @@ def bench_train(config, args, mesh, compiler_options=None):
     abstract_teacher = jax.eval_shape(make_teacher, k_teacher)
     teacher_sharding = parallel.tree_sharding(abstract_teacher, mesh, config.fsdp > 1)
     teacher_spec = _shaped(abstract_teacher, teacher_sharding)
-  batch_spec = _batch_spec(network, config.batch_size, mesh)
+  batch_spec = parallel.batch_spec(config.batch_size, network.image_shape, mesh)
   step_fn = parallel.jit_train_step(train_step, state_sharding, teacher_sharding, mesh)
   compiled = step_fn.lower(_shaped(abstract_state, state_sharding), teacher_spec,
                            batch_spec).compile(compiler_options)
@@ -217,7 +205,7 @@ def bench_sample(config, args, mesh, compiler_options=None):
   sample = jax.jit(lambda v, noise, y: generate.sample(network, task, v, config.secant,
                                                        noise, y, args.num_steps))
   abstract = network.abstract_variables()
-  batch_spec = _batch_spec(network, config.batch_size, mesh)
+  batch_spec = parallel.batch_spec(config.batch_size, network.image_shape, mesh)
   compiled = sample.lower(_shaped(abstract, parallel.tree_sharding(abstract, mesh)),
                           batch_spec['x'], batch_spec['y']).compile(compiler_options)
 

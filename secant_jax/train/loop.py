@@ -33,6 +33,7 @@ from secant_jax.evaluation import progress
 from secant_jax.evaluation import sample_quality
 from secant_jax.models import registry
 from secant_jax.train import checkpoint
+from secant_jax.train import memory
 from secant_jax.train import parallel
 from secant_jax.train import rate as rate_lib
 from secant_jax.train import recipe
@@ -336,7 +337,11 @@ def train_and_evaluate(config, workdir):
     _check_teacher(config, workdir, resumed_step, teacher_digest)
     state = _start_state(config, workdir, ckpts,
                          checkpoint.abstract_like(abstract_state, state_sharding), data_iter, init)
-    # after the restore, so that a checkpoint the config does not fit keeps its config.json
+    compiled_step = step_fn.lower(state, teacher_variables, parallel.batch_spec(
+        config.batch_size, record_shape, mesh)).compile()
+    memory.check_train_step_fits(compiled_step, config, jax.local_devices()[0])
+    # after the restore and the compile, so that a checkpoint the config does not fit, and a
+    # run it does not let fit in memory, keep their config.json
     _record_config(config, workdir, resumed_step, changes)
     step = int(state.step)
     window, window_steps = None, 0  # metrics summed on device since the last log
@@ -344,7 +349,8 @@ def train_and_evaluate(config, workdir):
       with trace.step(step + 1, state):
         local = next(data_iter)
         check_labels(local['y'], network.num_classes, config.data.name)
-        state, metrics = step_fn(state, teacher_variables, _global_batch(local, batch_sharding))
+        state, metrics = compiled_step(state, teacher_variables,
+                                       _global_batch(local, batch_sharding))
       trace.stepped(state)
       window = metrics if window is None else jax.tree_util.tree_map(jnp.add, window, metrics)
       window_steps += 1

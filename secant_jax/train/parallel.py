@@ -15,6 +15,7 @@ import sys
 import traceback
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -69,6 +70,15 @@ def replicated(mesh):
 
 def batch_sharding(mesh):
   return NamedSharding(mesh, P(('data', 'fsdp')))
+
+
+def batch_spec(batch_size, image_shape, mesh):
+  """The abstract global batch {'x': float32 images, 'y': int32 labels}, split over the
+  mesh (`batch_sharding`), as the data pipeline's sources give its records."""
+  sharding = batch_sharding(mesh)
+  return {'x': jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32,
+                                    sharding=sharding),
+          'y': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)}
 
 
 def check_batch_size(batch_size, mesh, setting="the config's batch_size", microbatches=1):

@@ -4,7 +4,7 @@ Over each log window (the steps since the previous log), from the wall time betw
 logs; each log reads the window's metrics from the device, so every step of the window has
 run when it is timed. Sample grids and FID evaluations inside a window are left out of its
 time (the clock stops while they run), checkpoint saves are not. A process's first window
-holds the train step's compile and is not reported.
+is not reported: the clock starts at its first log.
 
     images/s = batch_size · steps / seconds
     TFLOP/s per device = images/s · FLOP per image / devices

@@ -4,7 +4,7 @@ The throughput benchmark's `--profile` (bench.throughput) traces the train step 
 synthetic batches; a run's own steps also wait for its data pipeline, its host loop,
 checkpoint saves and whatever else the loop does. With config.profile_steps = n > 0, the
 loop traces n of its steps with jax.profiler, after the first config.profile_skip_steps
-steps of the process (the first compiles; a resumed run skips as many after its restore).
+steps of the process (the first warm up; a resumed run skips as many after its restore).
 Each step is a `jax.profiler.StepTraceAnnotation('train', step_num=k)`, so XProf's overview
 page graphs the steps' times split into device compute, input and host time. Each process
 writes its own trace, <workdir>/plugins/profile/<date>/<host>.xplane.pb, which

@@ -1,0 +1,59 @@
+"""Device memory: what a compiled program needs per device, what a device has, and the
+refusal of a train step that cannot fit, made after its compile with the numbers and the
+settings that shrink it. Run, such a step fails in its first step with XLA's out-of-memory
+error, which on a CPU reads "INTERNAL: Error dispatching computation: " many times over
+before the bytes it could not allocate (99 times for the Fashion-MNIST teacher)."""
+
+import os
+
+import jax
+
+GIB = 2 ** 30
+
+
+def compiled_bytes(compiled):
+  """{'arguments', 'outputs', 'temporaries', 'total'}: bytes per device that a compiled
+  program needs by XLA's buffer assignment, outputs counted where not aliased to (donated)
+  arguments; None where XLA does not say."""
+  stats = compiled.memory_analysis()
+  if stats is None:
+    return None
+  parts = {'arguments': stats.argument_size_in_bytes,
+           'outputs': stats.output_size_in_bytes - stats.alias_size_in_bytes,
+           'temporaries': stats.temp_size_in_bytes}
+  return {**parts, 'total': sum(parts.values())}
+
+
+def device_bytes(device):
+  """(bytes, what they are) a program on `device` may use: its allocator's limit on an
+  accelerator; on a CPU the host's physical memory shared by its local CPU devices (each
+  holds its own temporaries); (None, None) where neither is known."""
+  limit = (device.memory_stats() or {}).get('bytes_limit')
+  if limit is not None:
+    return limit, f'{device.device_kind} allows'
+  if device.platform == 'cpu':
+    cpus = sum(d.platform == 'cpu' for d in jax.local_devices())
+    host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+    return host // cpus, (f"the host's {host / GIB:.3g} GiB give each of its {cpus} CPU "
+                          'devices' if cpus > 1 else "the host's memory holds")
+  return None, None
+
+
+def check_train_step_fits(compiled, config, device):
+  """Raises where the compiled train step needs more memory per device than `device` has,
+  naming the settings of `config` that lower it."""
+  needed = compiled_bytes(compiled)
+  available, what = device_bytes(device)
+  if needed is None or available is None or needed['total'] <= available:
+    return
+  fixes = ['lower config.batch_size', 'split each batch with config.microbatches=N '
+           '(gradient accumulation)']
+  if config.model.family == 'dit' and not config.model.get('remat', False):
+    fixes.append('recompute activations with config.model.remat=True')
+  if jax.device_count() > 1:
+    fixes.append('shard parameters and optimizer state with config.fsdp=N')
+  gib = {k: f'{v / GIB:.3g}' for k, v in needed.items()}
+  raise MemoryError(
+      f'The train step needs {gib["total"]} GiB per device (XLA\'s buffer assignment: '
+      f'arguments {gib["arguments"]}, outputs beside them {gib["outputs"]}, temporaries '
+      f'{gib["temporaries"]}), and {what} {available / GIB:.3g} GiB: {", or ".join(fixes)}.')

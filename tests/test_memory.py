@@ -1,0 +1,81 @@
+"""A train step's device memory from its compile, and the refusal of a step that cannot fit,
+with the numbers and the settings that shrink it, before any step runs."""
+
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from secant_jax import config as config_lib
+from secant_jax.train import loop
+from secant_jax.train import memory
+from test_loop import _digits_config
+
+MIB = 2 ** 20
+
+
+class _Accelerator:
+  """A device as far as `memory` reads one."""
+  platform, device_kind = 'gpu', 'NVIDIA H100 80GB HBM3'
+
+  def memory_stats(self):
+    return {'bytes_limit': 80 * 2 ** 30}
+
+
+def _doubling(donate):
+  """jit(2x) of a float32 [1024, 256] (1 MiB), compiled, its argument donated or not."""
+  return jax.jit(lambda x: 2 * x, donate_argnums=0 if donate else ()).lower(
+      jax.ShapeDtypeStruct((1024, 256), jnp.float32)).compile()
+
+
+def test_compiled_bytes_count_outputs_only_where_not_donated():
+  donated, kept = memory.compiled_bytes(_doubling(True)), memory.compiled_bytes(_doubling(False))
+  assert (donated['arguments'], donated['outputs']) == (MIB, 0)
+  assert (kept['arguments'], kept['outputs']) == (MIB, MIB)
+  for needed in (donated, kept):
+    assert needed['total'] == needed['arguments'] + needed['outputs'] + needed['temporaries']
+
+
+def test_a_cpu_device_has_its_share_of_the_host_memory_and_an_accelerator_its_limit():
+  host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
+  available, what = memory.device_bytes(jax.devices()[0])
+  assert jax.local_device_count() == 8  # conftest's emulated CPU devices
+  assert available == host // 8
+  assert what == f"the host's {host / 2 ** 30:.3g} GiB give each of its 8 CPU devices"
+  assert memory.device_bytes(_Accelerator()) == (80 * 2 ** 30, 'NVIDIA H100 80GB HBM3 allows')
+
+
+def test_a_unet_step_that_does_not_fit_is_not_told_to_remat():
+  config = config_lib.base_config()
+  config.model.family = 'edm_unet'
+  fits = _Accelerator()
+  memory.check_train_step_fits(_doubling(True), config, fits)
+  fits.memory_stats = lambda: {'bytes_limit': MIB // 2}
+  with pytest.raises(MemoryError, match=r'temporaries [\d.e-]+\), and NVIDIA H100 80GB HBM3 '
+                                        r'allows 0.000488 GiB: lower config.batch_size, or '
+                                        r'split each batch with config.microbatches=N '
+                                        r'\(gradient accumulation\), or shard parameters and '
+                                        r'optimizer state with config.fsdp=N\.$'):
+    memory.check_train_step_fits(_doubling(True), config, fits)
+
+
+def test_a_train_step_that_does_not_fit_is_refused_before_its_first_step(tmp_path, monkeypatch):
+  monkeypatch.setattr(memory, 'device_bytes', lambda device: (MIB // 4, 'the test allows'))
+  with pytest.raises(MemoryError) as refused:
+    loop.train_and_evaluate(_digits_config(2), tmp_path)
+  message = str(refused.value)
+  parts = re.fullmatch(
+      r"The train step needs ([\d.]+) GiB per device \(XLA's buffer assignment: arguments "
+      r'([\d.e-]+), outputs beside them ([\d.e-]+), temporaries ([\d.e-]+)\), and the test '
+      r'allows 0.000244 GiB: lower config.batch_size, or split each batch with '
+      r'config.microbatches=N \(gradient accumulation\), or recompute activations with '
+      r'config.model.remat=True, or shard parameters and optimizer state with '
+      r'config.fsdp=N\.', message)
+  assert parts, message
+  total, *summands = (float(p) for p in parts.groups())
+  np.testing.assert_allclose(sum(summands), total, rtol=0.01)
+  assert not os.listdir(tmp_path / 'checkpoints')  # no step ran
+  assert not os.path.exists(tmp_path / 'config.json')
