@@ -79,3 +79,13 @@ def test_a_train_step_that_does_not_fit_is_refused_before_its_first_step(tmp_pat
   np.testing.assert_allclose(sum(summands), total, rtol=0.01)
   assert not os.listdir(tmp_path / 'checkpoints')  # no step ran
   assert not os.path.exists(tmp_path / 'config.json')
+
+
+def test_a_finished_run_rerun_is_not_compiled_again(tmp_path, monkeypatch):
+  loop.train_and_evaluate(_digits_config(1), tmp_path)
+  checked = []
+  monkeypatch.setattr(memory, 'check_train_step_fits', lambda *args: checked.append(args))
+  loop.train_and_evaluate(_digits_config(1), tmp_path)  # finished: exports its EMA again
+  assert not checked
+  _, history = loop.train_and_evaluate(_digits_config(2), tmp_path)  # one step more
+  assert len(checked) == 1 and [h['step'] for h in history] == [2]

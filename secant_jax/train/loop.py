@@ -337,13 +337,14 @@ def train_and_evaluate(config, workdir):
     _check_teacher(config, workdir, resumed_step, teacher_digest)
     state = _start_state(config, workdir, ckpts,
                          checkpoint.abstract_like(abstract_state, state_sharding), data_iter, init)
-    compiled_step = step_fn.lower(state, teacher_variables, parallel.batch_spec(
-        config.batch_size, record_shape, mesh)).compile()
-    memory.check_train_step_fits(compiled_step, config, jax.local_devices()[0])
+    step = int(state.step)
+    if step < config.num_train_steps:  # a finished run only exports its EMA again
+      compiled_step = step_fn.lower(state, teacher_variables, parallel.batch_spec(
+          config.batch_size, record_shape, mesh)).compile()
+      memory.check_train_step_fits(compiled_step, config, jax.local_devices()[0])
     # after the restore and the compile, so that a checkpoint the config does not fit, and a
     # run it does not let fit in memory, keep their config.json
     _record_config(config, workdir, resumed_step, changes)
-    step = int(state.step)
     window, window_steps = None, 0  # metrics summed on device since the last log
     while step < config.num_train_steps:
       with trace.step(step + 1, state):
