@@ -110,11 +110,12 @@ def _peak_memory_gib():
 
 
 def _device_memory_gib(target):
-  """Memory of one device: the target's, or what the allocator may use on a real one."""
+  """Memory of one device: the target's, or what a program may use on a real one
+  (`train.memory.device_bytes`: on a CPU its share of the host's)."""
   if target is not None:
     return target.memory_bytes / memory_lib.GIB
-  limit = (jax.local_devices()[0].memory_stats() or {}).get('bytes_limit')
-  return None if limit is None else limit / memory_lib.GIB
+  available, _ = memory_lib.device_bytes(jax.local_devices()[0])
+  return None if available is None else available / memory_lib.GIB
 
 
 def _compiled_memory_gib(compiled):
