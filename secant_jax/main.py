@@ -26,6 +26,11 @@ from secant_jax.train import parallel
 
 def run(config, workdir):
   """Dispatches on config.mode (importable, for tests and notebooks)."""
+  if 'mode' not in config:  # ml_collections' own error would be AttributeError: "'mode'"
+    raise ValueError('The config has no mode: it is not a config of python -m '
+                     'secant_jax.main (configs/oracle.py is python -m secant_jax.bench.oracle'
+                     "'s). Give configs/imagenet_sit.py, cifar10_edm.py, fashion_mnist.py or "
+                     'demo.py, or a config built on secant_jax.config.base_config().')
   if config.mode not in config_lib.MODES:
     raise ValueError(f'Unknown mode {config.mode!r}: expected one of {config_lib.MODES}; '
                      'set --config.mode.')

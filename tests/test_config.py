@@ -242,3 +242,11 @@ def test_the_run_computes_at_the_configs_matmul_precision(monkeypatch, config_fi
                                        r"one of \('', 'bfloat16', 'tensorfloat32', 'float32'\), "
                                        "got 'fp32'"):
     main.run(config, '/nonexistent')
+
+
+def test_a_config_that_is_not_mains_is_refused_by_name():
+  oracle = parse_main_flags(f'--config={REPO}/configs/oracle.py')
+  with pytest.raises(ValueError, match=r'^The config has no mode: it is not a config of python '
+                                       r'-m secant_jax.main \(configs/oracle.py is python -m '
+                                       r"secant_jax.bench.oracle's\)\. Give "):
+    main.run(oracle, '/nonexistent')
