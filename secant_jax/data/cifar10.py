@@ -26,7 +26,8 @@ def source(data_config):
   TFDS refuses here."""
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   data_dir = data_config.get('dir') or None
-  where = data_dir or f'TFDS\'s default dir {tfds.builder("cifar10").data_dir_root}'
+  # for the error messages alone: a builder of the default dir reads its dataset info
+  where = lambda: data_dir or f'TFDS\'s default dir {tfds.builder("cifar10").data_dir_root}'
   build = 'tfds build cifar10 --file_format=array_record' + (f' --data_dir={data_dir}'
                                                               if data_dir else '')
   if data_dir is not None and not epath.Path(data_dir).is_dir():
@@ -37,11 +38,11 @@ def source(data_config):
     split = tfds.data_source('cifar10', split=data_config.get('split', 'train'),
                              data_dir=data_dir, download=False)
   except NotImplementedError as e:  # prepared, but in a format without random access
-    raise ValueError(f'CIFAR-10 in {where} is prepared as TFRecord (what plain `tfds build` '
+    raise ValueError(f'CIFAR-10 in {where()} is prepared as TFRecord (what plain `tfds build` '
                      'writes), which has no random access; prepare it again as ArrayRecord '
                      f'with `{build}`, after deleting its cifar10 directory or into another '
                      'data dir.') from e
   except Exception as e:  # TFDS raises several types for a missing dataset
-    raise FileNotFoundError(f'CIFAR-10 is not prepared in {where} ({type(e).__name__}); run '
+    raise FileNotFoundError(f'CIFAR-10 is not prepared in {where()} ({type(e).__name__}); run '
                             f'`{build}` first.') from e
   return Cifar10Source(split)
