@@ -21,7 +21,8 @@
 #   unless XLA_CLIENT_MEM_FRACTION says otherwise, where JAX would take 75% each;
 #   0: one stage at a time, as on a TPU VM, whose chips one process holds).
 # Ctrl-C, SIGTERM to this script, or a stage that fails stop every stage still running as a
-# preemption does (SIGTERM: a training stage saves a checkpoint and exits), and the script
+# preemption does (SIGTERM: a training stage saves a checkpoint and exits, the table its
+# progress), and the script
 # waits for them, so that none trains on unseen beside the next run of the same command.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -7,7 +7,8 @@
 # jax.distributed.initialize() (--config.distributed=True) reads the coordinator, process
 # count and rank from Slurm's environment. The workdir must be on a file system all nodes
 # see. Slurm sends SIGTERM before the time limit (--signal below) or on preemption; the
-# trainer saves a checkpoint and exits with status 75, on which this script queues the job
+# trainer saves a checkpoint (evaluate and compare mode their progress) and exits with
+# status 75, on which this script queues the job
 # again (`--requeue` alone covers node failure and preemption, not the time limit), and
 # the requeued job resumes from that checkpoint (with --config.compilation_cache_dir on the
 # shared file system it also reads back the programs compiled before, instead of compiling

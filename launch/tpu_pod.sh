@@ -12,9 +12,9 @@
 # (TPU topology is detected), reads its own data shard and joins the global arrays. The
 # workdir must be visible to all hosts (gs://...). The command runs under nohup and logs
 # to ~/secant-run.log on every host; preemption sends SIGTERM, on which the trainer saves
-# a checkpoint, and rerunning the same `run` resumes from it; with
-# --config.compilation_cache_dir=gs://BUCKET/jax-cache it also reads back the programs
-# the first launch compiled instead of compiling them again. `encode` runs
+# a checkpoint (evaluate and compare mode their progress), and rerunning the same `run`
+# resumes from it; with --config.compilation_cache_dir=gs://BUCKET/jax-cache it also reads
+# back the programs the first launch compiled instead of compiling them again. `encode` runs
 # `python -m secant_jax.data.encode ARGS --distributed` the same way (log
 # ~/secant-encode.log; `logs encode` follows it): images to latents on every host, each
 # writing its share of the shards to the shared --out; rerun, it keeps finished shards.

@@ -14,8 +14,9 @@ holds the weights. Every network computes in float32 with float32 products, what
 runs trained in (config.compare_in_float32; see evaluation.reference_error). Writes
 workdir/table.md, table.json, samples/<row>.png, samples.png (on latent data, the SD-VAE
 decoder's images, config.fid.vae; without it no grids) and CLU scalars; while it
-runs, it saves the running sums every config.eval_save_seconds (evaluation.progress), so
-the same command resumes a preempted comparison. The saves are stamped with
+runs, it saves the running sums every config.eval_save_seconds and on SIGTERM or Ctrl-C,
+which stop it there (exit status 75; evaluation.progress), so the same command resumes a
+preempted comparison. The saves are stamped with
 config.compare (`stamped_settings`), config.seed, config.fid, the precision, the process
 count and a digest of each model's weights (evaluation.progress.weights_digest): a run
 retrained into the same directory is refused by name, not taken for the one compared
@@ -162,10 +163,11 @@ def _compare(config, workdir):
         'seed': config.seed, 'num_samples': c.num_samples, 'batch_size': c.batch_size,
         'compare_in_float32': config.compare_in_float32,
         'matmul_precision': reference_error.precision(config)})
-  rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, c.batch_size,
-                                    mesh, quality,
-                                    progress.Progress(workdir, stamp, config.eval_save_seconds),
-                                    kept, tuple(c.step_errors))
+  with progress.stop_requests_of_an_evaluation() as stop:
+    rows, firsts = comparison.compare(
+        samplers, task, tangent_of, noise, labels, c.batch_size, mesh, quality,
+        progress.Progress(workdir, stamp, config.eval_save_seconds, stop), kept,
+        tuple(c.step_errors))
   table = '\n\n'.join(filter(None, [comparison.format_table(rows),
                                     comparison.format_step_tables(rows)]))
   if jax.process_index() == 0:

@@ -12,7 +12,8 @@ and guidance (a config of another model than the run's config.json is refused:
 
 Written to workdir/eval.json and as CLU scalars under workdir/eval. While the FID samples
 are scored, their running sums are saved to workdir/eval every config.eval_save_seconds
-(evaluation.progress), so the same command resumes a stopped evaluation; the saves are
+and on SIGTERM or Ctrl-C, which stop the run there (exit status 75; evaluation.progress),
+so the same command resumes a stopped evaluation; the saves are
 stamped with a digest of the weights and the settings that decide the samples and their
 scores, and deleted once eval.json is written (a later evaluation, e.g. after more
 training, starts afresh).
@@ -60,8 +61,9 @@ def integration_error(config, variables):
           'secant': reference_error.rms(samples, reference), **errors}
 
 
-def fid_progress(config, workdir, variables):
-  """The Progress of the FID samples of `variables`, in workdir/eval."""
+def fid_progress(config, workdir, variables, stop=None):
+  """The Progress of the FID samples of `variables`, in workdir/eval, stopping the run where
+  `stop` (a stop_requests.StopRequests) asks."""
   stamp = {'weights': progress.weights_digest(variables), 'seed': config.seed,
            'model': config.model.to_dict(), 'path': config.path.to_dict(),
            'secant': config.secant.to_dict(), 'fid': config.fid.to_dict(),
@@ -69,7 +71,7 @@ def fid_progress(config, workdir, variables):
            'teacher_sample_nfe': config.teacher_sample_nfe,  # a teacher run's sampler
            'matmul_precision': config.matmul_precision, 'processes': jax.process_count()}
   return progress.Progress(files.make_directory(os.path.join(workdir, 'eval')), stamp,
-                           config.eval_save_seconds)
+                           config.eval_save_seconds, stop)
 
 
 def evaluate(config, workdir):
@@ -96,10 +98,11 @@ def evaluate(config, workdir):
   # is computed, and a run stopped there has not spent the integration error's solves.
   if scored:
     quality = sample_quality.SampleQuality(config, workdir, mesh)
-    saves = fid_progress(config, workdir, variables)
-    result.update(quality(network, task, variables, config.fid.num_samples, config.seed + 2,
-                          saves, config.fid.image_dir),
-                  num_fid_samples=config.fid.num_samples)
+    with progress.stop_requests_of_an_evaluation() as stop:
+      saves = fid_progress(config, workdir, variables, stop)
+      result.update(quality(network, task, variables, config.fid.num_samples,
+                            config.seed + 2, saves, config.fid.image_dir),
+                    num_fid_samples=config.fid.num_samples)
   if has_teacher:
     result.update(integration_error(config, variables))
   if jax.process_index() == 0:

@@ -6,9 +6,9 @@ reference ODE solution, FID and Inception Score), compare (a teacher run and its
 runs: the table of evaluation.comparison), demo (configs/demo.py: the whole method on
 digits).
 
-Exit status 75 (process 0 only): a training run, or a demo stage, stopped on SIGTERM (or
-Ctrl-C, in one process) after saving its checkpoint; the same command resumes it (see
-train.checkpoint).
+Exit status 75 (process 0 only): a training run (or a demo stage) stopped on SIGTERM (or
+Ctrl-C, in one process) after saving its checkpoint, or an evaluation (evaluate, compare)
+after saving its progress; the same command resumes it (see stop_requests).
 """
 
 import sys
@@ -21,6 +21,7 @@ from jax.experimental.compilation_cache import compilation_cache
 from ml_collections import config_flags
 
 from secant_jax import config as config_lib
+from secant_jax import stop_requests
 from secant_jax.train import parallel
 
 
@@ -72,13 +73,12 @@ def _run_mode(config, workdir):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from secant_jax.train import checkpoint  # pylint: disable=import-outside-toplevel
   with parallel.exit_at_once_on_error():
     try:
       run(flags.FLAGS.config, flags.FLAGS.workdir)
-    except checkpoint.Stopped as stopped:
+    except stop_requests.Stopped as stopped:
       print(stopped, flush=True)
-      sys.exit(checkpoint.STOPPED_EXIT_STATUS if jax.process_index() == 0 else 0)
+      sys.exit(stop_requests.STOPPED_EXIT_STATUS if jax.process_index() == 0 else 0)
 
 
 def define_config_flag(flag_values, sys_argv):

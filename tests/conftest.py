@@ -15,6 +15,7 @@ module.
 
 import importlib.util
 import os
+import signal
 import sys
 import threading
 import types
@@ -118,24 +119,41 @@ def gcs_bucket(monkeypatch, request):
   assert not any(t.is_alive() for t in readers), 'a data iterator left open: its threads read on'
 
 
-class _Preempted(Exception):
-  """Raised right after a save, where a preemption would stop the run."""
+@pytest.fixture
+def progress_saves(monkeypatch):
+  """`.done`: the sample count of every evaluation.progress save, in order. `.signum`
+  (SIGTERM unless set) reaches the process in the batch that ends at 8 samples (the first
+  time), as a preemption would, to the handler the evaluation installed (stop_requests),
+  which then saves and stops."""
+  from secant_jax import stop_requests  # pylint: disable=import-outside-toplevel
+  from secant_jax.evaluation import progress  # pylint: disable=import-outside-toplevel
+  saves = types.SimpleNamespace(done=[], signum=signal.SIGTERM, sent=False)
+  save, save_if_due = progress.Progress.save, progress.Progress.save_if_due
+
+  def record(self, done, arrays):
+    save(self, done, arrays)
+    saves.done.append(done)
+
+  def signal_at_8(self, done, total, arrays_of):
+    if done == 8 and not saves.sent:
+      handler = signal.getsignal(saves.signum)
+      if not isinstance(getattr(handler, '__self__', None), stop_requests.StopRequests):
+        pytest.fail(f'{signal.Signals(saves.signum).name} is not watched: it would end the '
+                    'run (and this test) unsaved')
+      saves.sent = True
+      os.kill(os.getpid(), saves.signum)
+    save_if_due(self, done, total, arrays_of)
+
+  monkeypatch.setattr(progress.Progress, 'save', record)
+  monkeypatch.setattr(progress.Progress, 'save_if_due', signal_at_8)
+  return saves
 
 
 @pytest.fixture
-def progress_saves(monkeypatch):
-  """`.done`: the sample count of every evaluation.progress save, in order. The first save
-  after 8 samples raises `.Preempted` once it is written, as a preemption right after it
-  would stop the run."""
-  from secant_jax.evaluation import progress  # pylint: disable=import-outside-toplevel
-  saves = types.SimpleNamespace(done=[], Preempted=_Preempted)
-  save = progress.Progress.save
-
-  def save_then_stop(self, done, arrays):
-    save(self, done, arrays)
-    saves.done.append(done)
-    if done == 8 and saves.done.count(8) == 1:
-      raise _Preempted
-
-  monkeypatch.setattr(progress.Progress, 'save', save_then_stop)
-  return saves
+def set_sigint():
+  """set(disposition) sets SIGINT's for the rest of the test (Python's KeyboardInterrupt, as
+  in a terminal; SIG_IGN, as in a shell script's background job), whatever this process
+  started with (a suite started in the background ignores SIGINT)."""
+  before = signal.getsignal(signal.SIGINT)
+  yield lambda disposition: signal.signal(signal.SIGINT, disposition)
+  signal.signal(signal.SIGINT, before)

@@ -62,7 +62,7 @@ def test_sigterm_forces_a_save_and_asks_to_stop(tmp_path):
   ckpts = checkpoint.Checkpoints(tmp_path, every=100, keep=3)
   assert not ckpts.save_if_due(1, _state(1), _Iterator(1))
   os.kill(os.getpid(), signal.SIGTERM)
-  assert ckpts.stop_requested
+  assert ckpts.stop.requested
   assert ckpts.save_if_due(3, _state(3), _Iterator(3))
   assert ckpts.latest_step == 3
   ckpts.close()
@@ -74,16 +74,6 @@ def test_sigterm_forces_a_save_and_asks_to_stop(tmp_path):
   assert signal.getsignal(signal.SIGTERM) is before  # close() gives the handler back
 
 
-@pytest.fixture
-def set_sigint():
-  """set(disposition) sets SIGINT's for the rest of the test (Python's KeyboardInterrupt, as
-  in a terminal; SIG_IGN, as in a shell script's background job), whatever this process
-  started with (a suite started in the background ignores SIGINT)."""
-  before = signal.getsignal(signal.SIGINT)
-  yield lambda disposition: signal.signal(signal.SIGINT, disposition)
-  signal.signal(signal.SIGINT, before)
-
-
 def test_ctrl_c_forces_a_save_and_asks_to_stop_and_a_second_stops_now(tmp_path, set_sigint,
                                                                        capfd):
   """Ctrl-C raised KeyboardInterrupt wherever the step was, losing the steps since the
@@ -92,7 +82,7 @@ def test_ctrl_c_forces_a_save_and_asks_to_stop_and_a_second_stops_now(tmp_path, 
   ckpts = checkpoint.Checkpoints(tmp_path, every=100, keep=3)
   assert signal.getsignal(signal.SIGINT) is not signal.default_int_handler
   os.kill(os.getpid(), signal.SIGINT)
-  assert ckpts.stop_requested and ckpts.stopped_by == 'Ctrl-C'
+  assert ckpts.stop.requested and ckpts.stop.by == 'Ctrl-C'
   assert ('Ctrl-C: the run stops after this step, with a checkpoint. Ctrl-C again: it '
           'stops now (a save under way still commits).') in capfd.readouterr().err
   assert ckpts.save_if_due(3, _state(3), _Iterator(3)) and ckpts.latest_step == 3
@@ -109,7 +99,7 @@ def test_a_process_that_ignores_sigint_keeps_ignoring_it(tmp_path, set_sigint):
   ckpts = checkpoint.Checkpoints(tmp_path, every=100, keep=3)
   assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
   os.kill(os.getpid(), signal.SIGINT)
-  assert not ckpts.stop_requested
+  assert not ckpts.stop.requested
   ckpts.close()
   assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 

@@ -1,11 +1,14 @@
-"""A preempted comparison resumes: stopped after its first saved batch and run again, it
-gives exactly the table of a run never stopped, without redoing that batch; a workdir
+"""A preempted comparison resumes: stopped by SIGTERM in its first batch, it saves after
+that batch and stops, and run again, it gives exactly the table of a run never stopped,
+without redoing that batch; a workdir
 holding another comparison's progress is refused by name. Kept reference solutions are
 read back instead of solved, and another comparison's are refused by name. A config's own
 converted teacher is compared without a training run, in float32 whatever its dtype, and
 its weights replaced in place are not taken for the ones compared before."""
 
 import os
+import re
+import signal
 import types
 
 import jax
@@ -17,6 +20,7 @@ from PIL import Image
 from secant_jax import compare_mode
 from secant_jax import paths
 from secant_jax import sampling
+from secant_jax import stop_requests
 from secant_jax.convert import common
 from secant_jax.evaluation import comparison
 from secant_jax.evaluation import features
@@ -61,8 +65,13 @@ def test_a_preempted_comparison_resumes_to_the_same_table(tmp_path, progress_sav
                           'inception_score_std'}
   assert [len(r['step_errors']) for r in rows if 'step_errors' in r] == [2, 1]  # Euler, Heun
   saved = progress_saves.done
-  with pytest.raises(progress_saves.Preempted):
-    _run(progress.Progress(str(tmp_path), STAMP))
+  before = signal.getsignal(signal.SIGTERM)
+  with progress.stop_requests_of_an_evaluation() as stop, pytest.raises(
+      stop_requests.Stopped, match=rf'^Stopped on SIGTERM after 8 of 20 samples, with the '
+                                   rf'progress saved in {re.escape(str(tmp_path))}; the same '
+                                   r'command resumes it\.$'):
+    _run(progress.Progress(str(tmp_path), STAMP, 3600.0, stop))  # saved for the stop alone
+  assert signal.getsignal(signal.SIGTERM) is before  # given back
   resumed, resumed_firsts = _run(progress.Progress(str(tmp_path), STAMP))
   assert saved == [8, 16, 20]  # the resumed run started after the first batch
   assert resumed == rows
@@ -82,6 +91,21 @@ def test_a_preempted_comparison_resumes_to_the_same_table(tmp_path, progress_sav
                                        r'different evaluation \(it differs in '
                                        r'compare.num_samples, seed\): finish that one'):
     _run(progress.Progress(str(tmp_path), other))
+
+
+def test_ctrl_c_stops_a_comparison_after_its_batch_with_its_progress_saved(
+    tmp_path, progress_saves, set_sigint, capfd):
+  """Ctrl-C raised KeyboardInterrupt wherever the batch was, losing the batches since the
+  last save (every eval_save_seconds, 300 by default)."""
+  set_sigint(signal.default_int_handler)
+  progress_saves.signum = signal.SIGINT
+  with progress.stop_requests_of_an_evaluation() as stop, pytest.raises(
+      stop_requests.Stopped, match=r'^Stopped on Ctrl-C after 8 of 20 samples'):
+    _run(progress.Progress(str(tmp_path), STAMP, 3600.0, stop))
+  assert progress_saves.done == [8]
+  assert ('Ctrl-C: the run stops after this batch, with its progress saved. Ctrl-C again: '
+          'it stops now (its last save is kept).') in capfd.readouterr().err
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # given back
 
 
 @pytest.mark.parametrize('where', ['local', 'bucket'])

@@ -24,6 +24,7 @@ from secant_jax import config as config_lib
 from secant_jax import generate
 from secant_jax import main as main_lib
 from secant_jax import sampling
+from secant_jax import stop_requests
 from secant_jax import writers
 from secant_jax.bench import flops
 from secant_jax.convert import common
@@ -377,8 +378,8 @@ def test_a_demo_rerun_trains_finished_stages_on_or_refuses_their_changes(tmp_pat
 
 
 def test_sigterm_in_a_demo_stage_stops_the_demo_there(tmp_path, monkeypatch):
-  """The teacher stage stopped by SIGTERM ends the demo with checkpoint.Stopped (main's exit
-  status 75), instead of starting a secant stage from a teacher that was never exported."""
+  """The teacher stage stopped by SIGTERM ends the demo with stop_requests.Stopped (main's
+  exit status 75), instead of starting a secant stage from a teacher that was never exported."""
   from configs import demo as demo_config  # pylint: disable=import-outside-toplevel
   c = demo_config.get_config()
   c.model.hidden_size, c.model.depth, c.model.num_heads = 32, 1, 2
@@ -391,7 +392,7 @@ def test_sigterm_in_a_demo_stage_stops_the_demo_there(tmp_path, monkeypatch):
     return save_if_due(self, step, *args, **kwargs)
 
   monkeypatch.setattr(checkpoint.Checkpoints, 'save_if_due', sigterm_at_step_2)
-  with pytest.raises(checkpoint.Stopped, match=r'Stopped on SIGTERM at step 2 of 40, with a '
+  with pytest.raises(stop_requests.Stopped, match=r'Stopped on SIGTERM at step 2 of 40, with a '
                                                r'checkpoint in .*teacher/checkpoints'):
     main_lib.run(c, tmp_path)
   assert os.listdir(tmp_path) == ['teacher']

@@ -1,7 +1,8 @@
 """Several hosts, as on a pod, emulated by two processes of two CPU devices each, joined by
 jax.distributed (gloo collectives) through `--config.distributed=True` and
 `config.cluster`. The trainer with parameters FSDP-sharded across both processes: SIGTERM
-to one of them stops both at one step with one checkpoint; resumed, the run ends
+to one of them stops both at one step with one checkpoint (a comparison: at one batch, with
+its progress saved); resumed, the run ends
 bit-identical to a straight one, and resumed on one process of four devices instead, equal
 to it up to the collectives' rounding. FID's feature statistics over batches whose rows
 are split between the processes, and those rows' images; a comparison's saved progress,
@@ -247,3 +248,49 @@ def test_an_image_one_process_cannot_read_ends_both_at_once(tmp_path):
   assert 'process 1 of 2 writes shards [1, 3] of 5' in outputs[1]
   assert f"ValueError: {tmp_path / 'images' / 'cat' / '2.jpg'} could not be read as an " \
          'image' in outputs[1]
+
+
+def _compare(workdir, teacher, num_samples):
+  """Compare mode of `teacher` (a converted tiny Fashion-MNIST SiT) on two processes: its
+  Euler and Heun at 1 NFE against its adaptive reference, in batches of 8."""
+  return _launch(lambda port, i: [
+      '-m', 'secant_jax.main', f'--config={REPO}/configs/fashion_mnist.py:stage=compare,'
+      'model=tiny', f'--workdir={workdir}', f'--config.teacher_checkpoint={teacher}',
+      '--config.compare.teacher=', '--config.compare.secants=', '--config.fid.fmnist=',
+      "--config.compare.teacher_nfe=(1,)", f'--config.compare.num_samples={num_samples}',
+      '--config.compare.batch_size=8', '--config.distributed=True',
+      f'--config.cluster.coordinator_address=localhost:{port}',
+      '--config.cluster.num_processes=2', f'--config.cluster.process_id={i}'])
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_host_stops_a_comparison_at_one_batch_and_it_resumes(tmp_path):
+  """Both save after the same batch (JAX's preemption sync, on the batch count) and stop,
+  process 0 with 75; the same command resumes there. Before, nothing asked JAX's preemption
+  notifier, which takes SIGTERM on several processes: the comparison ran on (here to its
+  end, both status 0; on a pod to the hard kill that follows the notice, its batches since
+  the last timed save, every eval_save_seconds, lost), and a Slurm job at its time limit
+  was not queued again (launch/gpu_slurm.sh requeues on 75)."""
+  from configs import fashion_mnist  # pylint: disable=import-outside-toplevel
+  from secant_jax.models import registry  # pylint: disable=import-outside-toplevel
+  network = registry.build(fashion_mnist.get_config('stage=compare,model=tiny').model,
+                           guided=False)
+  rng = np.random.default_rng(0)  # off the zero-initialised output layer: a non-zero tangent
+  common.save(jax.tree_util.tree_map(
+      lambda p: np.asarray(p) + 0.05 * rng.standard_normal(p.shape).astype(p.dtype),
+      network.init(jax.random.key(0))), tmp_path / 'teacher')
+  procs = _compare(tmp_path / 'table', tmp_path / 'teacher', 800)
+  for line in procs[0].stdout:
+    if 'comparison: 8 / 800 samples' in line:  # both are past the first batch
+      break
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = _finish(procs, stopped=True)
+  saves = sorted(f for f in os.listdir(tmp_path / 'table') if f.startswith('progress'))
+  done = int(saves[0].split('.')[2])
+  assert saves == [f'progress.process_{i}.{done}.npz' for i in range(2)]  # the same batch
+  assert 8 < done < 800
+  assert (f'Stopped on SIGTERM after {done} of 800 samples, with the progress saved in '
+          f'{tmp_path}/table; the same command resumes it.') in outputs[0]
+  outputs = _finish(_compare(tmp_path / 'table', tmp_path / 'teacher', 800))
+  assert f'comparison: resumed after {done} / 800 samples' in outputs[0]
+  assert (tmp_path / 'table' / 'table.md').is_file()

@@ -1,6 +1,6 @@
 """FID and Inception Score end to end on CPU: evaluate mode on the demo config with a
 randomly initialised Inception (no weights ship), the reference computed once and cached;
-an evaluation stopped after a save resumes to the result of one never stopped."""
+an evaluation stopped by SIGTERM saves, and resumes to the result of one never stopped."""
 
 import json
 import os
@@ -16,6 +16,7 @@ from secant_jax import evaluate_mode
 from secant_jax import generate
 from secant_jax import main as main_lib
 from secant_jax import sampling
+from secant_jax import stop_requests
 from secant_jax.convert import common
 from secant_jax.evaluation import fid
 from secant_jax.evaluation import reference_error
@@ -84,7 +85,7 @@ def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, progress_saves
   network = registry.build(c.model, guided=False)
   common.save(teacher_variables(network, 1), tmp_path / 'run' / 'ema')
   saved = progress_saves.done
-  with pytest.raises(progress_saves.Preempted):
+  with pytest.raises(stop_requests.Stopped, match=r'Stopped on SIGTERM after 8 of 12 samples'):
     main_lib.run(c, tmp_path / 'run')
   assert sorted(os.listdir(tmp_path / 'run' / 'eval')) == ['progress.process_0.8.npz']
   assert sorted(os.listdir(tmp_path / 'images')) == [f'{i:06d}.png' for i in range(8)]

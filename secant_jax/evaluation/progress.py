@@ -9,7 +9,9 @@ workdir/eval), `done` being the samples processed so far, each written whole or 
 (files.write_npz) and the previous one kept, so a preemption during a write, or between two
 processes' writes, leaves a state every process has. A resumed run loads the largest `done`
 that all processes saved. Saves are taken every `save_seconds` (timed on process 0, so
-that all processes save after the same batch) and after the last batch.
+that all processes save after the same batch) and after the last batch, and, where a
+stop_requests.StopRequests is given, after the batch at which SIGTERM or Ctrl-C stops the
+run (at the same batch on every process), which then raises stop_requests.Stopped.
 
 Every file records a fingerprint, a JSON object of what is being evaluated; loading a
 file whose fingerprint differs is an error that names the file and the keys that differ,
@@ -29,6 +31,7 @@ from flax import traverse_util
 from jax.experimental import multihost_utils
 
 from secant_jax import files
+from secant_jax import stop_requests
 
 KEEP = 2  # saves kept per process: the latest and the one before it
 
@@ -75,14 +78,25 @@ def read_if_stamped(path, fingerprint):
   return None if differ else arrays
 
 
+def stop_requests_of_an_evaluation():
+  """A stop_requests.StopRequests for a Progress (a context manager: SIGTERM and Ctrl-C are
+  watched until it is left)."""
+  return stop_requests.StopRequests(
+      'the run stops after this batch, with its progress saved. Ctrl-C again: it stops now '
+      '(its last save is kept).')
+
+
 class Progress:
   """Saves and loads {name: array} under `directory`, stamped with `fingerprint` (a
-  JSON-serialisable dict); `save_if_due` saves every `save_seconds` (0: every call)."""
+  JSON-serialisable dict); `save_if_due` saves every `save_seconds` (0: every call), and
+  where `stop` (a stop_requests.StopRequests) asks, then stops the run."""
 
-  def __init__(self, directory, fingerprint, save_seconds=0.0):
+  def __init__(self, directory, fingerprint, save_seconds=0.0, stop=None):
     self.directory = directory
     self.fingerprint = json.dumps(fingerprint, sort_keys=True)
     self.save_seconds = save_seconds
+    self._stop = stop
+    self._batches = 0  # save_if_due's calls: the save points stop_requests numbers
     self._prefix = f'progress.process_{jax.process_index()}.'
     self._last_save = time.monotonic()
 
@@ -123,9 +137,16 @@ class Progress:
 
   def save_if_due(self, done, total, arrays_of):
     """`save`s arrays_of() after `done` of `total` samples if it is the last batch or
-    save_seconds have passed since the last save (or the load)."""
-    if done == total or self._due():
+    save_seconds have passed since the last save (or the load), or if the run is asked to
+    stop, and then raises stop_requests.Stopped (at the last batch it finishes instead)."""
+    self._batches += 1
+    stop = self._stop is not None and self._stop.reached(self._batches) and done < total
+    if done == total or stop or self._due():
       self.save(done, arrays_of())
+    if stop:
+      raise stop_requests.Stopped(
+          f'Stopped on {self._stop.by} after {done} of {total} samples, with the progress '
+          f'saved in {self.directory}; the same command resumes it.')
 
   def _due(self):
     """Whether save_seconds have passed on process 0, told to every process so that all

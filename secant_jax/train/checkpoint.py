@@ -10,78 +10,43 @@ writes into a temporary directory and renames on commit, and only deletes old st
 a newer one is committed, so a run never loses a checkpoint it had written. Call every
 method on all processes.
 
-With several processes, hosts get SIGTERM at different steps; stopping on the local flag
-would leave the others waiting in a collective. There JAX's preemption sync service
-(started by jax.distributed.initialize, which owns SIGTERM) picks one step at which every
-host saves and stops.
-
-Ctrl-C (SIGINT) stops a one-process run as SIGTERM does, after its current step with a
-checkpoint, where it would otherwise raise KeyboardInterrupt wherever the step was and lose
-the steps since the last save; a second Ctrl-C raises KeyboardInterrupt at once (leaving
-the block still waits for a save under way to commit). A process that started with SIGINT ignored (a
-background job of a shell script, such as launch/fashion_mnist.sh's stages, which it stops
-with SIGTERM) keeps ignoring it. Several processes leave SIGINT as it is.
+SIGTERM or Ctrl-C (secant_jax.stop_requests) forces a save after the current step, at
+which every process stops; a second Ctrl-C stops the run at once, leaving the block still
+waiting for a save under way to commit.
 
 Use it as a context manager: leaving the block, however (a finished run, a non-finite loss,
 a config that does not fit), waits for the save in flight to commit and gives SIGTERM and
-SIGINT back to their previous handlers.
-
-A run that stopped on SIGTERM or Ctrl-C ends by raising `Stopped`, which `python -m secant_jax.main`
-turns into exit status 75 (sysexits' EX_TEMPFAIL: run again later), so that a scheduler
-can tell it from a finished run and queue it again. Process 0 alone exits 75, the others
-0: process 0 commits the checkpoint, so a launcher that kills the remaining processes when
-one exits non-zero (srun --kill-on-bad-exit) cannot cut a commit short.
+SIGINT back to their previous handlers. A run stopped on a request ends by raising
+stop_requests.Stopped (exit status 75 from python -m secant_jax.main).
 """
 
 import os
-import signal
 
 import jax
-from jax.experimental import multihost_utils
 from orbax.checkpoint import v1 as ocp
 
 from secant_jax import orbax_context
-
-STOPPED_EXIT_STATUS = 75
-
-
-class Stopped(Exception):
-  """The run saved a checkpoint and stopped before its last step, on SIGTERM or Ctrl-C."""
+from secant_jax import stop_requests
 
 
 class Checkpoints:
-  """Saves and restores a run's checkpoints under `directory`."""
+  """Saves and restores a run's checkpoints under `directory`; `stop` is the
+  stop_requests.StopRequests it answers to."""
 
   def __init__(self, directory, every, keep):
     self._every = every
     self._checkpointer = ocp.training.Checkpointer(
         os.fspath(directory), context=orbax_context.context(),
         preservation_policy=ocp.training.preservation_policies.LatestN(keep))
-    self.stop_requested = False
-    self.stopped_by = 'SIGTERM'  # what asked the run to stop, for its last message
-    self._multihost = jax.process_count() > 1
-    self._previous_handlers = {}
-    if not self._multihost:
-      signals = [signal.SIGTERM]
-      if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored
-        signals.append(signal.SIGINT)
-      self._previous_handlers = {s: signal.signal(s, self._on_stop_signal) for s in signals}
+    self.stop = stop_requests.StopRequests(
+        'the run stops after this step, with a checkpoint. Ctrl-C again: it stops now (a '
+        'save under way still commits).')
 
   def __enter__(self):
     return self
 
   def __exit__(self, *exc_info):
     self.close()
-
-  def _on_stop_signal(self, signum, frame):
-    del frame
-    if signum == signal.SIGINT:
-      if self.stop_requested:
-        raise KeyboardInterrupt
-      self.stopped_by = 'Ctrl-C'
-      os.write(2, b'\nCtrl-C: the run stops after this step, with a checkpoint. Ctrl-C '
-                  b'again: it stops now (a save under way still commits).\n')  # unbuffered
-    self.stop_requested = True
 
   @property
   def latest_step(self):
@@ -94,14 +59,13 @@ class Checkpoints:
     called (and the data iterator's state only read) when a save is due. `before_save()`
     is called first when one is: an exception from it (a state not fit to keep) leaves the
     checkpoints as they are."""
-    if self._multihost:
-      self.stop_requested = multihost_utils.reached_preemption_sync_point(step)
-    if self.stop_requested or step % self._every == 0:
+    stop = self.stop.reached(step)
+    if stop or step % self._every == 0:
       before_save()
       self.save(step, state, data_iter)
-    if self.stop_requested:
+    if stop:
       self.wait()
-    return self.stop_requested
+    return stop
 
   def save(self, step, state, data_iter):
     """Starts an async save at `step` unless that step is already saved."""
@@ -137,8 +101,7 @@ class Checkpoints:
   def close(self):
     self._checkpointer.wait()
     self._checkpointer.close()
-    for signum, handler in self._previous_handlers.items():
-      signal.signal(signum, handler)
+    self.stop.close()
 
 
 def _flat_arrays(tree):

@@ -5,7 +5,8 @@ workdir/checkpoints when there is one (state, EMA, optimizer, rng and data posit
 otherwise starts from config.init_checkpoint (a converted teacher) or a random init. When
 the run completes it exports the EMA variables to workdir/ema, a converted checkpoint that
 a later run can start from or use as its teacher; a run stopped on SIGTERM (a preemption, a
-scheduler's time limit) or Ctrl-C saves a checkpoint and raises checkpoint.Stopped instead.
+scheduler's time limit) or Ctrl-C saves a checkpoint and raises stop_requests.Stopped
+instead.
 """
 
 import contextlib
@@ -25,6 +26,7 @@ from secant_jax import config as config_lib
 from secant_jax import files
 from secant_jax import generate
 from secant_jax import sample_images
+from secant_jax import stop_requests
 from secant_jax import writers
 from secant_jax.convert import common
 from secant_jax.convert import sit as convert_sit
@@ -279,8 +281,8 @@ def _finite_means(window, window_steps, step, workdir):
 def train_and_evaluate(config, workdir):
   """Trains config.secant.variant for config.num_train_steps; returns (state, history),
   history being the logged metrics ({'step': ..., 'loss': ..., ...} per log step), each
-  the mean over the steps since the previous log. Raises checkpoint.Stopped when SIGTERM or
-  Ctrl-C stopped it before its last step."""
+  the mean over the steps since the previous log. Raises stop_requests.Stopped when SIGTERM
+  or Ctrl-C stopped it before its last step."""
   config_lib.check_setting_ranges(config)
   generate.guidance_interval(config.secant)  # the grids', and the exported model's sampler
   workdir = files.make_directory(workdir)
@@ -376,9 +378,9 @@ def train_and_evaluate(config, workdir):
         break
     ckpts.save(step, state, data_iter)
   if step < config.num_train_steps:
-    raise checkpoint.Stopped(f'Stopped on {ckpts.stopped_by} at step {step} of '
-                             f'{config.num_train_steps}, with a checkpoint in '
-                             f'{workdir}/checkpoints; the same command resumes the run.')
+    raise stop_requests.Stopped(f'Stopped on {ckpts.stop.by} at step {step} of '
+                                f'{config.num_train_steps}, with a checkpoint in '
+                                f'{workdir}/checkpoints; the same command resumes the run.')
   common.save(state.ema_params, os.path.join(workdir, 'ema'), overwrite=True)
   return state, history
 
