@@ -48,14 +48,20 @@ def test_a_cpu_device_has_its_share_of_the_host_memory_and_an_accelerator_its_li
   assert memory.device_bytes(_Accelerator()) == (80 * 2 ** 30, 'NVIDIA H100 80GB HBM3 allows')
 
 
+def test_sizes_are_written_in_the_unit_that_leaves_at_least_one():
+  """The refusal printed 'outputs beside them 4.1e-06' (GiB) before."""
+  assert [memory.size_text(n) for n in (0, 12, 4300, 500 * MIB, 43727541312)] == [
+      '0 B', '12 B', '4.2 KiB', '500 MiB', '40.7 GiB']
+
+
 def test_a_unet_step_that_does_not_fit_is_not_told_to_remat():
   config = config_lib.base_config()
   config.model.family = 'edm_unet'
   fits = _Accelerator()
   memory.check_train_step_fits(_doubling(True), config, fits)
   fits.memory_stats = lambda: {'bytes_limit': MIB // 2}
-  with pytest.raises(MemoryError, match=r'temporaries [\d.e-]+\), and NVIDIA H100 80GB HBM3 '
-                                        r'allows 0.000488 GiB: lower config.batch_size, or '
+  with pytest.raises(MemoryError, match=r'temporaries 0 B\), and NVIDIA H100 80GB '
+                                        r'HBM3 allows 512 KiB: lower config.batch_size, or '
                                         r'split each batch with config.microbatches=N '
                                         r'\(gradient accumulation\), or shard parameters and '
                                         r'optimizer state with config.fsdp=N\.$'):
@@ -68,14 +74,15 @@ def test_a_train_step_that_does_not_fit_is_refused_before_its_first_step(tmp_pat
     loop.train_and_evaluate(_digits_config(2), tmp_path)
   message = str(refused.value)
   parts = re.fullmatch(
-      r"The train step needs ([\d.]+) GiB per device \(XLA's buffer assignment: arguments "
-      r'([\d.e-]+), outputs beside them ([\d.e-]+), temporaries ([\d.e-]+)\), and the test '
-      r'allows 0.000244 GiB: lower config.batch_size, or split each batch with '
+      r"The train step needs ([\d.]+ [KM]iB) per device \(XLA's buffer assignment: arguments "
+      r'([\d.]+ [KM]?i?B), outputs beside them ([\d.]+ [KM]?i?B), temporaries ([\d.]+ '
+      r'[KM]iB)\), and the test allows 256 KiB: lower config.batch_size, or split each batch with '
       r'config.microbatches=N \(gradient accumulation\), or recompute activations with '
       r'config.model.remat=True, or shard parameters and optimizer state with '
       r'config.fsdp=N\.', message)
   assert parts, message
-  total, *summands = (float(p) for p in parts.groups())
+  scale = {'B': 1, 'KiB': 2 ** 10, 'MiB': 2 ** 20}
+  total, *summands = (float(n) * scale[u] for n, u in (p.split() for p in parts.groups()))
   np.testing.assert_allclose(sum(summands), total, rtol=0.01)
   assert not os.listdir(tmp_path / 'checkpoints')  # no step ran
   assert not os.path.exists(tmp_path / 'config.json')

@@ -39,6 +39,15 @@ def device_bytes(device):
   return None, None
 
 
+def size_text(n):
+  """`n` bytes in the largest binary unit that leaves at least 1 of it, 3 significant
+  digits: '40.7 GiB', '500 MiB', '4.2 KiB', '12 B'."""
+  for unit, scale in (('GiB', GIB), ('MiB', 2 ** 20), ('KiB', 2 ** 10)):
+    if n >= scale:
+      return f'{n / scale:.3g} {unit}'
+  return f'{n} B'
+
+
 def check_train_step_fits(compiled, config, device):
   """Raises where the compiled train step needs more memory per device than `device` has,
   naming the settings of `config` that lower it."""
@@ -52,8 +61,8 @@ def check_train_step_fits(compiled, config, device):
     fixes.append('recompute activations with config.model.remat=True')
   if jax.device_count() > 1:
     fixes.append('shard parameters and optimizer state with config.fsdp=N')
-  gib = {k: f'{v / GIB:.3g}' for k, v in needed.items()}
+  size = {k: size_text(v) for k, v in needed.items()}
   raise MemoryError(
-      f'The train step needs {gib["total"]} GiB per device (XLA\'s buffer assignment: '
-      f'arguments {gib["arguments"]}, outputs beside them {gib["outputs"]}, temporaries '
-      f'{gib["temporaries"]}), and {what} {available / GIB:.3g} GiB: {", or ".join(fixes)}.')
+      f'The train step needs {size["total"]} per device (XLA\'s buffer assignment: '
+      f'arguments {size["arguments"]}, outputs beside them {size["outputs"]}, temporaries '
+      f'{size["temporaries"]}), and {what} {size_text(available)}: {", or ".join(fixes)}.')
