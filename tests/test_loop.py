@@ -901,8 +901,9 @@ def test_sample_and_evaluate_mode_refuse_a_config_of_another_model(tmp_path, cap
 def test_a_secant_run_is_measured_against_the_teacher_it_learnt_from(tmp_path, caplog):
   """Evaluate and compare mode refuse a teacher whose weights changed at the same path
   after a secant run learnt from it (its teacher.json, digested as its bf16 step held
-  them); they measured the run against the new teacher with no error. Compare mode warns
-  of a guidance scale outside the range a run trained on, as sample mode does."""
+  them), also an STEE run, whose steps use no teacher, started from it; they measured the
+  run against the new teacher with no error. Compare mode warns of a guidance scale
+  outside the range a run trained on, as sample mode does."""
   teacher = _digits_config(1, secant=config_lib.secant_config('diffusion', 1))
   teacher.model.dtype = 'bfloat16'
   loop.train_and_evaluate(teacher, tmp_path / 'teacher')
@@ -911,6 +912,11 @@ def test_a_secant_run_is_measured_against_the_teacher_it_learnt_from(tmp_path, c
   sdei.model.dtype = 'bfloat16'
   loop.train_and_evaluate(sdei, tmp_path / 'sdei')
   sdei.mode = 'evaluate'
+  stee = _digits_config(1, init_checkpoint=str(tmp_path / 'teacher/ema'))
+  stee.model.dtype = 'bfloat16'
+  loop.train_and_evaluate(stee, tmp_path / 'stee')
+  record = lambda run: json.loads((tmp_path / run / loop.TEACHER_RECORD).read_text())
+  assert record('stee') == record('sdei')  # the teacher as the steps compute with it
   compare = _digits_config(1, mode='compare')
   compare.compare.update(dict(teacher=str(tmp_path / 'teacher'), num_samples=8, batch_size=8,
                               secants=f'sdei={tmp_path / "sdei"}', teacher_nfe=(1,),
@@ -937,6 +943,12 @@ def test_a_secant_run_is_measured_against_the_teacher_it_learnt_from(tmp_path, c
                                          r'--config.allow_config_change=True.$'):
       main_lib.run(config, workdir)
     config.allow_config_change = True
+  compare.allow_config_change = False
+  compare.compare.secants = f'stee={tmp_path / "stee"}'
+  with pytest.raises(ValueError, match=r'^The secant run in .*stee learnt from other teacher '
+                                       r'weights than these'):
+    main_lib.run(compare, tmp_path / 'stee-table')
+  compare.compare.secants, compare.allow_config_change = f'sdei={tmp_path / "sdei"}', True
   assert main_lib.run(sdei, tmp_path / 'sdei')['secant'] != measured
   assert main_lib.run(compare, tmp_path / 'table2') != rows
 

@@ -149,8 +149,10 @@ def _check_teacher(config, workdir, resumed_step, teacher_digest):
   with them) that a new run learns from, and refuses to resume a run whose teacher's
   weights have changed since, at the same path (a teacher trained on, or converted again
   from another file or key), unless allow_config_change: its steps so far learnt from the
-  earlier teacher. `teacher_digest`: `progress.weights_digest` of the teacher's variables,
-  None for a run without a teacher (STEE), which records none."""
+  earlier teacher. `teacher_digest`: `progress.weights_digest` of the teacher's variables;
+  for a run whose steps use no teacher (STEE), of those the config names all the same
+  (teacher_checkpoint, by default the init_checkpoint it starts from), where it starts
+  (resumed, it does not read them); None otherwise, which records nothing."""
   if teacher_digest is None:
     return
   path = os.path.join(workdir, TEACHER_RECORD)
@@ -178,8 +180,9 @@ def check_learnt_from(run_dir, teacher_variables, allow_change):
   those it learnt from, unless `allow_change`: `teacher_variables()` (the teacher's, as its
   checkpoint holds them; called only where there is a record), cast as the run's train
   step held them (the model of its config.json), must have the digest that its
-  teacher.json recorded (`_check_teacher`). A run without that record (STEE, whose steps
-  use no teacher; a run from before the record) is not checked."""
+  teacher.json recorded (`_check_teacher`; an STEE run's: the weights it started from). A
+  run without that record (one from random weights; from before the record) is not
+  checked."""
   path = os.path.join(run_dir, TEACHER_RECORD)
   if allow_change or not epath.Path(path).exists():
     return
@@ -336,6 +339,9 @@ def train_and_evaluate(config, workdir):
       config.keep_checkpoints) as ckpts, trace:
     resumed_step = ckpts.latest_step
     changes = _config_changes(config, workdir, resumed_step)
+    if (teacher_digest is None and resumed_step is None
+        and (config.teacher_checkpoint or config.init_checkpoint)):  # STEE's: where it starts
+      teacher_digest = progress.weights_digest(teacher_of(config, k_teacher)[1])
     _check_teacher(config, workdir, resumed_step, teacher_digest)
     state = _start_state(config, workdir, ckpts,
                          checkpoint.abstract_like(abstract_state, state_sharding), data_iter, init)
