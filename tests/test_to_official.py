@@ -96,6 +96,9 @@ def test_an_exported_run_loads_strictly_and_samples_in_the_official_loop_as_ours
   c.secant.guidance_interval = (0.5, 1.0)  # the first of the 2 steps unguided
   run = tmp_path / 'run'
   loop.train_and_evaluate(c, run)
+  # A guided checkpoint is a secant model's: no teacher to record. An unguided one is a
+  # teacher's, recorded as the one the run starts from.
+  assert (run / loop.TEACHER_RECORD).exists() == (not guided)
   c.mode = 'sample'
   main_lib.run(c, run)
   capsys.readouterr()

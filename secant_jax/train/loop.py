@@ -175,6 +175,20 @@ def _check_teacher(config, workdir, resumed_step, teacher_digest):
     files.write_json(path, record)
 
 
+def _named_teacher_digest(config, key):
+  """For a run whose steps use no teacher (STEE): `progress.weights_digest` of the teacher
+  its config names all the same (teacher_checkpoint, by default the init_checkpoint it
+  starts from), as a teacher computes with it; None where it names none, or where that
+  checkpoint is not a teacher's (a secant model's, guidance embedder and all: a run
+  fine-tuned from a secant run, which has no teacher to be measured against)."""
+  if not (config.teacher_checkpoint or config.init_checkpoint):
+    return None
+  try:
+    return progress.weights_digest(teacher_of(config, key)[1])
+  except common.ConversionError:
+    return None
+
+
 def check_learnt_from(run_dir, teacher_variables, allow_change):
   """Refuses to measure the secant run in `run_dir` against a teacher whose weights are not
   those it learnt from, unless `allow_change`: `teacher_variables()` (the teacher's, as its
@@ -339,9 +353,8 @@ def train_and_evaluate(config, workdir):
       config.keep_checkpoints) as ckpts, trace:
     resumed_step = ckpts.latest_step
     changes = _config_changes(config, workdir, resumed_step)
-    if (teacher_digest is None and resumed_step is None
-        and (config.teacher_checkpoint or config.init_checkpoint)):  # STEE's: where it starts
-      teacher_digest = progress.weights_digest(teacher_of(config, k_teacher)[1])
+    if teacher_digest is None and resumed_step is None:  # STEE's: where it starts
+      teacher_digest = _named_teacher_digest(config, k_teacher)
     _check_teacher(config, workdir, resumed_step, teacher_digest)
     state = _start_state(config, workdir, ckpts,
                          checkpoint.abstract_like(abstract_state, state_sharding), data_iter, init)
