@@ -61,7 +61,7 @@ def integration_error(config, variables):
           'secant': reference_error.rms(samples, reference), **errors}
 
 
-def fid_progress(config, workdir, variables, stop=None):
+def fid_progress(config, workdir, variables, stop):
   """The Progress of the FID samples of `variables`, in workdir/eval, stopping the run where
   `stop` (a stop_requests.StopRequests) asks."""
   stamp = {'weights': progress.weights_digest(variables), 'seed': config.seed,

@@ -34,7 +34,7 @@ def device_bytes(device):
   if device.platform == 'cpu':
     cpus = sum(d.platform == 'cpu' for d in jax.local_devices())
     host = os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-    return host // cpus, (f"the host's {host / GIB:.3g} GiB give each of its {cpus} CPU "
+    return host // cpus, (f"the host's {size_text(host)} give each of its {cpus} CPU "
                           'devices' if cpus > 1 else "the host's memory holds")
   return None, None
 
