@@ -64,12 +64,8 @@ def integration_error(config, variables):
 def fid_progress(config, workdir, variables, stop):
   """The Progress of the FID samples of `variables`, in workdir/eval, stopping the run where
   `stop` (a stop_requests.StopRequests) asks."""
-  stamp = {'weights': progress.weights_digest(variables), 'seed': config.seed,
-           'model': config.model.to_dict(), 'path': config.path.to_dict(),
-           'secant': config.secant.to_dict(), 'fid': config.fid.to_dict(),
-           'latent_scale': config.data.get('latent_scale'),  # what the decoder divides by
-           'teacher_sample_nfe': config.teacher_sample_nfe,  # a teacher run's sampler
-           'matmul_precision': config.matmul_precision, 'processes': jax.process_count()}
+  stamp = {'weights': progress.weights_digest(variables),
+           **sample_quality.samples_stamp(config)}
   return progress.Progress(files.make_directory(os.path.join(workdir, 'eval')), stamp,
                            config.eval_save_seconds, stop)
 

@@ -11,9 +11,10 @@ keeps ignoring it.
 With several processes, hosts get SIGTERM at different save points; stopping on the local
 flag would leave the others waiting in a collective. There JAX's preemption sync service
 (started by jax.distributed.initialize, which owns SIGTERM) picks one point at which every
-process stops: the points must be consecutive integers, each the same on every process (a
-step number, a batch count), since the service stops all at the one after the furthest
-any process had reached. Several processes leave SIGINT as it is.
+process stops. The service stops all at the point after the furthest any process had
+reached, so the points are numbered here, by `reached`'s calls: every process calls it at
+the same points (each training step, each batch of an evaluation, in the same order).
+Several processes leave SIGINT as it is.
 
 A run that stopped so raises `Stopped`, which `python -m secant_jax.main` turns into exit
 status 75 (sysexits' EX_TEMPFAIL: run again later), so that a scheduler can tell it from a
@@ -37,7 +38,7 @@ class Stopped(Exception):
 
 class StopRequests:
   """Watches for SIGTERM and Ctrl-C from its creation to `close` (a context manager);
-  `reached(point)` at every save point says whether to save and stop there.
+  `reached()` at every save point says whether to save and stop there.
   `ctrl_c_message` is what the first Ctrl-C prints after 'Ctrl-C: '."""
 
   def __init__(self, ctrl_c_message):
@@ -45,6 +46,7 @@ class StopRequests:
     self.requested = False
     self.by = 'SIGTERM'  # what asked the run to stop, for its last message
     self._multihost = jax.process_count() > 1
+    self._points = 0  # reached's calls: the save points the sync service numbers
     self._previous_handlers = {}
     if not self._multihost:
       signals = [signal.SIGTERM]
@@ -67,11 +69,12 @@ class StopRequests:
       os.write(2, self._ctrl_c_message)  # unbuffered
     self.requested = True
 
-  def reached(self, point):
-    """Whether the run stops at save point `point` (consecutive integers; every process
-    calls this at every point, with the same numbers)."""
-    if self._multihost:
-      self.requested = multihost_utils.reached_preemption_sync_point(point)
+  def reached(self):
+    """Whether the run stops at this save point (every process calls this at the same
+    points); once it has said so, at every later point too."""
+    self._points += 1
+    if self._multihost and not self.requested:
+      self.requested = multihost_utils.reached_preemption_sync_point(self._points)
     return self.requested
 
   def close(self):

@@ -294,3 +294,48 @@ def test_sigterm_to_one_host_stops_a_comparison_at_one_batch_and_it_resumes(tmp_
   outputs = _finish(_compare(tmp_path / 'table', tmp_path / 'teacher', 800))
   assert f'comparison: resumed after {done} / 800 samples' in outputs[0]
   assert (tmp_path / 'table' / 'table.md').is_file()
+
+
+def _train_with_fid(workdir, classifier):
+  """A tiny Fashion-MNIST teacher trained 2 steps on two processes, then an FD-FMNIST of
+  800 samples (Heun at 2 NFE, batches of 8) as its training FID."""
+  return _launch(lambda port, i: [
+      '-m', 'secant_jax.main', f'--config={REPO}/configs/fashion_mnist.py:stage=teacher,'
+      'model=tiny', f'--workdir={workdir}', '--config.num_train_steps=2',
+      '--config.batch_size=8', '--config.log_every=1', '--config.sample_every=0',
+      '--config.eval_every=2', '--config.teacher_sample_nfe=2', f'--config.fid.fmnist={classifier}',
+      '--config.fid.train_num_samples=800', '--config.fid.batch_size=8',
+      '--config.fid.num_reference_images=64', '--config.distributed=True',
+      f'--config.cluster.coordinator_address=localhost:{port}',
+      '--config.cluster.num_processes=2', f'--config.cluster.process_id={i}'])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir('/usr/share/datasets/fashion-mnist'),
+                    reason='apt-get install dataset-fashion-mnist')
+def test_sigterm_to_one_host_during_a_training_fid_stops_both_at_one_batch_and_it_resumes(
+    tmp_path):
+  """The FID's batches are save points of the run's preemption sync, numbered on from its
+  steps': both processes save the FID's sums after the same batch and the checkpoint at its
+  step, and stop; the same command finishes the FID from there, then ends the run. Before,
+  the FID ran to its end first (at scale, past a preemption's notice)."""
+  from secant_jax.evaluation import fmnist_features  # pylint: disable=import-outside-toplevel
+  common.save(jax.tree_util.tree_map(np.asarray, fmnist_features.Classifier().init(
+      jax.random.key(0), np.zeros((1, 32, 32, 1), np.uint8))), tmp_path / 'classifier')
+  run = tmp_path / 'run'
+  procs = _train_with_fid(run, tmp_path / 'classifier')
+  for line in procs[0].stdout:
+    if 'fd_fmnist samples: 80 / 800' in line:  # both are in the FID
+      break
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = _finish(procs, stopped=True)
+  saves = sorted(os.listdir(run / 'fid_progress'))
+  done = int(saves[0].split('.')[2])
+  assert saves == [f'progress.process_{i}.{done}.npz' for i in range(2)]  # the same batch
+  assert 80 <= done < 800 and _checkpoint_steps(run) == [2]
+  assert 'Stopped on SIGTERM at step 2 of 2 during its FID' in outputs[0]
+  assert not os.path.exists(run / 'ema')
+  outputs = _finish(_train_with_fid(run, tmp_path / 'classifier'))
+  assert f'fd_fmnist samples: resumed after {done} / 800' in outputs[0]
+  assert 'fd_fmnist samples: 800 / 800' in outputs[0]
+  assert os.listdir(run / 'fid_progress') == [] and os.path.isdir(run / 'ema')

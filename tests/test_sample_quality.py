@@ -4,6 +4,7 @@ an evaluation stopped by SIGTERM saves, and resumes to the result of one never s
 
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +26,7 @@ from secant_jax.models import inception
 from secant_jax.models import registry
 from secant_jax.train import loop
 from secant_jax.train import parallel
+from secant_jax.train import periodic_fid
 from secant_jax.train import recipe
 
 
@@ -187,3 +189,62 @@ def test_the_cached_reference_is_of_this_feature_network_and_these_images(tmp_pa
                                        r'features: set config.fid.reference to statistics of '
                                        r"its features, or to '' to compute them"):
     sample_quality.SampleQuality(c, tmp_path, mesh)
+
+
+def _demo_train_config(inception_dir, eval_every):
+  """The demo's teacher stage, tiny, 4 steps, with a 12-sample FID every `eval_every`."""
+  c = _demo_evaluate_config(inception_dir)
+  c.mode = 'train'
+  c.update(dict(num_train_steps=4, eval_every=eval_every, batch_size=8, log_every=1))
+  c.fid.train_num_samples = 12
+  return c
+
+
+@pytest.fixture
+def fids_written(monkeypatch):
+  """[(step, the FID's result or None where a stop cut it short)] of every training FID."""
+  written = []
+  call = periodic_fid.PeriodicFid.__call__
+
+  def record(self, network, task, variables, step, stop):
+    written.append((step, call(self, network, task, variables, step, stop)))
+    return written[-1][1]
+
+  monkeypatch.setattr(periodic_fid.PeriodicFid, '__call__', record)
+  return written
+
+
+def test_a_stop_during_a_training_fid_saves_it_and_the_resumed_run_finishes_it(
+    tmp_path, progress_saves, fids_written):
+  c = _demo_train_config(_save_inception(tmp_path / 'inception', 0), 2)
+  fid_dir, ckpt_dir = tmp_path / 'run' / periodic_fid.DIRECTORY, tmp_path / 'run' / 'checkpoints'
+  for step in (2, 4):  # SIGTERM in the FID at step 2, then in the FID at the last step
+    progress_saves.sent = False  # it comes in the batch that ends at 8 samples
+    with pytest.raises(stop_requests.Stopped, match=re.escape(
+        f'Stopped on SIGTERM at step {step} of 4 during its FID, with a checkpoint in '
+        f"{ckpt_dir} and the FID's samples so far in {fid_dir}; the same command resumes "
+        'the run, finishing that FID first.')):
+      main_lib.run(c, tmp_path / 'run')
+    assert fids_written[-1] == (step, None) and progress_saves.done[-1] == 8
+    assert os.listdir(fid_dir) == ['progress.process_0.8.npz']
+    assert os.listdir(ckpt_dir) == [str(step)]
+  assert not (tmp_path / 'run' / 'ema').exists()  # the run is not over
+  main_lib.run(c, tmp_path / 'run')
+  assert [step for step, _ in fids_written] == [2, 2, 4, 4]
+  assert progress_saves.done == [8, 12, 8, 12]  # each resumed after the 8 samples saved
+  assert os.listdir(fid_dir) == [] and (tmp_path / 'run' / 'ema').exists()
+  resumed = [fids_written[1], fids_written[3]]
+  fids_written.clear()
+  main_lib.run(c, tmp_path / 'straight')
+  assert fids_written == resumed  # what a run never stopped writes, to the last digit
+  assert all(np.isfinite(scores['fid']) for _, scores in resumed)
+
+
+def test_a_training_fid_resumes_only_from_saves_of_its_own_step(tmp_path, monkeypatch):
+  monkeypatch.setattr(sample_quality, 'SampleQuality', lambda *args: None)  # not called
+  fid = periodic_fid.PeriodicFid(_demo_train_config('', 2), tmp_path, parallel.make_mesh(1))
+  assert not fid.left_unfinished(2)  # a run that no stop cut short
+  fid._progress(4, None).save(8, {'count': np.asarray(8)})  # its checkpoint never committed
+  assert not fid.left_unfinished(2) and os.listdir(fid.directory) == []
+  fid._progress(2, None).save(4, {'count': np.asarray(4)})
+  assert fid.left_unfinished(2) and os.listdir(fid.directory) == ['progress.process_0.4.npz']

@@ -52,6 +52,13 @@ def write_stamped(path, fingerprint, arrays):
   files.write_npz(path, fingerprint=np.asarray(fingerprint), **arrays)
 
 
+def read_stamp(path):
+  """The fingerprint `write_stamped` wrote to `path`, as a dict ({} for a file without one),
+  its arrays left unread."""
+  with epath.Path(path).open('rb') as f, np.load(f) as saved:
+    return json.loads(str(saved['fingerprint'])) if 'fingerprint' in saved.files else {}
+
+
 def _read_with_differences(path, fingerprint):
   """(the arrays `write_stamped` wrote to `path`, the keys in which its stamp differs from
   `fingerprint`, sorted; a file without a stamp differs in all of them)."""
@@ -96,7 +103,6 @@ class Progress:
     self.fingerprint = json.dumps(fingerprint, sort_keys=True)
     self.save_seconds = save_seconds
     self._stop = stop
-    self._batches = 0  # save_if_due's calls: the save points stop_requests numbers
     self._prefix = f'progress.process_{jax.process_index()}.'
     self._last_save = time.monotonic()
 
@@ -108,6 +114,11 @@ class Progress:
     pattern = re.compile(re.escape(self._prefix) + r'(\d+)\.npz')
     return sorted(int(m.group(1)) for p in epath.Path(self.directory).glob(self._prefix + '*')
                   if (m := pattern.fullmatch(p.name)))
+
+  def latest_stamp(self):
+    """The fingerprint (a dict) of this process's latest save, or None where it has none."""
+    saved = self.saved()
+    return read_stamp(self._path(saved[-1])) if saved else None
 
   def load(self):
     """(done, {name: array}) of the latest save every process has, or (0, None)."""
@@ -139,8 +150,7 @@ class Progress:
     """`save`s arrays_of() after `done` of `total` samples if it is the last batch or
     save_seconds have passed since the last save (or the load), or if the run is asked to
     stop, and then raises stop_requests.Stopped (at the last batch it finishes instead)."""
-    self._batches += 1
-    stop = self._stop is not None and self._stop.reached(self._batches) and done < total
+    stop = self._stop is not None and self._stop.reached() and done < total
     if done == total or stop or self._due():
       self.save(done, arrays_of())
     if stop:

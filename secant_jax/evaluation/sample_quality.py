@@ -80,6 +80,16 @@ def check_image_dir(directory, num_samples):
                      'empty folder.')
 
 
+def samples_stamp(config):
+  """What, besides the model's weights, decides the samples of an FID evaluation and their
+  scores: a Progress fingerprint's settings (evaluation.progress)."""
+  return {'seed': config.seed, 'model': config.model.to_dict(), 'path': config.path.to_dict(),
+          'secant': config.secant.to_dict(), 'fid': config.fid.to_dict(),
+          'latent_scale': config.data.get('latent_scale'),  # what the decoder divides by
+          'teacher_sample_nfe': config.teacher_sample_nfe,  # a teacher run's sampler
+          'matmul_precision': config.matmul_precision, 'processes': jax.process_count()}
+
+
 class SampleQuality:
   """Loads the feature network (and the VAE for latent data) and the reference statistics
   once; add batches of samples to its `scores`, or call it with a model's variables."""

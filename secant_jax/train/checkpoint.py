@@ -59,7 +59,7 @@ class Checkpoints:
     called (and the data iterator's state only read) when a save is due. `before_save()`
     is called first when one is: an exception from it (a state not fit to keep) leaves the
     checkpoints as they are."""
-    stop = self.stop.reached(step)
+    stop = self.stop.reached()
     if stop or step % self._every == 0:
       before_save()
       self.save(step, state, data_iter)

@@ -6,7 +6,7 @@ otherwise starts from config.init_checkpoint (a converted teacher) or a random i
 the run completes it exports the EMA variables to workdir/ema, a converted checkpoint that
 a later run can start from or use as its teacher; a run stopped on SIGTERM (a preemption, a
 scheduler's time limit) or Ctrl-C saves a checkpoint and raises stop_requests.Stopped
-instead.
+instead (during an FID, its progress too: train.periodic_fid).
 """
 
 import contextlib
@@ -32,11 +32,11 @@ from secant_jax.convert import common
 from secant_jax.convert import sit as convert_sit
 from secant_jax.data import pipeline
 from secant_jax.evaluation import progress
-from secant_jax.evaluation import sample_quality
 from secant_jax.models import registry
 from secant_jax.train import checkpoint
 from secant_jax.train import memory
 from secant_jax.train import parallel
+from secant_jax.train import periodic_fid
 from secant_jax.train import rate as rate_lib
 from secant_jax.train import recipe
 from secant_jax.train import state as state_lib
@@ -299,7 +299,7 @@ def train_and_evaluate(config, workdir):
   """Trains config.secant.variant for config.num_train_steps; returns (state, history),
   history being the logged metrics ({'step': ..., 'loss': ..., ...} per log step), each
   the mean over the steps since the previous log. Raises stop_requests.Stopped when SIGTERM
-  or Ctrl-C stopped it before its last step."""
+  or Ctrl-C stopped it before its last step or its last FID."""
   config_lib.check_setting_ranges(config)
   generate.guidance_interval(config.secant)  # the grids', and the exported model's sampler
   workdir = files.make_directory(workdir)
@@ -338,8 +338,7 @@ def train_and_evaluate(config, workdir):
   step_fn = parallel.jit_train_step(train_step, state_sharding, teacher_sharding, mesh)
   batch_sharding = parallel.batch_sharding(mesh)
   schedule = recipe.learning_rate_schedule(config.optimizer)
-  quality = (sample_quality.SampleQuality(config, workdir, mesh) if config.eval_every
-             else None)
+  fid = periodic_fid.PeriodicFid(config, workdir, mesh) if config.eval_every else None
   decoder = (jax.device_put(sample_images.load_decoder(config, 'config.sample_every'))
              if config.sample_every else None)  # on the device once, not at every grid
   writer = writers.create(workdir, just_logging=jax.process_index() > 0)
@@ -367,7 +366,17 @@ def train_and_evaluate(config, workdir):
     # run it does not let fit in memory, keep their config.json
     _record_config(config, workdir, resumed_step, changes)
     window, window_steps = None, 0  # metrics summed on device since the last log
-    while step < config.num_train_steps:
+
+    def fid_written():
+      """Whether the FID at `step` was written (not cut short by a stop)."""
+      with rate.paused(state):
+        scores = fid(network, task, state.ema_params, step, ckpts.stop)
+      if scores is not None:
+        writer.write_scalars(step, scores)
+      return scores is not None
+
+    fid_cut = fid is not None and fid.left_unfinished(step) and not fid_written()
+    while step < config.num_train_steps and not fid_cut:
       with trace.step(step + 1, state):
         local = next(data_iter)
         check_labels(local['y'], network.num_classes, config.data.name)
@@ -385,17 +394,19 @@ def train_and_evaluate(config, workdir):
         values.update(rate.scalars(step))
         writer.write_scalars(step, values)
         history.append({'step': step, **values})
-      if quality is not None and step % config.eval_every == 0:
-        with rate.paused(state):
-          writer.write_scalars(step, quality(network, task, state.ema_params,
-                                             config.fid.train_num_samples, config.seed + 2))
-      if config.sample_every and step % config.sample_every == 0:
+      fid_cut = fid is not None and step % config.eval_every == 0 and not fid_written()
+      if config.sample_every and step % config.sample_every == 0 and not fid_cut:
         with rate.paused(state):
           write_samples(config, network, task, state.ema_params, writer, step, decoder)
       if ckpts.save_if_due(step, state, data_iter, before_save=functools.partial(
           _finite_means, window, window_steps, step, workdir)):
         break
     ckpts.save(step, state, data_iter)
+  if fid_cut:
+    raise stop_requests.Stopped(
+        f'Stopped on {ckpts.stop.by} at step {step} of {config.num_train_steps} during its '
+        f'FID, with a checkpoint in {workdir}/checkpoints and the FID\'s samples so far in '
+        f'{fid.directory}; the same command resumes the run, finishing that FID first.')
   if step < config.num_train_steps:
     raise stop_requests.Stopped(f'Stopped on {ckpts.stop.by} at step {step} of '
                                 f'{config.num_train_steps}, with a checkpoint in '
