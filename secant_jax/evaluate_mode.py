@@ -11,12 +11,12 @@ and guidance (a config of another model than the run's config.json is refused:
   written there as PNG images, for another evaluator (torch-fidelity reads the folder).
 
 Written to workdir/eval.json and as CLU scalars under workdir/eval. While the FID samples
-are scored, their running sums are saved to workdir/eval every config.eval_save_seconds
-and on SIGTERM or Ctrl-C, which stop the run there (exit status 75; evaluation.progress),
-so the same command resumes a stopped evaluation; the saves are
-stamped with a digest of the weights and the settings that decide the samples and their
-scores, and deleted once eval.json is written (a later evaluation, e.g. after more
-training, starts afresh).
+are scored, and then the integration error's batches solved, their running sums are saved
+(to workdir/eval and workdir/eval/integration_error) every config.eval_save_seconds and on
+SIGTERM or Ctrl-C, which stop the run there (exit status 75; evaluation.progress), so the
+same command resumes a stopped evaluation; the saves are stamped with a digest of the
+weights and the settings that decide the samples and their scores, and deleted once
+eval.json is written (a later evaluation, e.g. after more training, starts afresh).
 """
 
 import contextlib
@@ -27,8 +27,8 @@ from jax.experimental import multihost_utils
 
 from secant_jax import files
 from secant_jax import generate
-from secant_jax import sampling
 from secant_jax import writers
+from secant_jax.evaluation import comparison
 from secant_jax.evaluation import features
 from secant_jax.evaluation import progress
 from secant_jax.evaluation import reference_error
@@ -38,27 +38,44 @@ from secant_jax.train import parallel
 from secant_jax.train import recipe
 
 
-def integration_error(config, variables):
-  """{'secant', 'teacher_euler', 'teacher_heun'}: RMS errors to the teacher's reference,
-  the secant model (`variables`) and the teacher computing as
-  evaluation.reference_error measures (float32 unless config.compare_in_float32 is
-  False)."""
+def integration_error(config, workdir, variables, mesh, stop):
+  """{'num_samples', 'secant', 'teacher_euler', 'teacher_heun', 'teacher_heun_nfe'}: RMS
+  errors to the teacher's reference of the secant model (`variables`) and of the teacher's
+  Euler and Heun at its steps' NFE (Heun's spent count: evaluation.comparison's rows),
+  from config.num_eval_samples noises in batches of at most config.compare.batch_size over
+  `mesh`, every network computing as evaluation.reference_error measures. Its running
+  sums are saved in workdir/eval/integration_error as the FID's are, and it stops where
+  `stop` (a stop_requests.StopRequests) asks. Returns (those errors, the Progress, whose
+  saves go once the result is written)."""
   measured = reference_error.measured_config(config, config.compare_in_float32)
-  network = recipe.make_network(measured)
+  network = recipe.make_network(measured, mesh)
   task = recipe.make_task(measured, network)
-  teacher, teacher_variables = loop.teacher_of(measured, jax.random.key(config.seed))
-  noise, labels = generate.fixed_noise_and_labels(
-      config.seed + 1, config.num_eval_samples, network.image_shape, network.num_classes)
+  teacher, teacher_variables = loop.teacher_of(measured, jax.random.key(config.seed), mesh)
   _, scale = generate.sampler_secant(network, task, variables, config.secant)
-  tangent = reference_error.teacher_tangent(teacher, teacher_variables, task, labels, scale)
+  tangent_of = lambda y: reference_error.teacher_tangent(teacher, teacher_variables, task, y,
+                                                         scale)
+  samplers = comparison.teacher_samplers(task, tangent_of, [task.num_steps]) + [
+      comparison.Sampler('secant', task.num_steps, lambda y: generate.secant_steps(
+          network, task, variables, config.secant, y))]
+  count = config.num_eval_samples
+  noise, labels = generate.fixed_noise_and_labels(config.seed + 1, count,
+                                                  network.image_shape, network.num_classes)
+  batch = min(config.compare.batch_size, -(-count // mesh.size) * mesh.size)
+  stamp = {'weights': progress.weights_digest(variables),
+           'teacher': progress.weights_digest(teacher_variables), 'seed': config.seed,
+           'num_eval_samples': count, 'batch_size': batch, 'model': config.model.to_dict(),
+           'path': config.path.to_dict(), 'secant': config.secant.to_dict(),
+           'compare_in_float32': config.compare_in_float32,
+           'matmul_precision': reference_error.precision(config),
+           'processes': jax.process_count()}
+  saves = progress.Progress(files.make_directory(os.path.join(workdir, 'eval', 'integration_error')),
+                            stamp, config.eval_save_seconds, stop)
   with reference_error.precision_scope(config):
-    reference = jax.jit(lambda n: sampling.reference_sample(tangent, n, task.path))(noise)
-    samples = jax.jit(lambda v: generate.sample(network, task, v, config.secant, noise,
-                                                labels))(variables)
-    errors = reference_error.teacher_solver_errors(tangent, noise, task.path, reference,
-                                                   task.num_steps)
-  return {'num_samples': config.num_eval_samples,
-          'secant': reference_error.rms(samples, reference), **errors}
+    rows, _ = comparison.compare(samplers, task, tangent_of, noise, labels, batch, mesh,
+                                 progress=saves)
+  euler, heun, secant = rows[1:]
+  return {'num_samples': count, 'secant': secant['error'], 'teacher_euler': euler['error'],
+          'teacher_heun': heun['error'], 'teacher_heun_nfe': heun['nfe']}, saves
 
 
 def fid_progress(config, workdir, variables, stop):
@@ -90,25 +107,28 @@ def evaluate(config, workdir):
   result = {'steps': task.num_steps, 'guidance_scale': scale}
   if task.variant == 'diffusion':  # sampled by Heun (generate.model_sample)
     result['teacher_sample_nfe'] = config.teacher_sample_nfe
-  # The resumable FID part first: saves of another evaluation are refused before anything
-  # is computed, and a run stopped there has not spent the integration error's solves.
-  if scored:
-    quality = sample_quality.SampleQuality(config, workdir, mesh)
-    with progress.stop_requests_of_an_evaluation() as stop:
-      saves = fid_progress(config, workdir, variables, stop)
+  saves = []  # each part's Progress, cleared once eval.json is written
+  # The FID part first: saves of another evaluation are refused before anything is
+  # computed, and a run stopped there has not spent the integration error's solves.
+  with progress.stop_requests_of_an_evaluation() as stop:
+    if scored:
+      quality = sample_quality.SampleQuality(config, workdir, mesh)
+      saves.append(fid_progress(config, workdir, variables, stop))
       result.update(quality(network, task, variables, config.fid.num_samples,
-                            config.seed + 2, saves, config.fid.image_dir),
+                            config.seed + 2, saves[-1], config.fid.image_dir),
                     num_fid_samples=config.fid.num_samples)
-  if has_teacher:
-    result.update(integration_error(config, variables))
+    if has_teacher:
+      errors, error_progress = integration_error(config, workdir, variables, mesh, stop)
+      result.update(errors)
+      saves.append(error_progress)
   if jax.process_index() == 0:
     files.write_json(os.path.join(workdir, 'eval.json'), result)
   with contextlib.closing(writers.create(os.path.join(workdir, 'eval'),
                                          just_logging=jax.process_index() > 0)) as writer:
     writer.write_scalars(task.num_steps, {k: v for k, v in result.items()
                                           if isinstance(v, float)})
-  if scored:
-    if jax.process_count() > 1:  # no process deletes its saves before eval.json is written
-      multihost_utils.sync_global_devices('eval.json written')
-    saves.clear()
+  if jax.process_count() > 1:  # no process deletes its saves before eval.json is written
+    multihost_utils.sync_global_devices('eval.json written')
+  for part in saves:
+    part.clear()
   return result

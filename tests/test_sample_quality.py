@@ -136,6 +136,29 @@ def test_evaluate_mode_computes_fid_and_inception_score(tmp_path, progress_saves
     main_lib.run(c, tmp_path / 'run')
 
 
+def test_an_evaluation_stopped_in_its_integration_error_resumes_to_the_same_result(
+    tmp_path, progress_saves):
+  c = _demo_evaluate_config('')  # no FID: the integration error alone
+  network = registry.build(c.model, guided=False)
+  common.save(teacher_variables(network, 1), tmp_path / 'teacher')
+  for run in ('run', 'straight'):
+    common.save(teacher_variables(network, 1), tmp_path / run / 'ema')
+  c.update(dict(teacher_checkpoint=str(tmp_path / 'teacher'), num_eval_samples=16,
+                eval_save_seconds=3600.0))  # saved for the stop alone
+  c.compare.batch_size = 8
+  saves = tmp_path / 'run' / 'eval' / 'integration_error'
+  with pytest.raises(stop_requests.Stopped, match=re.escape(
+      f'Stopped on SIGTERM after 8 of 16 samples, with the progress saved in {saves}; the '
+      'same command resumes it.')):
+    main_lib.run(c, tmp_path / 'run')
+  assert os.listdir(saves) == ['progress.process_0.8.npz']
+  resumed = main_lib.run(c, tmp_path / 'run')
+  assert progress_saves.done == [8, 16] and os.listdir(saves) == []
+  straight = main_lib.run(c, tmp_path / 'straight')
+  assert resumed == straight and resumed['num_samples'] == 16
+  assert 0 < resumed['teacher_heun'] == resumed['teacher_euler'] < 10  # 1 NFE: Euler's step
+
+
 @pytest.mark.parametrize('name', ['000012.png', '12.png', '0000003.png', 'sample.jpg',
                                   'grid.JPEG', '000003.PNG'])
 def test_image_dir_refuses_any_image_an_evaluator_would_count_that_is_not_ours(tmp_path,
