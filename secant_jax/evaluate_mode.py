@@ -68,8 +68,8 @@ def integration_error(config, workdir, variables, mesh, stop):
            'compare_in_float32': config.compare_in_float32,
            'matmul_precision': reference_error.precision(config),
            'processes': jax.process_count()}
-  saves = progress.Progress(files.make_directory(os.path.join(workdir, 'eval', 'integration_error')),
-                            stamp, config.eval_save_seconds, stop)
+  directory = files.make_directory(os.path.join(workdir, 'eval', 'integration_error'))
+  saves = progress.Progress(directory, stamp, config.eval_save_seconds, stop)
   with reference_error.precision_scope(config):
     rows, _ = comparison.compare(samplers, task, tangent_of, noise, labels, batch, mesh,
                                  progress=saves)
