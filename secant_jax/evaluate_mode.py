@@ -38,14 +38,15 @@ from secant_jax.train import parallel
 from secant_jax.train import recipe
 
 
-def integration_error(config, workdir, variables, mesh, stop):
+def integration_error(config, workdir, variables, digest, mesh, stop):
   """{'num_samples', 'secant', 'teacher_euler', 'teacher_heun', 'teacher_heun_nfe'}: RMS
   errors to the teacher's reference of the secant model (`variables`) and of the teacher's
   Euler and Heun at its steps' NFE (Heun's spent count: evaluation.comparison's rows),
   from config.num_eval_samples noises in batches of at most config.compare.batch_size over
   `mesh`, every network computing as evaluation.reference_error measures. Its running
-  sums are saved in workdir/eval/integration_error as the FID's are, and it stops where
-  `stop` (a stop_requests.StopRequests) asks. Returns (those errors, the Progress, whose
+  sums, stamped with `digest` (progress.weights_digest of `variables`), are saved in
+  workdir/eval/integration_error as the FID's are, and it stops where `stop` (a
+  stop_requests.StopRequests) asks. Returns (those errors, the Progress, whose
   saves go once the result is written)."""
   measured = reference_error.measured_config(config, config.compare_in_float32)
   network = recipe.make_network(measured, mesh)
@@ -61,7 +62,7 @@ def integration_error(config, workdir, variables, mesh, stop):
   noise, labels = generate.fixed_noise_and_labels(config.seed + 1, count,
                                                   network.image_shape, network.num_classes)
   batch = min(config.compare.batch_size, -(-count // mesh.size) * mesh.size)
-  stamp = {'weights': progress.weights_digest(variables),
+  stamp = {'weights': digest,
            'teacher': progress.weights_digest(teacher_variables), 'seed': config.seed,
            'num_eval_samples': count, 'batch_size': batch, 'model': config.model.to_dict(),
            'path': config.path.to_dict(), 'secant': config.secant.to_dict(),
@@ -78,11 +79,11 @@ def integration_error(config, workdir, variables, mesh, stop):
           'teacher_heun': heun['error'], 'teacher_heun_nfe': heun['nfe']}, saves
 
 
-def fid_progress(config, workdir, variables, stop):
-  """The Progress of the FID samples of `variables`, in workdir/eval, stopping the run where
-  `stop` (a stop_requests.StopRequests) asks."""
-  stamp = {'weights': progress.weights_digest(variables),
-           **sample_quality.samples_stamp(config)}
+def fid_progress(config, workdir, digest, stop):
+  """The Progress of the FID samples of the weights whose progress.weights_digest is
+  `digest`, in workdir/eval, stopping the run where `stop` (a stop_requests.StopRequests)
+  asks."""
+  stamp = {'weights': digest, **sample_quality.samples_stamp(config)}
   return progress.Progress(files.make_directory(os.path.join(workdir, 'eval')), stamp,
                            config.eval_save_seconds, stop)
 
@@ -107,18 +108,20 @@ def evaluate(config, workdir):
   result = {'steps': task.num_steps, 'guidance_scale': scale}
   if task.variant == 'diffusion':  # sampled by Heun (generate.model_sample)
     result['teacher_sample_nfe'] = config.teacher_sample_nfe
+  digest = progress.weights_digest(variables)  # both parts' stamps: computed once
   saves = []  # each part's Progress, cleared once eval.json is written
   # The FID part first: saves of another evaluation are refused before anything is
   # computed, and a run stopped there has not spent the integration error's solves.
   with progress.stop_requests_of_an_evaluation() as stop:
     if scored:
       quality = sample_quality.SampleQuality(config, workdir, mesh)
-      saves.append(fid_progress(config, workdir, variables, stop))
+      saves.append(fid_progress(config, workdir, digest, stop))
       result.update(quality(network, task, variables, config.fid.num_samples,
                             config.seed + 2, saves[-1], config.fid.image_dir),
                     num_fid_samples=config.fid.num_samples)
     if has_teacher:
-      errors, error_progress = integration_error(config, workdir, variables, mesh, stop)
+      errors, error_progress = integration_error(config, workdir, variables, digest,
+                                                 mesh, stop)
       result.update(errors)
       saves.append(error_progress)
   if jax.process_index() == 0:
