@@ -6,10 +6,15 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import traverse_util
 from orbax.checkpoint._src.serialization import replica_slices
 
+from configs import demo as demo_config
+
 from secant_jax.convert import common
+from secant_jax.models import registry
 from secant_jax.train import checkpoint
+from secant_jax.train import loop
 from secant_jax.train import parallel
 from secant_jax.train import state as state_lib
 
@@ -179,3 +184,31 @@ def test_replicated_arrays_are_split_over_replicas_only_from_1_mib_a_part(tmp_pa
   with checkpoint.Checkpoints(tmp_path / 'run', every=1, keep=1) as ckpts:
     ckpts.save(1, jax.device_put(_state(1), replicated), _Iterator(0))
   assert pieces[4096] == 1  # w (16 KiB: 8 parts of 2 KiB at the default), in params and EMA
+
+
+def test_a_teacher_fills_a_secant_model_and_only_what_it_lacks_is_initialised(tmp_path,
+                                                                               monkeypatch):
+  """A teacher's checkpoint into a guided secant model: the guidance embedder is the secant
+  model's init from the key given, the rest the teacher's. A checkpoint that holds every module is fitted without fresh variables (SiT-XL/2's: 9 s
+  and 2.7 GB on a CPU, for values then thrown away)."""
+  model = demo_config.get_config().model
+  model.update(dict(hidden_size=32, depth=1, num_heads=2))
+  teacher, secant_model = (registry.build(model, guided=g) for g in (False, True))
+  teacher_variables = teacher.init(jax.random.key(1))
+  common.save(teacher_variables, tmp_path / 'teacher')
+  loaded = traverse_util.flatten_dict(loop.load_into(secant_model, tmp_path / 'teacher',
+                                                     jax.random.key(2)))
+  fresh = traverse_util.flatten_dict(secant_model.init(jax.random.key(2)))
+  held = traverse_util.flatten_dict(teacher_variables)
+  assert loaded.keys() == fresh.keys()
+  assert {p[1] for p in loaded.keys() - held.keys()} == {'cfg_embedder'}
+  for path, value in loaded.items():
+    np.testing.assert_array_equal(value, held.get(path, fresh[path]), err_msg=str(path))
+  common.save(traverse_util.unflatten_dict(loaded), tmp_path / 'secant')
+  monkeypatch.setattr(registry.Network, 'init',
+                      lambda *a: pytest.fail('fresh variables made for a whole checkpoint'))
+  again = traverse_util.flatten_dict(loop.load_into(secant_model, tmp_path / 'secant',
+                                                    jax.random.key(3)))
+  assert again.keys() == loaded.keys()
+  for path, value in loaded.items():
+    np.testing.assert_array_equal(again[path], value, err_msg=str(path))

@@ -207,6 +207,14 @@ def fit(flat, template, *, keep_from_template=(), copy_missing=None):
   return traverse_util.unflatten_dict(out)
 
 
+def takes_from_template(flat, template, keep_from_template):
+  """Whether `fit(flat, template, keep_from_template=...)` takes values from the template:
+  some top-level module of keep_from_template is in the template and not in `flat`. Where
+  not, the template can be abstract (jax.eval_shape's), and no fresh variables are made."""
+  missing = {p[1] for p in traverse_util.flatten_dict(template)} - {p[1] for p in flat}
+  return bool(missing & set(keep_from_template))
+
+
 def convert(state_dict, template, *, ignore=(), keep_from_template=(), copy_missing=None):
   """A PyTorch state dict → variables shaped as the template (see `fit`)."""
   return fit(to_flax_paths(state_dict, template, ignore), template,

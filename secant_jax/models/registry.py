@@ -80,7 +80,7 @@ class Network:
     return self.module.init(key, x, z, z, labels)
 
   def abstract_variables(self):
-    return jax.eval_shape(self.init, jax.random.key(0))
+    return jax.eval_shape(functools.partial(Network._init_variables, self), jax.random.key(0))
 
 
 def compute_dtype(model_config):
