@@ -83,9 +83,9 @@ def evaluate(config, workdir, teacher_dir, secant_runs):
     for run_config, ema_dir, steps in runs:
       samplers += comparison.secant_samplers(name, run_config, ema_dir, steps, d.eval_scale,
                                              float32, mesh)
-  batch = -(-d.num_eval // mesh.size) * mesh.size
   with reference_error.precision_scope(config):
-    rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels, batch, mesh)
+    rows, firsts = comparison.compare(samplers, task, tangent_of, noise, labels,
+                                      parallel.batch_of_all(d.num_eval, mesh), mesh)
   comparison.write_results(rows, firsts, workdir)
   return rows
 

@@ -61,7 +61,7 @@ def integration_error(config, workdir, variables, digest, mesh, stop):
   count = config.num_eval_samples
   noise, labels = generate.fixed_noise_and_labels(config.seed + 1, count,
                                                   network.image_shape, network.num_classes)
-  batch = min(config.compare.batch_size, -(-count // mesh.size) * mesh.size)
+  batch = min(config.compare.batch_size, parallel.batch_of_all(count, mesh))
   stamp = {'weights': digest,
            'teacher': progress.weights_digest(teacher_variables), 'seed': config.seed,
            'num_eval_samples': count, 'batch_size': batch, 'model': config.model.to_dict(),

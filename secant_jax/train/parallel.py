@@ -81,6 +81,12 @@ def batch_spec(batch_size, image_shape, mesh):
           'y': jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)}
 
 
+def batch_of_all(count, mesh):
+  """The smallest batch that holds `count` rows and splits evenly over the mesh (an
+  evaluation of `count` samples in one batch, its last rows padding)."""
+  return -(-count // mesh.size) * mesh.size
+
+
 def check_batch_size(batch_size, mesh, setting="the config's batch_size", microbatches=1):
   """Raises unless `batch_size` (what `setting` names) splits evenly over the mesh, each of
   its `microbatches` slices too (gradient accumulation)."""
