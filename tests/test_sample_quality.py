@@ -20,6 +20,7 @@ from secant_jax import sampling
 from secant_jax import stop_requests
 from secant_jax.convert import common
 from secant_jax.evaluation import fid
+from secant_jax.evaluation import progress
 from secant_jax.evaluation import reference_error
 from secant_jax.evaluation import sample_quality
 from secant_jax.models import inception
@@ -247,9 +248,25 @@ def fids_written(monkeypatch):
   return written
 
 
+@pytest.fixture
+def grids_written(monkeypatch):
+  """[(step, progress.weights_digest of the EMA weights drawn)] of every training grid."""
+  written = []
+  draw = loop.write_samples
+
+  def record(config, network, task, variables, writer, step, decoder=None):
+    written.append((step, progress.weights_digest(variables)))
+    draw(config, network, task, variables, writer, step, decoder)
+
+  monkeypatch.setattr(loop, 'write_samples', record)
+  return written
+
+
 def test_a_stop_during_a_training_fid_saves_it_and_the_resumed_run_finishes_it(
-    tmp_path, progress_saves, fids_written):
+    tmp_path, progress_saves, fids_written, grids_written):
+  """...and then draws that step's sample grid, which the stop skipped."""
   c = _demo_train_config(_save_classifier(tmp_path / 'classifier'), 2)
+  c.sample_every, c.num_sample_images = 2, 4
   fid_dir, ckpt_dir = tmp_path / 'run' / periodic_fid.DIRECTORY, tmp_path / 'run' / 'checkpoints'
   for step in (2, 4):  # SIGTERM in the FID at step 2, then in the FID at the last step
     progress_saves.sent = False  # it comes in the batch that ends at 8 samples
@@ -261,15 +278,18 @@ def test_a_stop_during_a_training_fid_saves_it_and_the_resumed_run_finishes_it(
     assert fids_written[-1] == (step, None) and progress_saves.done[-1] == 8
     assert os.listdir(fid_dir) == ['progress.process_0.8.npz']
     assert os.listdir(ckpt_dir) == [str(step)]
+    assert [s for s, _ in grids_written] == [2] * (step == 4)  # the cut step's grid waits
   assert not (tmp_path / 'run' / 'ema').exists()  # the run is not over
   main_lib.run(c, tmp_path / 'run')
   assert [step for step, _ in fids_written] == [2, 2, 4, 4]
   assert progress_saves.done == [8, 12, 8, 12]  # each resumed after the 8 samples saved
   assert os.listdir(fid_dir) == [] and (tmp_path / 'run' / 'ema').exists()
-  resumed = [fids_written[1], fids_written[3]]
+  resumed, resumed_grids = [fids_written[1], fids_written[3]], list(grids_written)
   fids_written.clear()
+  grids_written.clear()
   main_lib.run(c, tmp_path / 'straight')
   assert fids_written == resumed  # what a run never stopped writes, to the last digit
+  assert grids_written == resumed_grids and [s for s, _ in resumed_grids] == [2, 4]
   assert all(np.isfinite(scores['fd_fmnist']) for _, scores in resumed)
 
 

@@ -381,7 +381,17 @@ def train_and_evaluate(config, workdir):
         writer.write_scalars(step, scores)
       return scores is not None
 
-    fid_cut = fid is not None and fid.left_unfinished(step) and not fid_written()
+    def evaluate(fid_due):
+      """The FID (where `fid_due`), then the sample grid where due at `step`, as a run never
+      stopped writes them; returns whether a stop cut the FID short (the grid then waits for
+      the resumed run, which finishes the FID first)."""
+      cut = fid_due and not fid_written()
+      if config.sample_every and step % config.sample_every == 0 and not cut:
+        with rate.paused(state):
+          write_samples(config, network, task, state.ema_params, writer, step, decoder)
+      return cut
+
+    fid_cut = fid is not None and fid.left_unfinished(step) and evaluate(fid_due=True)
     while step < config.num_train_steps and not fid_cut:
       with trace.step(step + 1, state):
         local = next(data_iter)
@@ -400,10 +410,7 @@ def train_and_evaluate(config, workdir):
         values.update(rate.scalars(step))
         writer.write_scalars(step, values)
         history.append({'step': step, **values})
-      fid_cut = fid is not None and step % config.eval_every == 0 and not fid_written()
-      if config.sample_every and step % config.sample_every == 0 and not fid_cut:
-        with rate.paused(state):
-          write_samples(config, network, task, state.ema_params, writer, step, decoder)
+      fid_cut = evaluate(fid_due=fid is not None and step % config.eval_every == 0)
       if ckpts.save_if_due(step, state, data_iter, before_save=functools.partial(
           _finite_means, window, window_steps, step, workdir)):
         break
