@@ -162,16 +162,20 @@ def to_flax_paths(state_dict, template, ignore=()):
   return out
 
 
-def fit(flat, template, *, keep_from_template=(), copy_missing=None):
+def fit(flat, template, *, keep_from_template=(), copy_missing=None, fresh=None):
   """Fills the template's variables from {Flax path: array}.
 
   Args:
     flat: the checkpoint's variables by Flax path (collection first).
-    template: the model's variables (arrays, or ShapeDtypeStructs where nothing is kept).
+    template: the model's variables (arrays, or ShapeDtypeStructs where nothing is kept
+      or `fresh` gives what is).
     keep_from_template: top-level module names taken from the template when `flat` lacks
       them (modules new in the secant model, e.g. the guidance embedder).
     copy_missing: {missing module: source module} copied within `flat` (the s-embedder
       starts as the t-embedder).
+    fresh: None, or a function returning variables shaped as the template to take those
+      modules from instead, called only where one is missing (a model's init, which a
+      checkpoint that holds every module does not pay for).
 
   Returns:
     Variables shaped as the template. Missing, unexpected and mis-shaped entries raise
@@ -188,7 +192,7 @@ def fit(flat, template, *, keep_from_template=(), copy_missing=None):
     raise ConversionError(f'Unexpected {len(unexpected)} variable(s) in the checkpoint, e.g. '
                           f'{", ".join("/".join(p) for p in unexpected[:3])}; check the model '
                           'name/settings match the checkpoint.')
-  out, missing = {}, []
+  out, missing, kept = {}, [], None
   for path, leaf in expected.items():
     if path in flat:
       if tuple(flat[path].shape) != tuple(leaf.shape):
@@ -197,7 +201,9 @@ def fit(flat, template, *, keep_from_template=(), copy_missing=None):
                               f'{tuple(leaf.shape)}; check the model size and settings.')
       out[path] = flat[path]
     elif path[1] in keep_from_template:
-      out[path] = np.asarray(leaf)
+      if kept is None:
+        kept = traverse_util.flatten_dict(fresh()) if fresh else expected
+      out[path] = np.asarray(kept[path])
     else:
       missing.append(f'{torch_key(path[1:-1])}.{path[-1]} {tuple(leaf.shape)}')
   if missing:
@@ -205,14 +211,6 @@ def fit(flat, template, *, keep_from_template=(), copy_missing=None):
                           f'{", ".join(missing[:3])} (Flax name and shape); check the model '
                           'name/settings match the checkpoint.')
   return traverse_util.unflatten_dict(out)
-
-
-def takes_from_template(flat, template, keep_from_template):
-  """Whether `fit(flat, template, keep_from_template=...)` takes values from the template:
-  some top-level module of keep_from_template is in the template and not in `flat`. Where
-  not, the template can be abstract (jax.eval_shape's), and no fresh variables are made."""
-  missing = {p[1] for p in traverse_util.flatten_dict(template)} - {p[1] for p in flat}
-  return bool(missing & set(keep_from_template))
 
 
 def convert(state_dict, template, *, ignore=(), keep_from_template=(), copy_missing=None):
